@@ -1,0 +1,3 @@
+from ckptsurgery.cli import main
+
+main()

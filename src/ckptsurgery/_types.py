@@ -1,0 +1,3 @@
+import os
+
+PathLike = str | os.PathLike[str]

@@ -1,0 +1,80 @@
+"""The command line: one file per command, each parsing options, calling the library, rendering.
+
+Errors of the :class:`~ckptsurgery.errors.CheckpointError` family (and click's usage errors)
+become one ``Error: ...`` line on stderr and exit code 2, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ckptsurgery import __version__
+from ckptsurgery.errors import CheckpointError
+
+
+class _Cli(click.Group):
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except CheckpointError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckptsurgery")
+def cli() -> None:
+    """PyTorch checkpoint surgery: inspect, filter, rename and match checkpoints.
+
+    \b
+    Example:
+      ckptsurgery inspect moco_v2.pth.tar --depth 2
+      ckptsurgery remap moco_v2.pth.tar -o backbone.safetensors \\
+          --keep 'module.encoder_q.*' --drop 'module.encoder_q.fc.*' \\
+          --strip-prefix module.encoder_q.
+    """
+
+
+def _register() -> None:
+    from ckptsurgery.cli.inspect_cmd import inspect_cmd
+    from ckptsurgery.cli.remap_cmd import remap_cmd
+    from ckptsurgery.cli.scan_cmd import scan_cmd
+
+    cli.add_command(inspect_cmd)
+    cli.add_command(remap_cmd)
+    cli.add_command(scan_cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli.main(prog_name="ckptsurgery")

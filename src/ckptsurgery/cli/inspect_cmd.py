@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import click
+
+from ckptsurgery.cli._common import echo_json, open_source, source_options
+from ckptsurgery.describe import describe
+from ckptsurgery.tables import groups_table, human_bytes, mapping_table, tensors_table
+
+
+@click.command("inspect")
+@click.argument("src")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option(
+    "--depth",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Group keys by their first N dotted parts, with tensor and parameter counts.",
+)
+@source_options
+def inspect_cmd(
+    src: str,
+    as_json: bool,
+    depth: int | None,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+    unsafe_pickle: bool,
+) -> None:
+    """List the tensors of a checkpoint: key, shape, dtype, number of elements, totals.
+
+    Only headers are read where the format allows (safetensors), so this is fast on any size.
+
+    \b
+    Example:
+      ckptsurgery inspect moco_v2.pth.tar
+      ckptsurgery inspect model.safetensors --depth 1 --json
+    """
+    with open_source(
+        src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+    ) as ckpt:
+        report = describe(ckpt, depth=depth)
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(
+        f"source: {report['source']}  format: {report['format']}"
+        + (f"  key: {report['key']}" if report["key"] else "")
+    )
+    click.echo()
+    if depth is not None:
+        click.echo(groups_table(report["groups"]))
+    else:
+        click.echo(tensors_table(ckpt.infos, ckpt.aliases))
+    click.echo()
+    tied = f", {len(report['tied'])} tied" if report["tied"] else ""
+    click.echo(
+        f"{len(report['tensors'])} tensors{tied}, {report['total_params']:,} parameters, "
+        f"{human_bytes(report['total_bytes'])}"
+    )
+    if report["other_entries"]:
+        click.echo()
+        click.echo(mapping_table(report["other_entries"], ("other entry", "type")))
+    if report["provenance"]:
+        click.echo()
+        click.echo("provenance:")
+        for name, value in report["provenance"].items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            click.echo(f"  {name}: {text}")

@@ -1,0 +1,70 @@
+"""Recognise a checkpoint's format from its first bytes, never from its extension alone."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+
+from ckptsurgery._types import PathLike
+from ckptsurgery.errors import FormatError, SourceError
+
+SAFETENSORS = "safetensors"
+TORCH_ZIP = "torch-zip"
+TORCH_LEGACY = "torch-legacy"
+
+# torch < 1.6 starts its files with this pickled magic number (protocol 2, LONG1 of 10 bytes).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def check_source_path(path: PathLike) -> Path:
+    """A readable regular file, or a clear error (before anything is opened)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise SourceError(f"{str(p)!r} does not exist") from None
+    except OSError as e:
+        raise SourceError(f"{str(p)!r} cannot be read: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SourceError(
+            f"{str(p)!r} is a directory; give the checkpoint file inside it "
+            "(sharded and torch.distributed.checkpoint folders are not readable yet)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(
+            f"{str(p)!r} is not a regular file (a FIFO or device?); refusing to read it"
+        )
+    if not os.access(p, os.R_OK):
+        raise SourceError(f"{str(p)!r} is not readable (permission denied)")
+    return p
+
+
+def detect_format(path: Path) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return TORCH_ZIP
+    if head.startswith(_LEGACY_MAGIC):
+        return TORCH_LEGACY
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n >= 2:
+            return SAFETENSORS
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        raise FormatError(
+            f"{str(path)!r} is a tar archive (the torch < 0.4 checkpoint format); "
+            "load and re-save it with an old torch, then try again"
+        )
+    if size == 0:
+        raise FormatError(f"{str(path)!r} is empty")
+    if head.startswith(b"\x80") or head.startswith(b"\x1f\x8b"):
+        raise FormatError(
+            f"{str(path)!r} is not a torch checkpoint (a plain pickle or a gzip file?)"
+        )
+    raise FormatError(
+        f"{str(path)!r} is not a recognised checkpoint: expected a torch file (zip or legacy) "
+        "or safetensors"
+    )

@@ -1,0 +1,266 @@
+"""Open a checkpoint: names, shapes and dtypes first, tensor data one tensor at a time.
+
+:func:`open_checkpoint` returns a :class:`Checkpoint` whose ``infos`` describe every tensor
+before any tensor byte is read (a safetensors header, or a torch zip mapped with ``mmap``), and
+whose ``raw_bytes`` / ``tensor`` fetch one tensor at a time. Every command goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ckptsurgery._types import PathLike
+from ckptsurgery.errors import FormatError
+from ckptsurgery.io import safetensors_format as stf
+from ckptsurgery.io.detect import (
+    SAFETENSORS,
+    TORCH_LEGACY,
+    TORCH_ZIP,
+    check_source_path,
+    detect_format,
+)
+from ckptsurgery.io.dtypes import TensorInfo, info_of, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+# Written by ckptsurgery into safetensors metadata: tied names -> the name actually stored.
+ALIASES_KEY = "ckptsurgery.aliases"
+
+
+class Checkpoint(ABC):
+    """One opened source. Use as a context manager, or call :meth:`close`."""
+
+    path: Path
+    format: str
+    key: str | None = None  # the nested state dict's path inside the file, if any
+    other_entries: dict[str, str]  # other top-level entries: name -> type name
+    metadata: dict[str, str]  # safetensors __metadata__ (empty for torch files)
+    infos: dict[str, TensorInfo]  # every name, tied aliases included, in file order
+    aliases: dict[str, str]  # tied name -> the name whose storage it shares
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    @abstractmethod
+    def raw_bytes(self, name: str) -> bytes | memoryview:
+        """The tensor's bytes, contiguous and little-endian, exactly as stored."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor itself (read from disk on demand where the format allows)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, materialised; tied names are the same tensor object."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.infos:
+            canon = self.canonical(name)
+            out[name] = out[canon] if canon in out else self.tensor(canon)
+        return out
+
+    @property
+    def total_params(self) -> int:
+        return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for n, i in self.infos.items() if n not in self.aliases)
+
+    def close(self) -> None:  # noqa: B027 - sources that hold no resource need no closing
+        """Release the file or memory this source holds."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.format = SAFETENSORS
+        self.other_entries = {}
+        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            header = stf.read_header(self._f, os.fstat(self._f.fileno()).st_size, source=str(path))
+            self.metadata = header.metadata
+            self._entries = header.entries
+            self.aliases = _parse_aliases(header.metadata, header.entries, source=str(path))
+        except BaseException:
+            self._f.close()
+            raise
+        self.infos = {}
+        by_canonical: dict[str, list[str]] = {}
+        for alias, canon in self.aliases.items():
+            by_canonical.setdefault(canon, []).append(alias)
+        for name, entry in self._entries.items():
+            self.infos[name] = entry.info
+            for alias in by_canonical.get(name, ()):
+                self.infos[alias] = entry.info
+
+    def raw_bytes(self, name: str) -> bytes | memoryview:
+        entry = self._entries[self.canonical(name)]
+        buf = bytearray(entry.end - entry.begin)
+        self._f.seek(entry.begin)
+        if self._f.readinto(buf) != len(buf):  # type: ignore[attr-defined]
+            raise FormatError(f"{self.path}: the data of {name!r} is cut short (truncated file?)")
+        return memoryview(buf)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        info = self.infos[name]
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        data = self.raw_bytes(name)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _parse_aliases(
+    metadata: dict[str, str], entries: dict[str, stf.Entry], *, source: str
+) -> dict[str, str]:
+    raw = metadata.get(ALIASES_KEY)
+    if not raw:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(a, str) and isinstance(c, str) and c in entries and a not in entries
+        for a, c in aliases.items()
+    ):
+        raise FormatError(f"{source}: metadata {ALIASES_KEY!r} does not name stored tensors")
+    return aliases
+
+
+class TensorDictSource(Checkpoint):
+    """A mapping of tensors already in memory, seen through the same interface."""
+
+    def __init__(
+        self, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict"
+    ) -> None:
+        self.path = Path(source)
+        self.format = "memory"
+        self.metadata = {}
+        self.other_entries = {}
+        self._init_tensors(state_dict, source=source)
+
+    def _init_tensors(self, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+        import torch
+
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.infos = {}
+        self.aliases = {}
+        seen: dict[tuple[object, ...], str] = {}
+        for name, t in state_dict.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise FormatError(
+                    f"{source}: a state dict maps str keys to tensors; {name!r} maps to a "
+                    f"{type(t).__name__}"
+                )
+            _check_plain_tensor(name, t, source=source)
+            t = t.detach()
+            self._tensors[name] = t
+            self.infos[name] = info_of(t)
+            # One storage, same view: a tied parameter (e.g. embeddings and lm_head).
+            ident = _view_identity(t)
+            if ident is not None and ident in seen:
+                self.aliases[name] = seen[ident]
+            elif ident is not None:
+                seen[ident] = name
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def raw_bytes(self, name: str) -> bytes | memoryview:
+        return tensor_bytes(self._tensors[name])
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+class TorchCheckpoint(TensorDictSource):
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        *,
+        key: str | None,
+        allow_globals: tuple[str, ...],
+        unsafe_pickle: bool,
+    ) -> None:
+        from ckptsurgery.io.torchfile import load_torch
+        from ckptsurgery.state_dict import select_state_dict
+
+        self.path = path
+        self.format = fmt
+        self.metadata = {}
+        obj = load_torch(path, fmt, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        sel = select_state_dict(obj, key, source=str(path))
+        self.key = sel.key
+        self.other_entries = sel.other_entries
+        self._init_tensors(sel.state_dict, source=str(path))
+
+
+def _check_plain_tensor(name: str, t: torch.Tensor, *, source: str) -> None:
+    import torch
+
+    if t.layout != torch.strided or t.is_quantized or t.device.type not in ("cpu", "meta"):
+        raise FormatError(
+            f"{source}: tensor {name!r} is a {t.layout} / quantized / non-CPU tensor, "
+            "which ckptsurgery does not handle; convert it to a dense tensor first"
+        )
+    if t.device.type == "meta":
+        raise FormatError(f"{source}: tensor {name!r} is on the meta device and holds no data")
+
+
+def _view_identity(t: torch.Tensor) -> tuple[object, ...] | None:
+    if t.numel() == 0:
+        return None  # empty tensors share nothing worth tying
+    storage = t.untyped_storage()
+    return (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's element bytes in C order, without copying when it is already contiguous."""
+    import torch
+
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
+
+
+def open_checkpoint(
+    path: PathLike,
+    *,
+    key: str | None = None,
+    allow_globals: tuple[str, ...] | list[str] = (),
+    unsafe_pickle: bool = False,
+) -> Checkpoint:
+    """Open ``path`` (format recognised from its content) and select its state dict."""
+    p = check_source_path(path)
+    fmt = detect_format(p)
+    if fmt == SAFETENSORS:
+        if key:
+            raise FormatError(
+                f"{str(p)!r} is a safetensors file, which holds one flat state dict; "
+                "--key does not apply to it"
+            )
+        return SafetensorsCheckpoint(p)
+    assert fmt in (TORCH_ZIP, TORCH_LEGACY)
+    return TorchCheckpoint(
+        p, fmt, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+    )

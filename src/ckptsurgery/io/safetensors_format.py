@@ -1,0 +1,188 @@
+"""The safetensors layout, read and written by hand so that no path here needs torch.
+
+A file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data
+section. The JSON maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the data section) plus an optional ``"__metadata__"`` of str -> str.
+The reference reader is not a validator, so every rule of the format is checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ckptsurgery.errors import FormatError
+from ckptsurgery.io.dtypes import SAFETENSORS_DTYPES, TensorInfo, safetensors_code
+
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+ALIGN = 8  # the header is padded with spaces so that the data section starts 8-aligned
+
+
+@dataclass(frozen=True)
+class Entry:
+    info: TensorInfo
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: dict[str, Entry]  # in data order
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"the header names {k!r} twice")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise FormatError(f"the header holds {name}, which JSON does not allow")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
+    """Parse and validate a safetensors header; no tensor byte is read."""
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(f"{source}: not a valid safetensors file: {msg}")
+
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise bad(f"the file is {file_size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER:
+        raise bad(f"the header claims {n} bytes, over the {MAX_HEADER}-byte limit")
+    if 8 + n > file_size:
+        raise bad(
+            f"the header claims {n} bytes but the file has only {file_size - 8} after the "
+            "length field (truncated?)"
+        )
+    raw = f.read(n)
+    if len(raw) != n:
+        raise bad("the header is cut short (truncated file?)")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise bad("the header starts with a byte-order mark")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        doc = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=lambda s: _reject_constant(f"the number {s}"),
+        )
+    except FormatError as err:
+        raise bad(str(err)) from None
+    except json.JSONDecodeError as e:
+        raise bad(f"the header is not JSON ({e.msg} at byte {e.pos})") from None
+    if not isinstance(doc, dict):
+        raise bad("the header is not a JSON object")
+
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = file_size - data_start
+    entries: list[tuple[str, Entry]] = []
+    for name, spec in doc.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: expected exactly dtype, shape and data_offsets")
+        code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if code not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name!r}: unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+        ):
+            raise bad(f"tensor {name!r}: data_offsets must be two integers")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"tensor {name!r}: data_offsets {offsets} are not ordered")
+        if end > data_size:
+            raise bad(
+                f"tensor {name!r}: its data ends at byte {end} of a {data_size}-byte data "
+                "section (truncated file?)"
+            )
+        dtype, itemsize = SAFETENSORS_DTYPES[code]
+        nbytes = math.prod(shape) * itemsize
+        if nbytes != end - begin:
+            raise bad(
+                f"tensor {name!r}: shape {shape} of {code} needs {nbytes} bytes but "
+                f"data_offsets span {end - begin}"
+            )
+        info = TensorInfo(tuple(shape), dtype, nbytes)
+        entries.append((name, Entry(info, data_start + begin, data_start + end)))
+
+    entries.sort(key=lambda kv: (kv[1].begin, kv[1].end))
+    cursor = data_start
+    for name, entry in entries:
+        if entry.begin != cursor:
+            what = "overlaps the previous tensor" if entry.begin < cursor else "leaves a gap"
+            raise bad(f"tensor {name!r} {what} (data offsets must tile the data section)")
+        cursor = entry.end
+    if cursor != file_size:
+        raise bad(f"{file_size - cursor} bytes after the last tensor's data")
+    return Header(dict(entries), metadata, data_start)
+
+
+def encode_header(
+    items: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str, str]
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """The header bytes (length field included) for tensors stored in the given order."""
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    spans = []
+    offset = 0
+    for name, info in items:
+        doc[name] = {
+            "dtype": safetensors_code(info.dtype, key=name),
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        spans.append((offset, offset + info.nbytes))
+        offset += info.nbytes
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    return struct.pack("<Q", len(text)) + text, spans
+
+
+def write_file(
+    f: BinaryIO,
+    items: list[tuple[str, TensorInfo]],
+    fetch: Callable[[str], bytes | memoryview],
+    metadata: Mapping[str, str],
+) -> int:
+    """Write header and data, fetching each tensor's bytes only when its turn comes."""
+    header, _ = encode_header(items, metadata)
+    f.write(header)
+    written = len(header)
+    for name, info in items:
+        data = fetch(name)
+        if len(memoryview(data).cast("B")) != info.nbytes:
+            raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data")
+        f.write(data)
+        written += info.nbytes
+    return written
