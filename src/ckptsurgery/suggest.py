@@ -1,0 +1,364 @@
+"""Infer the rules that make a checkpoint's keys line up with a model's.
+
+Suggestions are derived from pairs of keys that agree in shape and end the same way
+(``module.encoder_q.layer1.0.conv1.weight`` and ``layer1.0.conv1.weight``): each pair votes
+for the rename that would turn one into the other (strip a leading prefix, add one, replace a
+segment in the middle). The best-voted renames are combined into candidate :class:`Rules`,
+each candidate is scored by really planning it and counting the model keys that then match by
+name *and* shape, and the leftovers (a momentum encoder, a queue, a projection head) get the
+``keep`` / ``drop`` globs that remove them. Nothing is applied: the caller prints the result.
+When two rule sets reach the same score, or a key could go to two model keys, the
+:class:`Suggestion` lists the ambiguity instead of choosing.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+
+from ckptsurgery.errors import RuleError
+from ckptsurgery.rules import Rules
+
+Shape = tuple[int, ...]
+
+# How many of the best-voted renames of each kind are combined into candidates.
+_TOP = 4
+# Keys are compared on at most this many trailing segments when looking for partners.
+_TAIL = 2
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """The best rules found, what they reach, and what could not be decided."""
+
+    rules: Rules | None  # None when nothing improves on the keys as they are, or on a tie
+    matched_before: int  # model keys matched by name and shape without rules
+    matched_after: int  # ... with ``rules``
+    model_keys: int
+    missing_after: tuple[str, ...]  # model keys still missing with ``rules``
+    unexpected_after: tuple[str, ...]  # checkpoint keys (renamed) still left over
+    ambiguities: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    alternatives: tuple[Rules, ...] = field(default=())  # rule sets tied with ``rules``
+
+    def remap_command(self, src: str = "SRC", out: str = "OUT") -> str:
+        if self.rules is None:
+            return ""
+        words = ["ckptsurgery", "remap", src, "-o", out]
+        words.extend(rule_args(self.rules))
+        return " ".join(shlex.quote(w) for w in words)
+
+    def toml(self) -> str:
+        if self.rules is None:
+            return ""
+        return rules_toml(self.rules)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rules": self.rules.to_dict() if self.rules is not None else None,
+            "matched_before": self.matched_before,
+            "matched_after": self.matched_after,
+            "model_keys": self.model_keys,
+            "missing_after": list(self.missing_after),
+            "unexpected_after": list(self.unexpected_after),
+            "ambiguities": list(self.ambiguities),
+            "notes": list(self.notes),
+            "alternatives": [r.to_dict() for r in self.alternatives],
+        }
+
+
+def rule_args(rules: Rules) -> list[str]:
+    """The rules as ``remap`` command-line words, in the order they apply."""
+    words: list[str] = []
+    for g in rules.keep:
+        words += ["--keep", g]
+    for g in rules.drop:
+        words += ["--drop", g]
+    for p in rules.strip_prefix:
+        words += ["--strip-prefix", p]
+    for old, new in rules.replace:
+        words += ["--replace", old, new]
+    for pattern, repl in rules.regex:
+        words += ["--regex", pattern, repl]
+    if rules.add_prefix:
+        words += ["--add-prefix", rules.add_prefix]
+    return words
+
+
+def rules_toml(rules: Rules) -> str:
+    """The rules as a TOML block (the keys of a rules file or a recipe's ``[[source]]``)."""
+    import json
+
+    lines = []
+    for name, value in rules.to_dict().items():
+        # JSON strings and arrays of strings are valid TOML values.
+        lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines)
+
+
+def suggest(
+    checkpoint: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    model: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+) -> Suggestion:
+    """The rules that make the most ``model`` keys match ``checkpoint`` keys by name and shape.
+
+    Both arguments map key names to shapes.
+    """
+    ckpt = {k: tuple(v) for k, v in checkpoint.items()}
+    target = {k: tuple(v) for k, v in model.items()}
+    before = _score(ckpt, target, Rules())
+
+    strips: Counter[str] = Counter()
+    adds: Counter[str] = Counter()
+    replaces: Counter[tuple[str, str]] = Counter()
+    for k, m in _partners(ckpt, target):
+        kp, mp = _split_common_suffix(k, m)
+        if kp == mp:
+            continue
+        if not mp:
+            strips[kp] += 1
+        elif not kp:
+            adds[mp] += 1
+        elif kp.endswith("." + mp):  # whole segments only: "extra." does not end in "a."
+            strips[kp[: len(kp) - len(mp)]] += 1
+        elif mp.endswith("." + kp):
+            adds[mp[: len(mp) - len(kp)]] += 1
+        else:
+            head = _common_prefix(kp, mp)
+            old, new = kp[len(head) :], mp[len(head) :]
+            if head and old:
+                replaces[(old, new)] += 1
+            else:
+                strips[kp] += 1
+                adds[mp] += 1
+
+    strip_opts: list[tuple[str, ...]] = [()] + [(p,) for p, _ in strips.most_common(_TOP)]
+    add_opts: list[str] = [""] + [p for p, _ in adds.most_common(_TOP)]
+    replace_opts: list[tuple[tuple[str, str], ...]] = [()] + [
+        (r,) for r, _ in replaces.most_common(_TOP)
+    ]
+
+    scored: list[tuple[int, int, Rules]] = []
+    for strip, add, replace in product(strip_opts, add_opts, replace_opts):
+        if not (strip or add or replace):
+            continue
+        try:
+            rules = Rules(strip_prefix=strip, add_prefix=add, replace=replace)
+            score = _score(ckpt, target, rules)
+        except RuleError:
+            continue  # e.g. the candidate makes two keys collide
+        size = len(strip) + bool(add) + len(replace)
+        scored.append((score, -size, rules))
+
+    notes: list[str] = []
+    if not scored or max(s for s, _, _ in scored) <= before:
+        best_rename = Rules()
+        tied: list[Rules] = []
+    else:
+        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        top_score, top_size = scored[0][0], scored[0][1]
+        outcomes: dict[frozenset[str], Rules] = {}
+        for s, size, r in scored:
+            if s == top_score and size == top_size:
+                outcomes.setdefault(_outcome(ckpt, r), r)
+        tied = list(outcomes.values())
+        primary = [r for r in tied if not _is_secondary(r)]
+        if primary and len(primary) < len(tied):
+            # A momentum / target copy of the network matches as well as the online one;
+            # the online one is what fine-tuning starts from (MoCo's encoder_q, BYOL's online).
+            skipped = [r for r in tied if _is_secondary(r)]
+            notes.append(
+                "preferred "
+                + " ".join(primary[0].describe())
+                + " over the momentum/target copy ("
+                + "; ".join(" ".join(r.describe()) for r in skipped)
+                + ")"
+            )
+            tied = primary
+        best_rename, tied = tied[0], tied[1:]
+
+    ambiguities: list[str] = []
+    if tied:
+        options = "; ".join(" ".join(r.describe()) for r in [best_rename, *tied])
+        ambiguities.append(
+            f"several rule sets match the same {_score(ckpt, target, best_rename)} keys: "
+            f"{options}; choose one (e.g. with --keep) and run --suggest again"
+        )
+        return _result(ckpt, target, None, before, ambiguities, notes, tuple(tied))
+
+    unsure = _suffix_ambiguities(ckpt, target, best_rename)
+    ambiguities.extend(
+        f"{old} could be any of {', '.join(opts[:4])}" for old, opts in unsure.items()
+    )
+    rules = _with_filters(ckpt, target, best_rename, spare=set(unsure))
+    return _result(ckpt, target, rules or None, before, ambiguities, notes, ())
+
+
+# Path segments that name the second copy of a network in self-supervised checkpoints.
+_SECONDARY = ("encoder_k", "momentum_encoder", "momentum", "target_encoder", "target")
+
+
+def _is_secondary(rules: Rules) -> bool:
+    segments = {seg for p in rules.strip_prefix for seg in p.split(".")}
+    segments |= {seg for old, _ in rules.replace for seg in old.split(".")}
+    return any(seg in _SECONDARY for seg in segments)
+
+
+# -- candidates ----------------------------------------------------------------------------
+
+
+def _tail(key: str) -> str:
+    return ".".join(key.split(".")[-_TAIL:])
+
+
+def _partners(ckpt: Mapping[str, Shape], model: Mapping[str, Shape]) -> Iterable[tuple[str, str]]:
+    """(checkpoint key, model key) pairs with the same shape and the same last segments."""
+    by_tail: dict[tuple[str, Shape], list[str]] = {}
+    for m, shape in model.items():
+        by_tail.setdefault((_tail(m), shape), []).append(m)
+    for k, shape in ckpt.items():
+        for m in by_tail.get((_tail(k), shape), ()):
+            yield k, m
+
+
+def _split_common_suffix(a: str, b: str) -> tuple[str, str]:
+    """``("module.fc.weight", "fc.weight")`` -> ``("module.", "")``: the differing heads."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
+        n += 1
+    head_a = ".".join(pa[: len(pa) - n])
+    head_b = ".".join(pb[: len(pb) - n])
+    return (head_a + "." if head_a else ""), (head_b + "." if head_b else "")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    """The longest common prefix of two dotted heads that ends on a segment boundary."""
+    pa, pb = a.split("."), b.split(".")
+    out = []
+    for x, y in zip(pa, pb, strict=False):
+        if x != y or not x:
+            break
+        out.append(x)
+    return ".".join(out) + "." if out else ""
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+def _score(ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rules: Rules) -> int:
+    plan = rules.plan(ckpt)
+    return sum(1 for old, new in plan.renames if model.get(new) == ckpt[old])
+
+
+def _outcome(ckpt: Mapping[str, Shape], rules: Rules) -> frozenset[str]:
+    return frozenset(new for _, new in rules.plan(ckpt).renames)
+
+
+# -- filters for what is left over --------------------------------------------------------
+
+
+def _with_filters(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules, *, spare: set[str]
+) -> Rules:
+    """Add ``keep`` / ``drop`` globs that remove checkpoint keys matching nothing.
+
+    Keys in ``spare`` (those that could go to several model keys) are left for the user.
+    """
+    plan = rename.plan(ckpt)
+    matched = {old for old, new in plan.renames if model.get(new) == ckpt[old]} | spare
+    leftover = [k for k in ckpt if k not in matched]
+    if not leftover:
+        return rename
+
+    keep: tuple[str, ...] = ()
+    if rename.strip_prefix:
+        # Everything that matched sits under the stripped prefix (a MoCo query encoder): keep
+        # only that subtree, which removes the momentum encoder and the queue in one glob.
+        prefix = rename.strip_prefix[0]
+        if all(k.startswith(prefix) for k in matched) and any(
+            not k.startswith(prefix) for k in leftover
+        ):
+            keep = (prefix + "*",)
+    kept = [k for k in ckpt if not keep or any(k.startswith(g[:-1]) for g in keep)]
+    drop = _covering_globs([k for k in leftover if k in set(kept)], kept)
+    return Rules(
+        keep=keep,
+        drop=drop,
+        strip_prefix=rename.strip_prefix,
+        replace=rename.replace,
+        regex=rename.regex,
+        add_prefix=rename.add_prefix,
+    )
+
+
+def _covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str, ...]:
+    """Few globs that match every key of ``remove`` and no other key of ``universe``.
+
+    Each key is widened to its highest module path whose keys are all to be removed:
+    ``module.encoder_q.fc.0.weight`` becomes ``module.encoder_q.fc.*`` when the whole ``fc``
+    goes, and stays a full key name when its siblings stay.
+    """
+    removing = set(remove)
+    keep = [k for k in universe if k not in removing]
+    globs: list[str] = []
+    for key in remove:
+        if any(_glob_matches(g, key) for g in globs):
+            continue
+        parts = key.split(".")
+        best = key
+        for depth in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:depth]) + "."
+            if any(k.startswith(prefix) for k in keep):
+                break
+            best = prefix + "*"
+        globs.append(best)
+    return tuple(globs)
+
+
+def _glob_matches(glob: str, key: str) -> bool:
+    return key.startswith(glob[:-1]) if glob.endswith("*") else key == glob
+
+
+def _suffix_ambiguities(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rules: Rules
+) -> dict[str, list[str]]:
+    """Leftover checkpoint keys that could go to two or more missing model keys."""
+    plan = rules.plan(ckpt)
+    result = {new: ckpt[old] for old, new in plan.renames}
+    missing = {m: s for m, s in model.items() if result.get(m) != s}
+    out: dict[str, list[str]] = {}
+    for old, new in plan.renames:
+        if model.get(new) == ckpt[old]:
+            continue
+        options = [m for m, s in missing.items() if s == ckpt[old] and _tail(m) == _tail(new)]
+        if len(options) > 1:
+            out[old] = options
+    return out
+
+
+def _result(
+    ckpt: Mapping[str, Shape],
+    model: Mapping[str, Shape],
+    rules: Rules | None,
+    before: int,
+    ambiguities: list[str],
+    notes: list[str],
+    alternatives: tuple[Rules, ...],
+) -> Suggestion:
+    applied = (rules or Rules()).plan(ckpt)
+    result = {new: ckpt[old] for old, new in applied.renames}
+    return Suggestion(
+        rules=rules,
+        matched_before=before,
+        matched_after=sum(1 for m, s in model.items() if result.get(m) == s),
+        model_keys=len(model),
+        missing_after=tuple(m for m, s in model.items() if result.get(m) != s),
+        unexpected_after=tuple(k for k in result if model.get(k) != result[k]),
+        ambiguities=tuple(ambiguities),
+        notes=tuple(notes),
+        alternatives=alternatives,
+    )
