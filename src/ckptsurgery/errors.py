@@ -14,6 +14,7 @@ them into a single ``Error: ...`` line and exit code 2; library users catch the 
     ├── RuleError                   a malformed rule or rules file
     │   └── KeyCollisionError       two keys renamed to the same name
     ├── OutputError                 the output cannot be written (exists, is an input, ...)
+    ├── ModelSpecError              a model SPEC that does not resolve (ckptsurgery.models)
     └── IncompatibleCheckpoint      the checkpoint does not fit the model (carries the report)
 """
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -72,11 +73,20 @@ class Rules:
             if not old:
                 raise RuleError("replace: the text to replace must not be empty")
         compiled = []
-        for pattern, _ in self.regex:
+        for pattern, repl in self.regex:
             try:
                 compiled.append(re.compile(pattern))
             except re.error as e:
                 raise RuleError(f"regex {pattern!r} is not a valid regular expression: {e}") from e
+            # re only parses the replacement when it first substitutes; parse it now so that a
+            # bad group reference is reported before any checkpoint is read.
+            try:
+                compiled[-1].sub(repl, "")
+            except (re.error, IndexError) as e:
+                raise RuleError(
+                    f"regex {pattern!r}: the replacement {repl!r} is invalid ({e}); refer to "
+                    r"groups the pattern has, as \1 or \g<name>"
+                ) from None
         set_(self, "_compiled", tuple(compiled))
 
     # -- construction and serialisation ---------------------------------------------------
@@ -126,6 +136,11 @@ class Rules:
                 f"{p}: 'path' belongs in a recipe (ckptsurgery apply); a rules file holds only "
                 f"key and {', '.join(RULE_FIELDS)}"
             )
+        unknown = sorted(set(data) - set(RULE_FIELDS))
+        if unknown:  # checked here so that the message lists `key`, which only a file has
+            raise RuleError(
+                f"{p}: unknown field {unknown[0]!r}; allowed: key, {', '.join(RULE_FIELDS)}"
+            )
         return cls.from_dict(data, where=str(p)), key
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,8 +159,10 @@ class Rules:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=False)
 
-    def __or__(self, other: Rules) -> Rules:
+    def __or__(self, other: object) -> Rules:
         """These rules followed by ``other``'s in each list (a rules file, then CLI flags)."""
+        if not isinstance(other, Rules):
+            return NotImplemented
         if self.add_prefix and other.add_prefix and self.add_prefix != other.add_prefix:
             raise RuleError(
                 f"add_prefix given twice ({self.add_prefix!r} and {other.add_prefix!r}); keep one"
@@ -163,14 +180,19 @@ class Rules:
         return bool(self.to_dict())
 
     def describe(self) -> list[str]:
-        """Each rule as the CLI flag that expresses it, in the order they apply."""
-        out = [f"--keep {g}" for g in self.keep]
-        out += [f"--drop {g}" for g in self.drop]
-        out += [f"--strip-prefix {p}" for p in self.strip_prefix]
-        out += [f"--replace {a} {b}" for a, b in self.replace]
-        out += [f"--regex {a} {b}" for a, b in self.regex]
+        """Each rule as the CLI flag that expresses it, in the order they apply.
+
+        Arguments are shell-quoted where needed (``--keep 'fc.*'``, ``--replace .bn ''``), so
+        that a rule can be pasted back into a command line as printed.
+        """
+        q = shlex.quote
+        out = [f"--keep {q(g)}" for g in self.keep]
+        out += [f"--drop {q(g)}" for g in self.drop]
+        out += [f"--strip-prefix {q(p)}" for p in self.strip_prefix]
+        out += [f"--replace {q(a)} {q(b)}" for a, b in self.replace]
+        out += [f"--regex {q(a)} {q(b)}" for a, b in self.regex]
         if self.add_prefix:
-            out.append(f"--add-prefix {self.add_prefix}")
+            out.append(f"--add-prefix {q(self.add_prefix)}")
         return out
 
     # -- application ----------------------------------------------------------------------
@@ -287,6 +309,8 @@ class KeyPlan:
 def _strings(name: str, value: Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
+    elif isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise RuleError(f"{name} must be a list of strings, got {value!r}")
     out = tuple(value)
     for v in out:
         if not isinstance(v, str):
@@ -295,9 +319,16 @@ def _strings(name: str, value: Iterable[str]) -> tuple[str, ...]:
 
 
 def _pairs(name: str, value: Iterable[Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str | Mapping) or not isinstance(value, Iterable):
+        raise RuleError(f"{name} must be a list of [old, new] string pairs, got {value!r}")
     out = []
     for pair in value:
-        if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+        if (
+            not isinstance(pair, Sequence)
+            or isinstance(pair, str)
+            or len(pair) != 2
+            or not all(isinstance(x, str) for x in pair)
+        ):
             raise RuleError(f"{name} must be a list of [old, new] string pairs, got {pair!r}")
         out.append((pair[0], pair[1]))
     return tuple(out)

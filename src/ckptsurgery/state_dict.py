@@ -94,7 +94,9 @@ def select_state_dict(root: Any, key: str | None, *, source: str) -> Selection:
             )
         path = "/".join(walked)
         return Selection(node, path, _other_entries(root, path))
-    if is_state_dict(root):
+    # An empty file is the state dict of a model without parameters (as an empty safetensors
+    # file is); nested empty mappings (an optimizer's fresh "state") are never candidates.
+    if is_state_dict(root) or (isinstance(root, Mapping) and not root):
         return Selection(root, None, {})
     candidates = find_candidates(root)
     if len(candidates) == 1:

@@ -61,7 +61,7 @@ def save_state_dict(
     src = TensorDictSource(state_dict)
     names = [(k, k) for k in src.infos]
     meta = {"ckptsurgery.version": __version__, **(metadata or {})}
-    return write_checkpoint(out, src, names, fmt=fmt, metadata=meta)
+    return write_checkpoint(out, src, names, fmt=fmt, metadata=meta, overwrite=overwrite)
 
 
 def sha256_file(path: PathLike) -> str:
@@ -100,16 +100,27 @@ def remap(
         plan = rules.plan(ckpt.infos)
         if dry_run:
             return RemapResult(plan, None)
-        written = write_remapped(ckpt, plan, rules, out_path, fmt=fmt)
+        written = write_remapped(ckpt, plan, rules, out_path, fmt=fmt, overwrite=force)
     return RemapResult(plan, written)
 
 
 def write_remapped(
-    ckpt: Checkpoint, plan: KeyPlan, rules: Rules, out: PathLike, *, fmt: str
+    ckpt: Checkpoint,
+    plan: KeyPlan,
+    rules: Rules,
+    out: PathLike,
+    *,
+    fmt: str,
+    overwrite: bool = True,
 ) -> WriteResult:
-    """Write the tensors ``plan`` keeps, under their new names, with provenance metadata."""
+    """Write the tensors ``plan`` keeps, under their new names, with provenance metadata.
+
+    Pass ``overwrite=False`` unless the user forced it: a file that appears at ``out`` after
+    :func:`check_output_path` looked is then left alone.
+    """
+    names = [(new, old) for old, new in plan.renames]
     if fmt != "safetensors":  # a torch output is a flat state dict: no room for metadata
-        return write_checkpoint(out, ckpt, [(n, o) for o, n in plan.renames], fmt=fmt)
+        return write_checkpoint(out, ckpt, names, fmt=fmt, overwrite=overwrite)
     metadata = {
         "ckptsurgery.version": __version__,
         "ckptsurgery.sources": json.dumps(
@@ -118,6 +129,4 @@ def write_remapped(
         ),
         "ckptsurgery.rules": rules.to_json(),
     }
-    return write_checkpoint(
-        out, ckpt, [(new, old) for old, new in plan.renames], fmt=fmt, metadata=metadata
-    )
+    return write_checkpoint(out, ckpt, names, fmt=fmt, metadata=metadata, overwrite=overwrite)

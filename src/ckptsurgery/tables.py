@@ -20,6 +20,11 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def count(n: int, noun: str) -> str:
+    """``count(1, "tensor")`` -> ``"1 tensor"``, ``count(1200, "tensor")`` -> ``"1,200 tensors"``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 

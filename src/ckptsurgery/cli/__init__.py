@@ -27,14 +27,16 @@ class _Cli(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            message = _one_line(e.format_message()).rstrip(".")
+            click.echo(
+                f"Error: {message} (see '{self._usage_path(e, args, prog_name)} --help')", err=True
+            )
             sys.exit(2)
         except CheckpointError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {_one_line(str(e))}", err=True)
             sys.exit(2)
         except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("Aborted.", err=True)
@@ -47,6 +49,22 @@ class _Cli(click.Group):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _usage_path(self, e: click.UsageError, args: Any, prog_name: str | None) -> str:
+        """The command whose --help would explain a usage error."""
+        if e.ctx is not None:
+            return e.ctx.command_path
+        # click raises some parser errors (an option short of its arguments) without a
+        # context; the command is then the first word that is not an option.
+        words = [str(w) for w in (sys.argv[1:] if args is None else args)]
+        name = next((w for w in words if not w.startswith("-")), None)
+        prog = prog_name or "ckptsurgery"
+        return f"{prog} {name}" if name in self.commands else prog
+
+
+def _one_line(message: str) -> str:
+    # Scripts rely on errors being exactly one "Error: ..." line on stderr.
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

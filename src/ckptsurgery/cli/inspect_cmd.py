@@ -6,7 +6,7 @@ import click
 
 from ckptsurgery.cli._common import echo_json, open_source, source_options
 from ckptsurgery.describe import describe
-from ckptsurgery.tables import groups_table, human_bytes, mapping_table, tensors_table
+from ckptsurgery.tables import count, groups_table, human_bytes, mapping_table, tensors_table
 
 
 @click.command("inspect")
@@ -55,8 +55,8 @@ def inspect_cmd(
     click.echo()
     tied = f", {len(report['tied'])} tied" if report["tied"] else ""
     click.echo(
-        f"{len(report['tensors'])} tensors{tied}, {report['total_params']:,} parameters, "
-        f"{human_bytes(report['total_bytes'])}"
+        f"{count(len(report['tensors']), 'tensor')}{tied}, "
+        f"{count(report['total_params'], 'parameter')}, {human_bytes(report['total_bytes'])}"
     )
     if report["other_entries"]:
         click.echo()

@@ -6,7 +6,7 @@ from ckptsurgery.cli._common import F, echo_json, note, open_source, source_opti
 from ckptsurgery.io import check_output_path, output_format
 from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import write_remapped
-from ckptsurgery.tables import human_bytes, plan_table, rule_counts_table, table
+from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
 
 
 def rule_options(f: F) -> F:
@@ -175,14 +175,13 @@ def remap_cmd(
                 click.echo(rule_counts_table(plan))
             note(
                 f"dry run: would keep {len(plan.renames)} of {len(ckpt.infos)} keys "
-                f"({len(plan.renames) and len(plan.renamed)} renamed), drop "
-                f"{len(plan.dropped)}; nothing written"
+                f"({len(plan.renamed)} renamed), drop {len(plan.dropped)}; nothing written"
             )
             return
         if not plan.renames:
             raise click.UsageError("the rules drop every key; nothing to write")
         assert out is not None and fmt is not None
-        result = write_remapped(ckpt, plan, rules, out, fmt=fmt)
+        result = write_remapped(ckpt, plan, rules, out, fmt=fmt, overwrite=force)
     if as_json:
         echo_json(
             {
@@ -198,6 +197,6 @@ def remap_cmd(
         )
     note(
         f"kept {len(plan.renames)} of {len(ckpt.infos)} keys ({len(plan.renamed)} renamed), "
-        f"dropped {len(plan.dropped)}; wrote {result.tensors} tensors, "
+        f"dropped {len(plan.dropped)}; wrote {count(result.tensors, 'tensor')}, "
         f"{human_bytes(result.bytes)} to {out}"
     )

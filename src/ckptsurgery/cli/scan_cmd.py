@@ -4,7 +4,7 @@ import click
 
 from ckptsurgery.cli._common import echo_json
 from ckptsurgery.io.scan import scan_file
-from ckptsurgery.tables import table
+from ckptsurgery.tables import count, table
 
 
 @click.command("scan")
@@ -13,8 +13,9 @@ from ckptsurgery.tables import table
 def scan_cmd(src: str, as_json: bool) -> None:
     """List the pickle globals a torch file references, and which are safe to load.
 
-    Nothing is unpickled and no tensor is loaded: the pickle is disassembled as data. Exit
-    code 1 when an unsafe global is present.
+    Nothing is unpickled and no tensor is loaded: the pickle is disassembled as data. Each
+    global is "safe" (torch's weights-only set), "unsafe" (needs --allow-global) or "DANGEROUS"
+    (can run code or touch files). Exit code 1 when any is not safe.
 
     \b
     Example:
@@ -27,25 +28,27 @@ def scan_cmd(src: str, as_json: bool) -> None:
             {
                 "source": src,
                 "format": fmt,
-                "globals": [{"name": r.name, "safe": r.safe} for r in refs],
+                "globals": [
+                    {"name": r.name, "safe": r.safe, "dangerous": r.dangerous} for r in refs
+                ],
                 "unsafe": unsafe,
             }
         )
+    elif not refs:
+        click.echo(f"{src}: {fmt}, no pickle globals")
     else:
-        if refs:
-            click.echo(
-                table(
-                    ((r.name, "safe" if r.safe else "UNSAFE") for r in refs), ("global", "verdict")
-                )
-            )
-        else:
-            click.echo(f"{src}: {fmt}, no pickle globals")
+        rows = ((r.name, r.verdict) for r in refs)
+        click.echo(table(rows, ("global", "verdict")))
         click.echo()
         click.echo(
-            f"{len(refs)} globals, {len(unsafe)} unsafe"
+            f"{count(len(refs), 'global')}, {len(unsafe)} unsafe"
             + (
-                f" ({', '.join(unsafe)}): load with --allow-global NAME or "
-                "--unsafe-pickle only if you trust the file"
+                f" ({', '.join(unsafe)}): "
+                + (
+                    "DANGEROUS globals can run code; do not load this file unless you trust it"
+                    if any(r.dangerous for r in refs)
+                    else "load with --allow-global NAME, or --unsafe-pickle if you trust the file"
+                )
                 if unsafe
                 else ""
             )

@@ -42,12 +42,13 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
+def atomic_write(path: PathLike, *, overwrite: bool = True) -> Iterator[BinaryIO]:
     """Yield a temporary file beside ``path``; on success it replaces ``path`` atomically.
 
     The temporary file lives in the destination folder (so ``os.replace`` is a rename within
     one file system), is flushed and fsync'd before the rename, and is removed on any failure,
-    KeyboardInterrupt included.
+    KeyboardInterrupt included. With ``overwrite=False`` a file that appeared at ``path``
+    while writing (another run, another user) is left alone and :class:`OutputError` raised.
     """
     path = Path(path)
     try:
@@ -60,12 +61,34 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _rename_no_clobber(tmp: str, path: Path) -> None:
+    # os.replace would silently replace a file created since check_output_path looked; a hard
+    # link fails atomically instead when the name is taken.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(
+            f"output {str(path)!r} appeared while it was being written; pass --force to replace it"
+        ) from None
+    except OSError:  # a file system without hard links: fall back to a checked rename
+        if os.path.lexists(path):
+            raise OutputError(
+                f"output {str(path)!r} already exists; pass --force to replace it"
+            ) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _umask() -> int:

@@ -51,7 +51,9 @@ def detect_format(path: Path) -> str:
         return TORCH_LEGACY
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and n >= 2:
+        # A header opening with a byte-order mark is still meant as safetensors: the
+        # safetensors reader then says exactly what is wrong with it.
+        if head[8:].startswith((b"{", b"\xef\xbb\xbf{")) and n >= 2:
             return SAFETENSORS
     if len(head) >= 262 and head[257:262] == b"ustar":
         raise FormatError(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptsurgery._types import PathLike
-from ckptsurgery.errors import FormatError
+from ckptsurgery.errors import FormatError, StateDictSelectionError
 from ckptsurgery.io import safetensors_format as stf
 from ckptsurgery.io.detect import (
     SAFETENSORS,
@@ -170,7 +170,9 @@ class TensorDictSource(Checkpoint):
                     f"{type(t).__name__}"
                 )
             _check_plain_tensor(name, t, source=source)
-            t = t.detach()
+            # A conjugate or negated view shares its base's memory but not its values: give it
+            # memory of its own, so that it is neither tied to its base nor written as it.
+            t = t.detach().resolve_conj().resolve_neg()
             self._tensors[name] = t
             self.infos[name] = info_of(t)
             # One storage, same view: a tied parameter (e.g. embeddings and lm_head).
@@ -216,10 +218,15 @@ class TorchCheckpoint(TensorDictSource):
 def _check_plain_tensor(name: str, t: torch.Tensor, *, source: str) -> None:
     import torch
 
-    if t.layout != torch.strided or t.is_quantized or t.device.type not in ("cpu", "meta"):
+    if t.layout != torch.strided:
         raise FormatError(
-            f"{source}: tensor {name!r} is a {t.layout} / quantized / non-CPU tensor, "
-            "which ckptsurgery does not handle; convert it to a dense tensor first"
+            f"{source}: tensor {name!r} is a {t.layout} tensor, which ckptsurgery does not "
+            "handle; convert it with .to_dense() first"
+        )
+    if t.is_quantized:
+        raise FormatError(
+            f"{source}: tensor {name!r} is quantized ({t.dtype}), which ckptsurgery does not "
+            "handle; dequantize it first"
         )
     if t.device.type == "meta":
         raise FormatError(f"{source}: tensor {name!r} is on the meta device and holds no data")
@@ -236,7 +243,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's element bytes in C order, without copying when it is already contiguous."""
     import torch
 
-    flat = t.contiguous().reshape(-1)
+    flat = t.contiguous().reshape(-1).cpu()  # a state dict straight from a GPU model too
     if flat.numel() == 0:
         return memoryview(b"")
     array: Any = flat.view(torch.uint8).numpy()
@@ -255,9 +262,10 @@ def open_checkpoint(
     fmt = detect_format(p)
     if fmt == SAFETENSORS:
         if key:
-            raise FormatError(
+            # A --key mistake, like a --key that leads nowhere in a torch file.
+            raise StateDictSelectionError(
                 f"{str(p)!r} is a safetensors file, which holds one flat state dict; "
-                "--key does not apply to it"
+                "--key does not apply to it (leave it out)"
             )
         return SafetensorsCheckpoint(p)
     assert fmt in (TORCH_ZIP, TORCH_LEGACY)

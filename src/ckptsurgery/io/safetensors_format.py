@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ckptsurgery.errors import FormatError
+from ckptsurgery.errors import FormatError, OutputError
 from ckptsurgery.io.dtypes import SAFETENSORS_DTYPES, TensorInfo, safetensors_code
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
@@ -31,7 +31,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Header:
-    entries: dict[str, Entry]  # in data order
+    entries: dict[str, Entry]  # in the header's order (the writer's key order)
     metadata: dict[str, str]
     data_start: int
 
@@ -75,22 +75,24 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     if len(raw) != n:
         raise bad("the header is cut short (truncated file?)")
     if raw.startswith(b"\xef\xbb\xbf"):
-        raise bad("the header starts with a byte-order mark")
+        raise bad(
+            "the header starts with a UTF-8 byte-order mark; it must start with '{' "
+            "(re-save the file without the BOM)"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise bad(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        doc = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=lambda s: _reject_constant(f"the number {s}"),
-        )
+        # Floats parse (JSON allows them); the shape and offset checks below refuse them with
+        # a message that names the field.
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except FormatError as err:
         raise bad(str(err)) from None
     except json.JSONDecodeError as e:
         raise bad(f"the header is not JSON ({e.msg} at byte {e.pos})") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, arrays nested 10**5 deep
+        raise bad(f"the header cannot be parsed ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
 
@@ -135,9 +137,8 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
         info = TensorInfo(tuple(shape), dtype, nbytes)
         entries.append((name, Entry(info, data_start + begin, data_start + end)))
 
-    entries.sort(key=lambda kv: (kv[1].begin, kv[1].end))
     cursor = data_start
-    for name, entry in entries:
+    for name, entry in sorted(entries, key=lambda kv: (kv[1].begin, kv[1].end)):
         if entry.begin != cursor:
             what = "overlaps the previous tensor" if entry.begin < cursor else "leaves a gap"
             raise bad(f"tensor {name!r} {what} (data offsets must tile the data section)")
@@ -147,26 +148,52 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     return Header(dict(entries), metadata, data_start)
 
 
+def data_layout(items: Iterable[tuple[str, TensorInfo]]) -> list[tuple[str, TensorInfo]]:
+    """The order tensors' data is stored in: largest element first, otherwise as given.
+
+    The data section starts 8-aligned, so every tensor then starts at a multiple of its
+    element size, as the reference writer arranges; mmap-based readers rely on it.
+    """
+    return sorted(
+        items, key=lambda kv: -SAFETENSORS_DTYPES[safetensors_code(kv[1].dtype, key=kv[0])][1]
+    )
+
+
 def encode_header(
     items: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str, str]
-) -> tuple[bytes, list[tuple[int, int]]]:
-    """The header bytes (length field included) for tensors stored in the given order."""
-    doc: dict[str, Any] = {}
-    if metadata:
-        doc["__metadata__"] = dict(metadata)
-    spans = []
+) -> tuple[bytes, list[tuple[str, TensorInfo]]]:
+    """The header bytes (length field included), and the order to write the data in.
+
+    The header lists the tensors in the given order; their data is laid out by
+    :func:`data_layout`.
+    """
+    items = list(items)
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise OutputError(
+                f"metadata {key!r}: {value!r}: safetensors metadata maps strings to strings; "
+                "convert the value with str() or json.dumps()"
+            )
+    doc: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    for name, _ in items:
+        if name == "__metadata__":
+            raise OutputError(
+                "a tensor named '__metadata__' cannot be stored in safetensors (the name is "
+                "reserved); rename it or write a torch file (--format torch)"
+            )
+        doc[name] = None  # the header's order; filled in below
+    layout = data_layout(items)
     offset = 0
-    for name, info in items:
+    for name, info in layout:
         doc[name] = {
             "dtype": safetensors_code(info.dtype, key=name),
             "shape": list(info.shape),
             "data_offsets": [offset, offset + info.nbytes],
         }
-        spans.append((offset, offset + info.nbytes))
         offset += info.nbytes
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-(8 + len(text)) % ALIGN)
-    return struct.pack("<Q", len(text)) + text, spans
+    return struct.pack("<Q", len(text)) + text, layout
 
 
 def write_file(
@@ -176,10 +203,10 @@ def write_file(
     metadata: Mapping[str, str],
 ) -> int:
     """Write header and data, fetching each tensor's bytes only when its turn comes."""
-    header, _ = encode_header(items, metadata)
+    header, layout = encode_header(items, metadata)
     f.write(header)
     written = len(header)
-    for name, info in items:
+    for name, info in layout:
         data = fetch(name)
         if len(memoryview(data).cast("B")) != info.nbytes:
             raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data")

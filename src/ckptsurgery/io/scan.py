@@ -16,12 +16,42 @@ from dataclasses import dataclass
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import FormatError
 from ckptsurgery.io.detect import SAFETENSORS, TORCH_ZIP, check_source_path, detect_format
+from ckptsurgery.io.safetensors_format import read_header
+
+# Globals that give a pickle code execution or file/process access: allowlisting one of them
+# is trusting the whole file, so the tool never suggests --allow-global for them.
+_DANGEROUS_MODULES = (
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "pathlib", "socket", "runpy",
+    "importlib", "pickle", "_pickle", "marshal", "ctypes", "code", "codeop", "pty",
+    "webbrowser", "multiprocessing", "asyncio", "types", "functools", "operator", "io",
+    "tempfile", "urllib", "http", "requests", "torch.hub", "torch.jit", "torch.package",
+)  # fmt: skip
+_DANGEROUS_BUILTINS = {
+    "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "__import__",
+    "globals", "locals", "vars", "breakpoint", "input", "apply", "execfile", "file",
+}  # fmt: skip
+
+
+def is_dangerous(name: str) -> bool:
+    """True for a global that can run code or touch files and processes when called."""
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return attr in _DANGEROUS_BUILTINS
+    return any(module == m or module.startswith(m + ".") for m in _DANGEROUS_MODULES)
 
 
 @dataclass(frozen=True)
 class GlobalRef:
     name: str  # module.qualname
     safe: bool  # allowed by torch's weights-only unpickler (default or user allowlist)
+
+    @property
+    def dangerous(self) -> bool:
+        return not self.safe and is_dangerous(self.name)
+
+    @property
+    def verdict(self) -> str:
+        return "safe" if self.safe else "DANGEROUS" if self.dangerous else "unsafe"
 
 
 def pickle_globals(data: bytes, *, source: str, max_pickles: int = 1) -> list[str]:
@@ -52,7 +82,7 @@ def pickle_globals(data: bytes, *, source: str, max_pickles: int = 1) -> list[st
                 elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:  # type: ignore[arg-type]
                     strings.append(memo[int(arg)])  # type: ignore[arg-type]
                 elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                    name = arg.replace(" ", ".")
+                    name = _python3_name(*arg.split(" ", 1))
                     if name not in found:
                         found.append(name)
                 elif op.name == "STACK_GLOBAL":
@@ -64,11 +94,29 @@ def pickle_globals(data: bytes, *, source: str, max_pickles: int = 1) -> list[st
     return found
 
 
+def _python3_name(module: str, name: str = "") -> str:
+    """The global a ``GLOBAL`` opcode really imports under Python 3, as torch resolves it.
+
+    torch.save pickles with protocol 2, which writes Python 2 module names
+    (``__builtin__ set``); both pickle and torch's weights-only unpickler map them back.
+    """
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
 def scan_file(path: PathLike) -> tuple[str, list[GlobalRef]]:
     """The format of ``path`` and the pickle globals it references, each marked safe or not."""
     p = check_source_path(path)
     fmt = detect_format(p)
     if fmt == SAFETENSORS:
+        # No pickle inside, but a broken file must not pass for a clean one.
+        with open(p, "rb") as f:
+            read_header(f, p.stat().st_size, source=str(p))
         return fmt, []
     if fmt == TORCH_ZIP:
         try:

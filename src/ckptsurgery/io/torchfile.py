@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ckptsurgery.errors import FormatError, SourceError, UnsafePickleError
+from ckptsurgery.errors import CheckpointError, FormatError, SourceError, UnsafePickleError
 from ckptsurgery.io.detect import TORCH_ZIP
 
 MIN_TORCH = (2, 10)  # weights_only escapes (CVE-2025-32434, CVE-2026-24747) fixed
@@ -77,25 +77,31 @@ def _check_archive(path: Path) -> None:
         )
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|global ([\w.]+)|Unsupported class ([\w.]+)")
+# A cut or corrupted GLOBAL opcode can read as a name like "torc." or ".": damage, not a class.
+_DOTTED_NAME_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
-def _unsafe_globals(path: Path, fmt: str, message: str) -> list[str]:
-    import torch
+def _unsafe_globals(path: Path, trusted: list[Any]) -> list[str]:
+    """Every global the file needs beyond the weights-only set, found without unpickling.
 
-    found: list[str] = []
-    if fmt == TORCH_ZIP:
-        try:
-            with open(path, "rb") as f:
-                found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        except Exception:  # the listing is a courtesy; the refusal stands regardless
-            found = []
-    if not found:
-        for m in _GLOBAL_RE.finditer(message):
-            name = next(g for g in m.groups() if g)
-            if name not in found:
-                found.append(name)
-    return found
+    The pickle is disassembled as data (:mod:`ckptsurgery.io.scan`). An empty list means the
+    refusal was not about a global: the pickle itself is truncated or malformed.
+    """
+    from ckptsurgery.io.scan import scan_file
+
+    # torch keys its allowlist by module and qualified name, as the pickle names a global.
+    trusted_names = {
+        f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}" for t in trusted
+    }
+    try:
+        _, refs = scan_file(path)
+    except CheckpointError:  # too damaged to disassemble: malformed, whatever torch tripped on
+        return []
+    return [
+        r.name
+        for r in refs
+        if not r.safe and r.name not in trusted_names and _DOTTED_NAME_RE.fullmatch(r.name)
+    ]
 
 
 def load_torch(path: Path, fmt: str, *, allow_globals: tuple[str, ...], unsafe_pickle: bool) -> Any:
@@ -115,7 +121,9 @@ def load_torch(path: Path, fmt: str, *, allow_globals: tuple[str, ...], unsafe_p
         )
     try:
         with torch.serialization.safe_globals(trusted):
-            if fmt == TORCH_ZIP:
+            # torch.load hands any *path* ending in ".safetensors" to safetensors, whatever
+            # the content; a torch zip under that name is read through a file object instead.
+            if fmt == TORCH_ZIP and not str(path).endswith(".safetensors"):
                 # mmap keeps tensor data on disk until a tensor is touched; torch only maps
                 # a path, which is safe here because the format was checked from the content.
                 return torch.load(
@@ -125,36 +133,52 @@ def load_torch(path: Path, fmt: str, *, allow_globals: tuple[str, ...], unsafe_p
                 return torch.load(f, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as e:
         message = str(e)
-        if "Weights only load failed" not in message and "weights_only" not in message:
-            raise FormatError(f"{str(path)!r}: malformed pickle ({_first_line(message)})") from None
-        names = _unsafe_globals(path, fmt, message)
-        shown = ", ".join(names) if names else "a global outside the weights-only set"
-        first = names[0] if names else "module.Name"
-        raise UnsafePickleError(
-            f"{str(path)!r}: refusing to unpickle {shown} (not allowed when loading weights "
-            f"only); pass --allow-global {first} to trust that global, or --unsafe-pickle if "
-            "you trust the whole file",
-            globals_=tuple(names),
-        ) from None
+        # With weights_only, torch reports every pickle failure this way, a truncated or
+        # corrupt pickle as much as a refused global; the file's content tells them apart.
+        names = _unsafe_globals(path, trusted) if not unsafe_pickle else []
+        if not names:
+            inner = _inner_error(message)
+            if inner.startswith("Unsupported operand"):
+                # A valid pickle using opcodes torch's restricted unpickler lacks (protocol > 2).
+                raise FormatError(
+                    f"{str(path)!r}: the pickle is corrupt or uses an opcode the weights-only "
+                    f"unpickler does not support ({inner}); if the file is intact and you trust "
+                    "it, pass --unsafe-pickle"
+                ) from None
+            raise FormatError(f"{str(path)!r}: truncated or malformed pickle ({inner})") from None
+        raise UnsafePickleError(_refusal(path, names), globals_=tuple(names)) from None
     except SourceError:
         raise
-    except (
-        RuntimeError,
-        EOFError,
-        ValueError,
-        OSError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-        zipfile.BadZipFile,
-        UnicodeDecodeError,
-        MemoryError,
-    ) as e:
+    except Exception as e:  # a damaged file can make torch's reader fail in any way at all
         raise FormatError(
             f"{str(path)!r}: truncated or malformed torch file ({type(e).__name__}: "
             f"{_first_line(str(e))})"
         ) from None
+
+
+def _refusal(path: Path, names: list[str]) -> str:
+    from ckptsurgery.io.scan import is_dangerous
+
+    risky = [n for n in names if is_dangerous(n)]
+    if risky:
+        # Allowlisting os.system or getattr is trusting the file: do not suggest it.
+        return (
+            f"{str(path)!r}: refusing to unpickle {', '.join(names)}; {', '.join(risky)} can "
+            "run code or touch files, so this file may be malicious. Do not load it unless "
+            f"you trust its source: --allow-global {risky[0]} or --unsafe-pickle would let it run"
+        )
+    flags = " ".join(f"--allow-global {n}" for n in names)
+    return (
+        f"{str(path)!r}: refusing to unpickle {', '.join(names)} (not allowed when loading "
+        f"weights only); pass {flags} to trust {'that global' if len(names) == 1 else 'them'}, "
+        "or --unsafe-pickle if you trust the whole file"
+    )
+
+
+def _inner_error(message: str) -> str:
+    """The unpickler's own complaint inside torch's long weights-only message."""
+    _, sep, inner = message.partition("WeightsUnpickler error:")
+    return _first_line(inner if sep else message)
 
 
 def _first_line(text: str) -> str:

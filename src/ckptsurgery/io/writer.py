@@ -52,14 +52,16 @@ def write_checkpoint(
     *,
     fmt: str,
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> WriteResult:
     """Write ``src``'s tensors under new names (``names`` = (new, old) pairs) atomically.
 
     ``path`` must already have been checked (:func:`check_output_path`); this only writes.
+    With ``overwrite=False``, a file that appears at ``path`` meanwhile is not replaced.
     """
     path = Path(path)
     try:
-        with atomic_write(path) as f:
+        with atomic_write(path, overwrite=overwrite) as f:
             if fmt == "safetensors":
                 stored = _write_safetensors(f, src, names, metadata or {})
             else:
@@ -103,10 +105,16 @@ def _write_torch(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]])
 
     made: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
+    storage_dtypes: dict[int, torch.dtype] = {}
     for new, old in names:
         canon = src.canonical(old)
         if canon not in made:
-            made[canon] = own_storage(src.tensor(canon))
+            t = own_storage(src.tensor(canon))
+            # torch.save refuses one storage viewed as two dtypes (a float and its int bits).
+            ptr = t.untyped_storage().data_ptr()
+            if ptr and storage_dtypes.setdefault(ptr, t.dtype) != t.dtype:
+                t = t.clone()
+            made[canon] = t
         out[new] = made[canon]
     torch.save(out, f)
     return len(made)
@@ -120,7 +128,7 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     """
     import torch
 
-    t = t.detach()
+    t = t.detach().cpu()  # a flat state dict loads anywhere; CUDA would need map_location
     whole = (
         t.is_contiguous()
         and t.storage_offset() == 0

@@ -1,0 +1,610 @@
+"""Dry-run matching of a checkpoint against a model, and loading that never loads silently.
+
+:func:`match` compares key names, shapes and dtypes only: a :class:`~ckptsurgery.io.Checkpoint`
+is matched from its header (no tensor byte is read) and the model can live on the meta device.
+The model side is ``model.state_dict()``: parameters and persistent buffers, so non-persistent
+buffers are never expected and BatchNorm's ``num_batches_tracked`` is expected exactly when the
+model's state dict holds it.
+
+Every model key ends up in exactly one of ``matched``, ``missing``, ``shape_mismatch`` or
+``tied_aliases``; every checkpoint key in ``matched``, ``unexpected`` or ``shape_mismatch`` (or
+``dropped_mismatched``).
+
+Decisions:
+
+- ``allow_missing`` / ``allow_unexpected`` are fnmatch globs on the whole key (``*`` matches
+  dots too). Allowed keys stay listed in ``missing`` / ``unexpected`` and are repeated in
+  ``allowed_missing`` / ``allowed_unexpected``.
+- A shape mismatch is never allowed by a glob: a tensor of the wrong shape cannot be loaded.
+  ``drop_mismatched=True`` drops such keys from the checkpoint first; they then count as
+  missing (listed in ``dropped_mismatched`` as well) and need ``allow_missing`` like any other.
+- A dtype difference is informational (loading casts to the model's dtype) and never makes a
+  checkpoint incompatible.
+- Tied parameters (one tensor under several model names, e.g. ``lm_head.weight`` and
+  ``embed.weight``): a name whose tie partner is matched is not missing; it is listed in
+  ``tied_aliases``, since loading the partner fills it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+
+from ckptsurgery.errors import CheckpointError, FormatError, IncompatibleCheckpoint
+from ckptsurgery.io.dtypes import TensorInfo, dtype_name, info_of
+from ckptsurgery.io.reader import Checkpoint
+from ckptsurgery.keygroups import group_keys
+from ckptsurgery.models import BuiltModel
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    CheckpointLike: TypeAlias = Mapping[str, torch.Tensor] | Mapping[str, TensorInfo] | Checkpoint
+
+__all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match"]
+
+_MAX_IN_MESSAGE = 3  # key groups named in an exception message before "..."
+
+
+class ShapeMismatch(NamedTuple):
+    key: str
+    checkpoint: tuple[int, ...]
+    model: tuple[int, ...]
+
+
+class DtypeMismatch(NamedTuple):
+    key: str
+    checkpoint: str
+    model: str
+
+
+@dataclass(frozen=True)
+class MatchReport:
+    """How a checkpoint fits a model; one value drives the table, the JSON and the exit code.
+
+    Key lists follow the model's order (``unexpected``: the checkpoint's order).
+    """
+
+    matched: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    shape_mismatch: list[ShapeMismatch]
+    dtype_mismatch: list[DtypeMismatch]
+    allowed_missing: list[str] = field(default_factory=list)
+    allowed_unexpected: list[str] = field(default_factory=list)
+    tied_aliases: list[str] = field(default_factory=list)
+    tied_to: dict[str, str] = field(default_factory=dict)  # tied alias -> its matched partner
+    dropped_mismatched: list[ShapeMismatch] = field(default_factory=list)
+    model_tensors: int = 0
+    checkpoint_tensors: int = 0
+    model_params: int = 0  # elements of the model's state tensors, each tied tensor once
+    matched_params: int = 0
+    allow_missing: tuple[str, ...] = ()
+    allow_unexpected: tuple[str, ...] = ()
+
+    @property
+    def compatible(self) -> bool:
+        """No missing, unexpected or shape-mismatched key beyond those allowed."""
+        return not (self.disallowed_missing or self.disallowed_unexpected or self.shape_mismatch)
+
+    @property
+    def disallowed_missing(self) -> list[str]:
+        allowed = set(self.allowed_missing)
+        return [k for k in self.missing if k not in allowed]
+
+    @property
+    def disallowed_unexpected(self) -> list[str]:
+        allowed = set(self.allowed_unexpected)
+        return [k for k in self.unexpected if k not in allowed]
+
+    @property
+    def matched_fraction(self) -> float:
+        """Share of the model's elements that the checkpoint provides (1.0 for an empty model)."""
+        return self.matched_params / self.model_params if self.model_params else 1.0
+
+    def unused_allow(self) -> list[str]:
+        """The allow globs that matched no missing (resp. unexpected) key: likely typos."""
+        unused = [g for g in self.allow_missing if not _any_match(self.missing, g)]
+        unused += [g for g in self.allow_unexpected if not _any_match(self.unexpected, g)]
+        return unused
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's JSON object (``diff --json``), plus the details as extra keys."""
+        return {
+            "compatible": self.compatible,
+            "matched": list(self.matched),
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "shape_mismatch": [
+                {"key": m.key, "checkpoint": list(m.checkpoint), "model": list(m.model)}
+                for m in self.shape_mismatch
+            ],
+            "dtype_mismatch": [
+                {"key": m.key, "checkpoint": m.checkpoint, "model": m.model}
+                for m in self.dtype_mismatch
+            ],
+            "allowed_missing": list(self.allowed_missing),
+            "allowed_unexpected": list(self.allowed_unexpected),
+            "tied_aliases": list(self.tied_aliases),
+            "dropped_mismatched": [
+                {"key": m.key, "checkpoint": list(m.checkpoint), "model": list(m.model)}
+                for m in self.dropped_mismatched
+            ],
+            "summary": {
+                "model_tensors": self.model_tensors,
+                "checkpoint_tensors": self.checkpoint_tensors,
+                "matched": len(self.matched),
+                "missing": len(self.missing),
+                "unexpected": len(self.unexpected),
+                "shape_mismatch": len(self.shape_mismatch),
+                "model_params": self.model_params,
+                "matched_params": self.matched_params,
+            },
+        }
+
+    def summary(self) -> str:
+        """One line: ``matched 60 of 62 model tensors (99.2% of parameters); ... -> compatible``."""
+        n_tied = len(self.tied_aliases)
+        tied = f"+{n_tied} tied alias{'es' if n_tied != 1 else ''}; " if n_tied else ""
+        counts = [
+            f"missing {len(self.missing)}{_allowed(self.allowed_missing)}",
+            f"unexpected {len(self.unexpected)}{_allowed(self.allowed_unexpected)}",
+            f"shape mismatch {len(self.shape_mismatch)}",
+        ]
+        if self.dropped_mismatched:
+            counts.append(f"dropped for shape {len(self.dropped_mismatched)}")
+        verdict = "compatible" if self.compatible else "INCOMPATIBLE"
+        return (
+            f"matched {len(self.matched)} of {self.model_tensors} model tensors "
+            f"({tied}{_percent(self.matched_params, self.model_params)} of parameters); "
+            f"{', '.join(counts)} -> {verdict}"
+        )
+
+    def table(self) -> str:
+        """The human report: one section per kind of problem (keys grouped), then the summary."""
+        from ckptsurgery.tables import shape_str, table
+
+        sections: list[str] = []
+        rows: list[tuple[str, ...]]
+
+        def key_section(title: str, keys: list[str], allowed: list[str], how: str) -> None:
+            if not keys:
+                return
+            allowed_set = set(allowed)
+            refused = [k for k in keys if k not in allowed_set]
+            if not allowed_set:
+                grouped = table(((g,) for g in group_keys(keys)), ("key",))
+            else:
+                rows: list[tuple[str, ...]] = [(g, "") for g in group_keys(refused)]
+                rows += [(g, how) for g in group_keys(k for k in keys if k in allowed_set)]
+                grouped = table(rows, ("key", "note"))
+            sections.append(f"{title} ({len(keys)}):\n{grouped}")
+
+        key_section(
+            "missing: in the model, not in the checkpoint",
+            self.missing,
+            self.allowed_missing,
+            "allowed",
+        )
+        key_section(
+            "unexpected: in the checkpoint, not in the model",
+            self.unexpected,
+            self.allowed_unexpected,
+            "allowed",
+        )
+        for title, mismatches in (
+            ("shape mismatch", self.shape_mismatch),
+            ("dropped for their shape (now missing)", self.dropped_mismatched),
+        ):
+            if mismatches:
+                rows = [
+                    (g, shape_str(c), shape_str(m))
+                    for (c, m), keys in _by_pair(mismatches)
+                    for g in group_keys(keys)
+                ]
+                sections.append(
+                    f"{title} ({len(mismatches)}):\n"
+                    + table(rows, ("key", "checkpoint", "model"), numalign="left")
+                )
+        if self.tied_aliases:
+            rows = [(k, self.tied_to.get(k, "")) for k in self.tied_aliases]
+            sections.append(
+                f"tied aliases, filled by their partner ({len(self.tied_aliases)}):\n"
+                + table(rows, ("key", "tied to"))
+            )
+        if self.dtype_mismatch:
+            rows = [
+                (g, c, m)
+                for (c, m), keys in _by_pair(self.dtype_mismatch)
+                for g in group_keys(keys)
+            ]
+            n = len(self.dtype_mismatch)
+            sections.append(
+                f"dtype differences, cast to the model's dtype on load ({n}):\n"
+                + table(rows, ("key", "checkpoint", "model"))
+            )
+        sections.append(self.summary())
+        return "\n\n".join(sections)
+
+    def problems(self) -> str:
+        """A short account of what makes it incompatible ("" when compatible), for messages."""
+        parts = []
+        if self.disallowed_missing:
+            parts.append(_named(self.disallowed_missing, "missing key"))
+        if self.disallowed_unexpected:
+            parts.append(_named(self.disallowed_unexpected, "unexpected key"))
+        if self.shape_mismatch:
+            n = len(self.shape_mismatch)
+            shown = "; ".join(
+                f"{m.key}: checkpoint {list(m.checkpoint)}, model {list(m.model)}"
+                for m in self.shape_mismatch[:_MAX_IN_MESSAGE]
+            )
+            more = "; ..." if n > _MAX_IN_MESSAGE else ""
+            parts.append(f"{n} shape mismatch{'es' if n != 1 else ''} ({shown}{more})")
+        return ", ".join(parts)
+
+    def fixes(self) -> str:
+        """What would make it load, phrased for library users ("" when compatible)."""
+        hints = []
+        missing, unexpected = self.disallowed_missing, self.disallowed_unexpected
+        if missing and unexpected and not self.matched:
+            hints.append("if the names differ by a prefix, rename the keys (Rules) first")
+        if missing and all(k.endswith(".num_batches_tracked") for k in missing):
+            hints.append(
+                "only BatchNorm counters are missing (an old checkpoint): "
+                "allow_missing=['*.num_batches_tracked'] keeps the model's"
+            )
+        elif missing:
+            hints.append(
+                f"allow_missing={_glob_hint(missing)} keeps the model's own values for those"
+            )
+        if unexpected:
+            hints.append(f"allow_unexpected={_glob_hint(unexpected)} ignores those")
+        if self.shape_mismatch:
+            hints.append("drop_mismatched=True drops wrong-shaped keys (they become missing)")
+        return ("To load anyway: " + "; ".join(hints) + ".") if hints else ""
+
+
+def match(
+    checkpoint: CheckpointLike,
+    model: nn.Module | BuiltModel | CheckpointLike,
+    *,
+    allow_missing: Iterable[str] | str = (),
+    allow_unexpected: Iterable[str] | str = (),
+    drop_mismatched: bool = False,
+) -> MatchReport:
+    """Match ``checkpoint``'s keys, shapes and dtypes against ``model``'s state dict.
+
+    ``checkpoint`` is a state dict, a mapping of :class:`TensorInfo` or an open
+    :class:`Checkpoint` (matched from its header; no tensor data is read). ``model`` is an
+    ``nn.Module`` (meta is fine), a :class:`BuiltModel`, or another state dict / infos /
+    Checkpoint to match against. Nothing is loaded; see the module docstring for the rules.
+
+    Ties are seen in a module (also on meta), in a state dict of real tensors (shared storage)
+    and in a Checkpoint's ``aliases``; pass the module rather than a meta state dict.
+    """
+    allow_m = _globs("allow_missing", allow_missing)
+    allow_u = _globs("allow_unexpected", allow_unexpected)
+    ckpt = _side(checkpoint, what="checkpoint")
+    ref = _side(model, what="model")
+
+    matched: list[str] = []
+    missing: list[str] = []
+    shape_mismatch: list[ShapeMismatch] = []
+    dropped: list[ShapeMismatch] = []
+    dtype_mismatch: list[DtypeMismatch] = []
+    for key, want in ref.infos.items():
+        have = ckpt.infos.get(key)
+        if have is None:
+            missing.append(key)
+        elif have.shape != want.shape:
+            mismatch = ShapeMismatch(key, have.shape, want.shape)
+            if drop_mismatched:
+                dropped.append(mismatch)
+                missing.append(key)
+            else:
+                shape_mismatch.append(mismatch)
+        else:
+            matched.append(key)
+            if have.dtype != want.dtype:
+                dtype_mismatch.append(DtypeMismatch(key, have.dtype, want.dtype))
+    unexpected = [k for k in ckpt.infos if k not in ref.infos]
+
+    # A tied name is filled by loading any matched name of its tie group.
+    partner: dict[str, str] = {}  # tie group -> first matched member
+    for key in matched:
+        partner.setdefault(ref.group[key], key)
+    tied_to = {k: partner[ref.group[k]] for k in missing if ref.group[k] in partner}
+    missing = [k for k in missing if k not in tied_to]
+
+    seen_groups: set[str] = set()
+    model_params = matched_params = 0
+    for key, info in ref.infos.items():
+        group = ref.group[key]
+        if group in seen_groups:
+            continue
+        seen_groups.add(group)
+        model_params += info.numel
+        if group in partner:
+            matched_params += info.numel
+
+    return MatchReport(
+        matched=matched,
+        missing=missing,
+        unexpected=unexpected,
+        shape_mismatch=shape_mismatch,
+        dtype_mismatch=dtype_mismatch,
+        allowed_missing=[k for k in missing if any(fnmatchcase(k, g) for g in allow_m)],
+        allowed_unexpected=[k for k in unexpected if any(fnmatchcase(k, g) for g in allow_u)],
+        tied_aliases=list(tied_to),
+        tied_to=tied_to,
+        dropped_mismatched=dropped,
+        model_tensors=len(ref.infos),
+        checkpoint_tensors=len(ckpt.infos),
+        model_params=model_params,
+        matched_params=matched_params,
+        allow_missing=allow_m,
+        allow_unexpected=allow_u,
+    )
+
+
+def load_into(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | Checkpoint,
+    *,
+    allow_missing: Iterable[str] | str = (),
+    allow_unexpected: Iterable[str] | str = (),
+    drop_mismatched: bool = False,
+) -> MatchReport:
+    """Load ``state_dict`` into ``model`` after a :func:`match`, or raise and load nothing.
+
+    Raises :class:`IncompatibleCheckpoint` (with ``.report``) and leaves the model untouched
+    when the match is not compatible, or when the model ties names to which the checkpoint gives
+    different values. Otherwise loads the matched keys only (``strict=False``), then checks
+    bit by bit that every one of them landed (after the cast to the model's dtype). The
+    caller's mapping is never modified. Returns the report.
+    """
+    import torch
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_into needs an nn.Module, got {type(model).__name__}")
+    report = match(
+        state_dict,
+        model,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        drop_mismatched=drop_mismatched,
+    )
+    if not report.compatible:
+        raise IncompatibleCheckpoint(
+            f"the checkpoint does not fit the model: {report.problems()}. Nothing was loaded. "
+            f"{report.fixes()}",
+            report=report,
+        )
+
+    targets = model.state_dict(keep_vars=True)
+    on_meta = [k for k in report.matched if targets[k].is_meta]
+    if on_meta:
+        raise CheckpointError(
+            f"the model's {_named(on_meta, 'tensor')} are on the meta device and cannot hold data; "
+            "build the model with device='cpu' (build_model(spec, device='cpu'))"
+        )
+
+    values: dict[str, torch.Tensor] = {}
+    for key in report.matched:
+        value = state_dict.tensor(key) if isinstance(state_dict, Checkpoint) else state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise FormatError(f"load_into needs tensors; {key!r} is a {type(value).__name__}")
+        values[key] = value
+
+    to_load: dict[str, torch.Tensor] = {}
+    loaded_from: dict[str, str] = {}  # tie group -> key whose value is loaded for it
+    group = _tie_groups(targets)
+    for key, value in values.items():
+        first = loaded_from.get(group[key])
+        if first is None:
+            loaded_from[group[key]] = key
+            to_load[key] = value
+        elif not _same_bits(value, to_load[first]):
+            raise IncompatibleCheckpoint(
+                f"the model ties {first!r} and {key!r} (one tensor), but the checkpoint holds "
+                "different values for them; drop one of them from the checkpoint first; "
+                "nothing was loaded",
+                report=report,
+            )
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        # Modules read their state-dict version from here (e.g. BatchNorm's counters).
+        to_load = _with_metadata(to_load, metadata)
+
+    try:
+        result = model.load_state_dict(to_load, strict=False)
+    except RuntimeError as e:
+        raise IncompatibleCheckpoint(
+            f"loading failed and the model may be partly loaded: {e}", report=report
+        ) from e
+    if result.unexpected_keys:
+        raise IncompatibleCheckpoint(
+            f"the model did not take {_named(list(result.unexpected_keys))}, which its "
+            "state_dict() lists; the model may be partly loaded",
+            report=report,
+        )
+
+    after = model.state_dict()
+    not_landed = [
+        k
+        for k in report.matched
+        if not _same_bits(after[k], values[k].to(device=after[k].device, dtype=after[k].dtype))
+    ]
+    if not_landed:
+        raise IncompatibleCheckpoint(
+            f"after loading, {_named(not_landed)} do not hold the checkpoint's values "
+            "(a load hook or a tied tensor overwrote them?); the model is partly loaded",
+            report=report,
+        )
+    return report
+
+
+# --- the two sides --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Side:
+    infos: dict[str, TensorInfo]
+    group: dict[str, str]  # key -> first key of its tie group (itself when untied)
+
+
+def _side(obj: object, *, what: str) -> _Side:
+    if isinstance(obj, BuiltModel):
+        obj = obj.module
+    if isinstance(obj, Checkpoint):
+        infos = dict(obj.infos)
+        return _Side(infos, {k: obj.aliases.get(k, k) for k in infos})
+    if isinstance(obj, Mapping):
+        return _mapping_side(obj, what=what)
+    from torch import nn
+    from torch.nn.parameter import is_lazy
+
+    if isinstance(obj, nn.Module):
+        # keep_vars: the Parameter objects themselves, so that ties show even on meta.
+        state = obj.state_dict(keep_vars=True)
+        lazy = [k for k, v in state.items() if is_lazy(v)]
+        if lazy:
+            raise CheckpointError(
+                f"the model's {_named(lazy, 'parameter')} are lazy and have no shape yet; "
+                "run one forward pass (or build the model with explicit sizes) first"
+            )
+        return _Side({k: info_of(v) for k, v in state.items()}, _tie_groups(state))
+    raise TypeError(
+        f"{what} must be a state dict, a mapping of TensorInfo, a Checkpoint or an nn.Module; "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _mapping_side(mapping: Mapping[Any, Any], *, what: str) -> _Side:
+    infos: dict[str, TensorInfo] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise FormatError(f"{what}: state dict keys are strings; found {key!r}")
+        if isinstance(value, TensorInfo):
+            infos[key] = value
+            continue
+        import torch
+
+        if not isinstance(value, torch.Tensor):
+            raise FormatError(
+                f"{what}: a state dict maps keys to tensors (or TensorInfo); "
+                f"{key!r} maps to a {type(value).__name__}"
+            )
+        infos[key] = info_of(value)
+        tensors[key] = value
+    group = {k: k for k in infos}
+    group.update(_tie_groups(tensors))
+    return _Side(infos, group)
+
+
+def _tie_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Key -> first key holding the same tensor: the same object (meta models included, with
+    ``state_dict(keep_vars=True)``) or the same view of one storage (real tensors)."""
+    first_by_ident: dict[object, str] = {}
+    group: dict[str, str] = {}
+    for key, t in tensors.items():
+        idents: list[object] = [("object", id(t))]
+        if not t.is_meta and t.numel() > 0:
+            idents.append(
+                (
+                    "view",
+                    t.device.type,
+                    t.untyped_storage().data_ptr(),
+                    t.storage_offset(),
+                    tuple(t.shape),
+                    t.stride(),
+                    dtype_name(t.dtype),
+                )
+            )
+        head = next((first_by_ident[i] for i in idents if i in first_by_ident), key)
+        group[key] = head
+        for i in idents:
+            first_by_ident.setdefault(i, head)
+    return group
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+def _globs(name: str, value: Iterable[str] | str) -> tuple[str, ...]:
+    # A single string is one glob, not its characters: allow_missing="fc.*" is a common slip.
+    globs = (value,) if isinstance(value, str) else tuple(value)
+    for g in globs:
+        if not isinstance(g, str) or not g:
+            raise CheckpointError(f"{name}: every glob must be a non-empty string, got {g!r}")
+    return globs
+
+
+def _any_match(keys: Sequence[str], glob: str) -> bool:
+    return any(fnmatchcase(k, glob) for k in keys)
+
+
+def _allowed(allowed: Sequence[str]) -> str:
+    return f" ({len(allowed)} allowed)" if allowed else ""
+
+
+def _percent(part: int, whole: int) -> str:
+    if not whole:
+        return "n/a"
+    pct = 100 * part / whole
+    # Never round an incomplete match up to 100.0%.
+    return f"{math.floor(pct * 10) / 10:.1f}%" if part < whole else "100.0%"
+
+
+def _named(keys: Sequence[str], noun: str = "key") -> str:
+    """``3 missing keys (fc.{bias, weight}; head.weight)``: a count and the first key groups."""
+    groups = group_keys(keys)
+    shown = "; ".join(groups[:_MAX_IN_MESSAGE])
+    more = "; ..." if len(groups) > _MAX_IN_MESSAGE else ""
+    return f"{len(keys)} {noun}{'' if len(keys) == 1 else 's'} ({shown}{more})"
+
+
+def _glob_hint(keys: Sequence[str]) -> str:
+    """``['fc.*']`` for keys of a few modules, else a placeholder."""
+    modules = list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
+    if len(modules) > 3 or "" in modules:
+        return "[GLOB, ...]"
+    return repr([f"{m}.*" for m in modules])
+
+
+def _by_pair(
+    mismatches: Iterable[ShapeMismatch | DtypeMismatch],
+) -> list[tuple[tuple[Any, Any], list[str]]]:
+    """Keys grouped by their (checkpoint, model) shapes or dtypes, in order of appearance."""
+    grouped: dict[tuple[Any, Any], list[str]] = {}
+    for key, in_checkpoint, in_model in mismatches:
+        grouped.setdefault((in_checkpoint, in_model), []).append(key)
+    return list(grouped.items())
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals itself, -0.0 differs from 0.0), as a uint8 view."""
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel() == 0:
+        return True
+    a_bytes = a.detach().contiguous().reshape(-1).view(torch.uint8)
+    b_bytes = b.detach().to(a.device).contiguous().reshape(-1).view(torch.uint8)
+    return bool(torch.equal(a_bytes, b_bytes))
+
+
+def _with_metadata(state: dict[str, torch.Tensor], metadata: object) -> dict[str, torch.Tensor]:
+    from collections import OrderedDict
+
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,95 @@
+"""Shared helpers: tiny real checkpoints and bit-exact comparison on raw bytes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+
+def raw(t: torch.Tensor) -> bytes:
+    """A tensor's element bytes in C order: a ``uint8`` view of ``.contiguous()``.
+
+    ``torch.equal`` calls NaN unequal to itself and -0.0 equal to 0.0; bytes do neither.
+    """
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def from_bytes(data: list[int], dtype: torch.dtype, shape: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """A tensor of ``dtype`` whose storage is exactly the given little-endian bytes."""
+    return torch.tensor(data, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def sample_state_dict() -> dict[str, torch.Tensor]:
+    """Every dtype and layout the writers must carry bit-exactly, in a few hundred bytes."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    tied = torch.randn(5, 2, generator=g)
+
+    f32 = torch.tensor([float("nan"), -0.0, 0.0, 1.5, 0.0, 0.0, float("inf")])
+    bits = f32.view(torch.int32)
+    bits[4] = 0x7FC12345  # a quiet NaN with a non-default payload
+    bits[5] = 0x7F800001  # a signalling NaN (a copy through the x87 FPU would quiet it)
+    bits[0] = -0x003FFFFF  # 0xFFC00001: a negative NaN with a payload
+
+    return {
+        # An odd-sized int8 first: everything after it starts at an odd offset in the data.
+        "int8": torch.tensor([-128, -1, 127], dtype=torch.int8),
+        "float32": f32,
+        "float16": from_bytes([0x00, 0x80, 0x01, 0x7E, 0x00, 0x7C, 0x00, 0x3C], torch.float16),
+        "bfloat16": from_bytes([0x00, 0x80, 0xC1, 0x7F, 0x81, 0xFF, 0x80, 0x3F], torch.bfloat16),
+        "float8_e4m3fn": from_bytes([0x00, 0x80, 0x7F, 0xFF, 0x01, 0x38], torch.float8_e4m3fn),
+        "float8_e5m2": from_bytes([0x00, 0x80, 0x7D, 0xFE, 0x7C, 0x3C], torch.float8_e5m2),
+        "int64": torch.tensor([-(2**63), 2**63 - 1, 0], dtype=torch.int64),
+        "bool": torch.tensor([True, False, True]),
+        "complex64": torch.complex(
+            torch.tensor([1.0, -0.0, float("nan")]), torch.tensor([-2.0, -0.0, 3.0])
+        ),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+        "empty": torch.empty(0, 3),
+        "transposed": torch.randn(3, 5, generator=g).t(),
+        "slice": big[2:5],  # a view into a 40-element storage
+        "column": big[:, 1],  # a strided view into the same storage
+        "tied.a": tied,
+        "tied.b": tied,
+    }
+
+
+def assert_bit_exact(
+    got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], *, ordered: bool = True
+) -> None:
+    assert (list(got) if ordered else sorted(got)) == (list(want) if ordered else sorted(want))
+    for name, w in want.items():
+        t = got[name]
+        assert t.dtype == w.dtype, name
+        assert tuple(t.shape) == tuple(w.shape), name
+        assert raw(t) == raw(w), name
+
+
+def assert_tied(sd: Mapping[str, torch.Tensor], a: str, b: str) -> None:
+    assert sd[a].data_ptr() == sd[b].data_ptr()
+    assert sd[a].untyped_storage().data_ptr() == sd[b].untyped_storage().data_ptr()
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header: dict[str, Any] = json.loads(data[8 : 8 + n])
+    return header
+
+
+def write_safetensors(path: Path, header: bytes | dict[str, Any], data: bytes = b"") -> Path:
+    """A safetensors file by hand, so that malformed ones can be built."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.fixture
+def sd() -> dict[str, torch.Tensor]:
+    return sample_state_dict()

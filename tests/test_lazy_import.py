@@ -1,0 +1,122 @@
+"""Reading a safetensors header or renaming its keys must not pay for importing torch.
+
+Each check runs in a fresh interpreter, drives the CLI's ``main`` in-process, and then asserts
+that ``torch`` never entered ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def write_safetensors(path: Path) -> Path:
+    """A two-tensor safetensors file written by hand (this test must not need torch either)."""
+    header = {
+        "module.fc.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "module.fc.bias": {"dtype": "F16", "shape": [2], "data_offsets": [16, 20]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    data = struct.pack("<4f", 1.0, -0.0, float("nan"), 2.5) + b"\x00\x3c\x00\xbc"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = (
+        textwrap.dedent(
+            """
+        import sys
+
+        def cli(*args):
+            from ckptsurgery.cli import main
+
+            sys.argv = ["ckptsurgery", *args]
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code
+            else:
+                code = 0
+            assert code in (0, None), f"ckptsurgery {' '.join(args)} exited {code}"
+
+        """
+        )
+        + textwrap.dedent(body)
+        + textwrap.dedent(
+            """
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, f"torch was imported: {loaded[:5]}"
+        print("TORCH-FREE")
+        """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH-FREE" in proc.stdout
+    return proc
+
+
+def test_import_does_not_import_torch(tmp_path: Path) -> None:
+    run_without_torch(
+        """
+        import ckptsurgery
+        ckptsurgery.Rules(strip_prefix=["module."]).plan(["module.a"])
+        """,
+        tmp_path,
+    )
+
+
+def test_help_does_not_import_torch(tmp_path: Path) -> None:
+    proc = run_without_torch('cli("--help")\ncli("remap", "--help")\n', tmp_path)
+    assert "Usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"], ["--depth", "1"]])
+def test_inspect_safetensors_does_not_import_torch(tmp_path: Path, extra: list[str]) -> None:
+    write_safetensors(tmp_path / "m.safetensors")
+    proc = run_without_torch(f'cli("inspect", "m.safetensors", *{extra!r})\n', tmp_path)
+    assert "module" in proc.stdout and "safetensors" in proc.stdout
+
+
+def test_remap_safetensors_to_safetensors_does_not_import_torch(tmp_path: Path) -> None:
+    src = write_safetensors(tmp_path / "m.safetensors")
+    proc = run_without_torch(
+        """
+        cli("remap", "m.safetensors", "-o", "out.safetensors", "--strip-prefix", "module.",
+            "--replace", "fc", "head", "--add-prefix", "model.", "--dry-run")
+        cli("remap", "m.safetensors", "-o", "out.safetensors", "--strip-prefix", "module.",
+            "--replace", "fc", "head", "--add-prefix", "model.")
+        """,
+        tmp_path,
+    )
+    assert "nothing written" in proc.stderr
+    out = tmp_path / "out.safetensors"
+    data = out.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__")
+    assert set(header) == {"model.head.weight", "model.head.bias"}
+    # the data section is the source's, byte for byte
+    src_data = src.read_bytes()
+    (m,) = struct.unpack("<Q", src_data[:8])
+    assert data[8 + n :] == src_data[8 + m :]
+
+
+def test_scan_safetensors_does_not_import_torch(tmp_path: Path) -> None:
+    write_safetensors(tmp_path / "m.safetensors")
+    run_without_torch('cli("scan", "m.safetensors")\n', tmp_path)
