@@ -222,12 +222,16 @@ def test_bad_module_path(factories: str) -> None:
         build_model("my-pkg:Net")
 
 
-def test_module_in_cwd_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "local_models_not_on_path.py").write_text("X = 1\n")
+def test_module_in_cwd_is_importable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "local_models_in_cwd.py").write_text(
+        "from torch import nn\n\ndef net(width=3):\n    return nn.Linear(width, 2)\n"
+    )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
-    with pytest.raises(ModelSpecError, match=r"PYTHONPATH=\."):
-        build_model("local_models_not_on_path:Net")
+    path = [p for p in sys.path if p not in ("", ".", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", list(path))
+    built = build_model("local_models_in_cwd:net", {"width": 5})
+    assert built.module.weight.shape == (2, 5)
+    assert sys.path == path  # the current folder is on the path only while importing
 
 
 def test_module_whose_dependency_is_missing(

@@ -25,6 +25,7 @@ import difflib
 import importlib
 import os
 import socket
+import sys
 import urllib.error
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -306,6 +307,11 @@ def _import_factory(module_path: str, attr: str, *, spec: str) -> Callable[..., 
             f"model spec {spec!r}: {attr!r} is not a (dotted) attribute name such as "
             "Net or Net.from_name"
         )
+    # As with `python -m` (and uvicorn), a model defined in the current folder can be named.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_path)
     except ModuleNotFoundError as e:
@@ -314,6 +320,9 @@ def _import_factory(module_path: str, attr: str, *, spec: str) -> Callable[..., 
         raise ModelSpecError(
             f"model spec {spec!r}: importing {module_path!r} failed: {type(e).__name__}: {e}"
         ) from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
     where = f"module {module_path!r}"
     path = module_path + ":"
     for part in attr.split("."):
@@ -345,14 +354,10 @@ def _import_factory(module_path: str, attr: str, *, spec: str) -> Callable[..., 
 def _not_found_message(module_path: str, spec: str, e: ModuleNotFoundError) -> str:
     missing = e.name or module_path
     if module_path == missing or module_path.startswith(missing + "."):
-        msg = f"model spec {spec!r}: cannot import {module_path!r}: no module named {missing!r}"
-        top = module_path.split(".")[0]
-        if os.path.exists(f"{top}.py") or os.path.isdir(top):
-            msg += (
-                f"; {top!r} is in the current folder, which is not on the Python path: "
-                "run with PYTHONPATH=. (or pip install your package)"
-            )
-        return msg
+        return (
+            f"model spec {spec!r}: cannot import {module_path!r}: no module named {missing!r} "
+            "(looked in the current folder and the Python path)"
+        )
     return (
         f"model spec {spec!r}: importing {module_path!r} failed because it needs "
         f"{missing!r}, which is not installed"

@@ -298,6 +298,17 @@ class KeyPlan:
     def apply(self, state_dict: Mapping[str, V]) -> dict[str, V]:
         return {new: state_dict[old] for old, new in self.renames}
 
+    def without(self, new_names: Iterable[str], *, reason: str) -> KeyPlan:
+        """This plan with the keys now called ``new_names`` dropped too (counted as ``reason``)."""
+        gone = set(new_names)
+        if not gone:
+            return self
+        return KeyPlan(
+            renames=tuple((o, n) for o, n in self.renames if n not in gone),
+            dropped=self.dropped + tuple(o for o, n in self.renames if n in gone),
+            rule_counts=(*self.rule_counts, (reason, len(gone))),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "renames": [{"old": o, "new": n} for o, n in self.renames],

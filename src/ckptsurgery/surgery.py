@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from ckptsurgery import __version__
 from ckptsurgery._types import PathLike
+from ckptsurgery.errors import IncompatibleCheckpoint, OutputError, RuleError
 from ckptsurgery.io import (
     Checkpoint,
     TensorDictSource,
@@ -23,6 +25,9 @@ from ckptsurgery.rules import KeyPlan, Rules
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from ckptsurgery.match import MatchReport
+    from ckptsurgery.suggest import Suggestion
 
 
 def load_state_dict(
@@ -70,38 +75,142 @@ def sha256_file(path: PathLike) -> str:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Match the result against a model before writing; refuse unless compatible.
+
+    ``model`` is an ``nn.Module`` (or a :class:`~ckptsurgery.models.BuiltModel`), or a mapping
+    of names to tensors or :class:`TensorInfo` (a reference checkpoint).
+    """
+
+    model: Any
+    allow_missing: tuple[str, ...] = ()
+    allow_unexpected: tuple[str, ...] = ()
+    drop_mismatched: bool = False  # drop keys whose shape disagrees (they become missing)
+
+
+@dataclass(frozen=True)
 class RemapResult:
     plan: KeyPlan
+    source_keys: int  # keys in the source state dict
+    source_key: str | None  # where the state dict was found inside the source
+    other_entries: dict[str, str]  # the source's other top-level entries
+    report: MatchReport | None  # the gate's report, when a gate was given
     written: WriteResult | None  # None for a dry run
+
+    @property
+    def compatible(self) -> bool:
+        return self.report is None or self.report.compatible
 
 
 def remap(
     src: PathLike,
-    out: PathLike,
+    out: PathLike | None,
     rules: Rules,
     *,
     key: str | None = None,
     format: str | None = None,
     force: bool = False,
     dry_run: bool = False,
+    gate: Gate | None = None,
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
 ) -> RemapResult:
     """Apply ``rules`` to the checkpoint at ``src`` and write the result to ``out``.
 
     The output is checked (format, existence, not an input) before anything is read, so a
-    mistake costs nothing; with ``dry_run`` only the plan is made.
+    mistake costs nothing. With ``gate`` the renamed keys are matched against a model first
+    and nothing is written unless they fit (:class:`IncompatibleCheckpoint`, carrying the
+    report). With ``dry_run`` only the plan (and the gate's report) is made; ``out`` may then
+    be None.
     """
-    fmt = output_format(out, format)
-    out_path = check_output_path(out, inputs=[src], force=force or dry_run)
+    fmt = None
+    if out is not None:
+        fmt = output_format(out, format)
+        check_output_path(out, inputs=[src], force=force or dry_run)
+    elif not dry_run:
+        raise OutputError("no output given; pass an output path (only a dry run may omit it)")
     with open_checkpoint(
         src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
     ) as ckpt:
         plan = rules.plan(ckpt.infos)
+        report = None
+        if gate is not None:
+            from ckptsurgery.match import match
+
+            renamed = {new: ckpt.infos[old] for old, new in plan.renames}
+            report = match(
+                renamed,
+                gate.model,
+                allow_missing=gate.allow_missing,
+                allow_unexpected=gate.allow_unexpected,
+                drop_mismatched=gate.drop_mismatched,
+            )
+            plan = plan.without(
+                (m.key for m in report.dropped_mismatched), reason="--drop-mismatched"
+            )
+        result = RemapResult(plan, len(ckpt.infos), ckpt.key, ckpt.other_entries, report, None)
         if dry_run:
-            return RemapResult(plan, None)
-        written = write_remapped(ckpt, plan, rules, out_path, fmt=fmt, overwrite=force)
-    return RemapResult(plan, written)
+            return result
+        if report is not None and not report.compatible:
+            raise IncompatibleCheckpoint(
+                f"refusing to write {str(out)!r}: the result does not fit the model "
+                f"({report.problems()})",
+                report=report,
+            )
+        if not plan.renames:
+            raise RuleError("the rules drop every key; there is nothing to write")
+        assert out is not None and fmt is not None  # checked above
+        written = write_remapped(ckpt, plan, rules, out, fmt=fmt, overwrite=force)
+    return replace(result, written=written)
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    report: MatchReport
+    suggestion: Suggestion | None
+    source_key: str | None
+    other_entries: dict[str, str]
+
+
+def diff(
+    src: PathLike,
+    target: Any,
+    *,
+    key: str | None = None,
+    target_key: str | None = None,
+    allow_missing: tuple[str, ...] | list[str] = (),
+    allow_unexpected: tuple[str, ...] | list[str] = (),
+    suggest: bool = False,
+    allow_globals: tuple[str, ...] | list[str] = (),
+    unsafe_pickle: bool = False,
+) -> DiffResult:
+    """Dry-run match of the checkpoint at ``src`` against ``target``; no tensor data is read.
+
+    ``target`` is a model (``nn.Module`` or ``BuiltModel``) or the path of a reference
+    checkpoint (``target_key`` selects its state dict). With ``suggest``, also infer the rules
+    that would make the most keys match.
+    """
+    from ckptsurgery.match import match
+    from ckptsurgery.suggest import suggest as suggest_rules
+
+    trust = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
+    with open_checkpoint(src, key=key, **trust) as ckpt:  # type: ignore[arg-type]
+        if isinstance(target, str | os.PathLike):
+            with open_checkpoint(target, key=target_key, **trust) as ref:  # type: ignore[arg-type]
+                target_shapes = {k: i.shape for k, i in ref.infos.items()}
+                report = match(
+                    ckpt, ref, allow_missing=allow_missing, allow_unexpected=allow_unexpected
+                )
+        else:
+            module = getattr(target, "module", target)  # a BuiltModel or a module
+            target_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            report = match(
+                ckpt, target, allow_missing=allow_missing, allow_unexpected=allow_unexpected
+            )
+        suggestion = None
+        if suggest:
+            suggestion = suggest_rules({k: i.shape for k, i in ckpt.infos.items()}, target_shapes)
+        return DiffResult(report, suggestion, ckpt.key, ckpt.other_entries)
 
 
 def write_remapped(

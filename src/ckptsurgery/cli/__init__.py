@@ -82,11 +82,13 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from ckptsurgery.cli.diff_cmd import diff_cmd
     from ckptsurgery.cli.inspect_cmd import inspect_cmd
     from ckptsurgery.cli.remap_cmd import remap_cmd
     from ckptsurgery.cli.scan_cmd import scan_cmd
 
     cli.add_command(inspect_cmd)
+    cli.add_command(diff_cmd)
     cli.add_command(remap_cmd)
     cli.add_command(scan_cmd)
 

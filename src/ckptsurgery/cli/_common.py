@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ckptsurgery.io import Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    from ckptsurgery.models import BuiltModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,20 +41,81 @@ def source_options(f: F) -> F:
     return f
 
 
+def model_options(f: F) -> F:
+    """``--model SPEC`` and ``--model-arg K=V``."""
+    f = click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="K=V",
+        help="Keyword argument for the model factory; V is a Python literal "
+        "(num_classes=10). Repeatable.",
+    )(f)
+    f = click.option(
+        "--model",
+        "model_spec",
+        metavar="SPEC",
+        default=None,
+        help="torchvision:NAME, timm:NAME or package.module:factory (built on the meta device).",
+    )(f)
+    return f
+
+
+def allow_options(f: F) -> F:
+    """``--allow-missing GLOB`` and ``--allow-unexpected GLOB``."""
+    f = click.option(
+        "--allow-unexpected",
+        multiple=True,
+        metavar="GLOB",
+        help="Checkpoint keys the model lacks that are acceptable. Repeatable.",
+    )(f)
+    f = click.option(
+        "--allow-missing",
+        multiple=True,
+        metavar="GLOB",
+        help="Model keys the checkpoint lacks that are acceptable (e.g. 'fc.*'). Repeatable.",
+    )(f)
+    return f
+
+
+def build_target(spec: str, model_args: tuple[str, ...]) -> BuiltModel:
+    """Build the model of ``--model`` (on meta), saying on stderr when it could not be."""
+    from ckptsurgery.models import build_model, parse_model_args
+
+    built = build_model(spec, parse_model_args(model_args))
+    if built.note:
+        note(f"note: {built.note}")
+    return built
+
+
+def selection_note(found_key: str | None, given_key: str | None, other: dict[str, str]) -> None:
+    """Say which nested state dict was picked, when the user did not pick it."""
+    if found_key and not given_key:
+        others = ", ".join(other) or "none"
+        note(f"using the state dict at '{found_key}' (other entries: {others})")
+
+
+@contextlib.contextmanager
+def warnings_as_notes() -> Iterator[None]:
+    """Library warnings (``--unsafe-pickle``) become ``Warning:`` lines on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                note(f"Warning: {w.message}")
+
+
 def open_source(
     path: str, *, key: str | None, allow_globals: tuple[str, ...], unsafe_pickle: bool
 ) -> Checkpoint:
     """Open a source for a command, saying on stderr what was chosen or trusted."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_notes():
         ckpt = open_checkpoint(
             path, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
         )
-    for w in caught:
-        note(f"Warning: {w.message}")
-    if ckpt.key and not key:
-        others = ", ".join(ckpt.other_entries) or "none"
-        note(f"using the state dict at '{ckpt.key}' (other entries: {others})")
+    selection_note(ckpt.key, key, ckpt.other_entries)
     return ckpt
 
 

@@ -2,10 +2,20 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import F, echo_json, note, open_source, source_options
-from ckptsurgery.io import check_output_path, output_format
+from ckptsurgery.cli._common import (
+    F,
+    allow_options,
+    build_target,
+    echo_json,
+    model_options,
+    note,
+    selection_note,
+    source_options,
+    warnings_as_notes,
+)
+from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.rules import Rules
-from ckptsurgery.surgery import write_remapped
+from ckptsurgery.surgery import Gate, remap
 from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
 
 
@@ -101,6 +111,13 @@ def build_rules(
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON.")
+@model_options
+@allow_options
+@click.option(
+    "--drop-mismatched",
+    is_flag=True,
+    help="With --model: drop keys whose shape differs from the model's (they become missing).",
+)
 @source_options
 def remap_cmd(
     src: str,
@@ -116,6 +133,11 @@ def remap_cmd(
     force: bool,
     dry_run: bool,
     as_json: bool,
+    model_spec: str | None,
+    model_args: tuple[str, ...],
+    allow_missing: tuple[str, ...],
+    allow_unexpected: tuple[str, ...],
+    drop_mismatched: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -126,11 +148,16 @@ def remap_cmd(
     --add-prefix. Tensors are copied bit-exactly; OUT is written atomically and SRC is never
     modified.
 
+    With --model, the renamed keys are first matched against the model (as `diff` does): the
+    report is printed and nothing is written (exit 1) unless they fit, allowing the keys given
+    with --allow-missing / --allow-unexpected.
+
     \b
-    Example (the backbone of a MoCo checkpoint):
+    Example (the backbone of a MoCo checkpoint, checked against the model first):
       ckptsurgery remap moco_v2.pth.tar -o resnet50.safetensors \\
           --keep 'module.encoder_q.*' --drop 'module.encoder_q.fc.*' \\
-          --strip-prefix module.encoder_q. --dry-run
+          --strip-prefix module.encoder_q. \\
+          --model torchvision:resnet50 --allow-missing 'fc.*'
     """
     rules, file_key = build_rules(
         keep=keep,
@@ -141,62 +168,99 @@ def remap_cmd(
         add_prefix=add_prefix,
         rules_file=rules_file,
     )
-    key = key or file_key
     if out is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
-    if out is not None:
-        # Check the output before reading anything, so a mistake costs nothing.
-        fmt = output_format(out, fmt)
-        check_output_path(out, inputs=[src], force=force or dry_run)
-    with open_source(
-        src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
-    ) as ckpt:
-        plan = rules.plan(ckpt.infos)
-        for rule in plan.unused_rules:
-            note(f"note: {rule} matched no key")
-        if dry_run:
-            if as_json:
-                echo_json(
-                    {
-                        "source": src,
-                        "key": ckpt.key,
-                        "output": out,
-                        "rules": rules.to_dict(),
-                        **plan.to_dict(),
-                    }
-                )
-                return
-            click.echo(plan_table(plan) if plan.renames else "(no key kept)")
-            if plan.dropped:
-                click.echo()
-                click.echo(table(((k,) for k in plan.dropped), ("dropped",)))
-            if plan.rule_counts:
-                click.echo()
-                click.echo(rule_counts_table(plan))
-            note(
-                f"dry run: would keep {len(plan.renames)} of {len(ckpt.infos)} keys "
-                f"({len(plan.renamed)} renamed), drop {len(plan.dropped)}; nothing written"
-            )
-            return
-        if not plan.renames:
-            raise click.UsageError("the rules drop every key; nothing to write")
-        assert out is not None and fmt is not None
-        result = write_remapped(ckpt, plan, rules, out, fmt=fmt, overwrite=force)
-    if as_json:
-        echo_json(
-            {
-                "source": src,
-                "key": ckpt.key,
-                "output": out,
-                "format": result.format,
-                "tensors": result.tensors,
-                "bytes": result.bytes,
-                "rules": rules.to_dict(),
-                **plan.to_dict(),
-            }
+    gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
+    if gate_flags and model_spec is None:
+        raise click.UsageError(
+            "--allow-missing, --allow-unexpected, --drop-mismatched and --model-arg need --model"
         )
+    gate = None
+    if model_spec is not None:
+        gate = Gate(
+            build_target(model_spec, model_args),
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            drop_mismatched=drop_mismatched,
+        )
+    try:
+        with warnings_as_notes():
+            result = remap(
+                src,
+                out,
+                rules,
+                key=key or file_key,
+                format=fmt,
+                force=force,
+                dry_run=dry_run,
+                gate=gate,
+                allow_globals=allow_globals,
+                unsafe_pickle=unsafe_pickle,
+            )
+    except IncompatibleCheckpoint as e:
+        if as_json:
+            echo_json(
+                {"source": src, "output": out, "written": False, "report": e.report.to_json()}
+            )
+        else:
+            click.echo(e.report.table())
+        note(f"{e}; nothing written")
+        raise click.exceptions.Exit(1) from None
+    selection_note(result.source_key, key or file_key, result.other_entries)
+    plan = result.plan
+    for rule in plan.unused_rules:
+        note(f"note: {rule} matched no key")
+    report = result.report
+
+    if as_json:
+        payload = {
+            "source": src,
+            "key": result.source_key,
+            "output": out,
+            "rules": rules.to_dict(),
+            **plan.to_dict(),
+        }
+        if report is not None:
+            payload["report"] = report.to_json()
+        if result.written is not None:
+            payload.update(
+                written=True,
+                format=result.written.format,
+                tensors=result.written.tensors,
+                bytes=result.written.bytes,
+            )
+        echo_json(payload)
+    elif dry_run:
+        click.echo(plan_table(plan) if plan.renames else "(no key kept)")
+        if plan.dropped:
+            click.echo()
+            click.echo(table(((k,) for k in plan.dropped), ("dropped",)))
+        if plan.rule_counts:
+            click.echo()
+            click.echo(rule_counts_table(plan))
+    if report is not None and not as_json:
+        if dry_run:
+            click.echo()
+        click.echo(report.table())
+
+    counts = (
+        f"{len(plan.renames)} of {result.source_keys} keys ({len(plan.renamed)} renamed), "
+        f"{'drop' if dry_run else 'dropped'} {len(plan.dropped)}"
+    )
+    if dry_run:
+        verdict = (
+            ""
+            if report is None
+            else "; fits the model"
+            if report.compatible
+            else ("; does NOT fit the model")
+        )
+        note(f"dry run: would keep {counts}{verdict}; nothing written")
+        if not result.compatible:
+            raise click.exceptions.Exit(1)
+        return
+    assert result.written is not None
     note(
-        f"kept {len(plan.renames)} of {len(ckpt.infos)} keys ({len(plan.renamed)} renamed), "
-        f"dropped {len(plan.dropped)}; wrote {count(result.tensors, 'tensor')}, "
-        f"{human_bytes(result.bytes)} to {out}"
+        f"kept {counts}; wrote {count(result.written.tensors, 'tensor')}, "
+        f"{human_bytes(result.written.bytes)} to {out}"
     )
