@@ -58,3 +58,15 @@ def test_python_dash_m_help() -> None:
     for name in cli.commands:
         assert name in proc.stdout
     assert proc.stderr == ""
+
+
+def test_no_arguments_prints_the_help() -> None:
+    from click.testing import CliRunner
+
+    from ckptsurgery.cli import cli
+
+    result = CliRunner().invoke(cli, [])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("Usage: ")
+    assert "Commands:" in result.stdout
+    assert result.stderr == ""

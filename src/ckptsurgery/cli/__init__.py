@@ -26,6 +26,10 @@ class _Cli(click.Group):
     ) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            # `ckptsurgery` (or a group) alone: show the help, as `--help` would.
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
             message = _one_line(e.format_message()).rstrip(".")
             click.echo(
