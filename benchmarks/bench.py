@@ -5,8 +5,8 @@
     python benchmarks/bench.py --workdir /tmp/bench --keep   # reuse generated inputs
 
 Inputs are generated deterministically into the work folder (nothing is downloaded). Every
-approach runs as its own child process; wall time is measured around it and peak RSS comes
-from ``os.wait4`` (that child's own ``ru_maxrss``), so the numbers include interpreter and
+approach runs as its own child process, started from a small launcher; wall time is measured
+around it and peak RSS is that child's ``ru_maxrss``, so the numbers include interpreter and
 import costs exactly as a user pays them. Runs of the approaches of one task are interleaved
 (paired) and the table shows medians.
 
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +49,27 @@ class Task:
     baseline: str  # the approach the others are compared with
 
 
+# A forked child inherits its parent's peak RSS in ru_maxrss (Linux keeps the high-water mark
+# across exec), and this script may have imported torch to prepare inputs. So each approach
+# runs under a small launcher process, whose own children start from its few MB; the
+# launcher reports its children's peak RSS and the wall time around the child.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - start
+sys.stderr.write(r.stderr.decode())
+print(r.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
 def run_child(argv: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process, which must succeed."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):  # diff exits 1 for "incompatible", still a result
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{err.decode()}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    proc = subprocess.run([PY, "-c", _LAUNCHER, *argv], capture_output=True, text=True)
+    code, wall, kib = proc.stdout.split()
+    if int(code) not in (0, 1):  # diff exits 1 for "incompatible", still a result
+        raise RuntimeError(f"{' '.join(argv)} failed ({code}):\n{proc.stderr}")
+    return float(wall), int(kib) / 1024  # ru_maxrss is in KiB on Linux
 
 
 # -- diff ----------------------------------------------------------------------------------

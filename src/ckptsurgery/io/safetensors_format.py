@@ -199,17 +199,17 @@ def encode_header(
 def write_file(
     f: BinaryIO,
     items: list[tuple[str, TensorInfo]],
-    fetch: Callable[[str], bytes | memoryview],
+    write_data: Callable[[str, BinaryIO], int],
     metadata: Mapping[str, str],
 ) -> int:
-    """Write header and data, fetching each tensor's bytes only when its turn comes."""
+    """Write header and data; ``write_data(name, f)`` writes one tensor's bytes when its turn
+    comes and returns how many it wrote."""
     header, layout = encode_header(items, metadata)
     f.write(header)
     written = len(header)
     for name, info in layout:
-        data = fetch(name)
-        if len(memoryview(data).cast("B")) != info.nbytes:
-            raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data")
-        f.write(data)
+        n = write_data(name, f)
+        if n != info.nbytes:
+            raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data, got {n}")
         written += info.nbytes
     return written

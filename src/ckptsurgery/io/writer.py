@@ -94,7 +94,7 @@ def _write_safetensors(
     stf.write_file(
         f,
         [(new, src.infos[old]) for new, old in items],
-        lambda new: src.raw_bytes(old_of[new]),
+        lambda new, out: src.write_data(old_of[new], out),
         meta,
     )
     return len(items)
