@@ -41,18 +41,18 @@ def _fail_after_first(
     original: Callable[..., object] = getattr(cls, method)
     calls = []
 
-    def failing(self: Checkpoint, name: str) -> object:
+    def failing(self: Checkpoint, name: str, *rest: object) -> object:
         calls.append(name)
         if len(calls) > 1:
             raise exc
-        return original(self, name)
+        return original(self, name, *rest)
 
     monkeypatch.setattr(cls, method, failing)
 
 
 # For a torch output every tensor is fetched before torch.save writes; for safetensors the
-# header is written first and each tensor's bytes as its turn comes.
-FETCH = {"safetensors": "raw_bytes", "torch": "tensor"}
+# header is written first and each tensor's bytes are copied as its turn comes.
+FETCH = {"safetensors": "write_data", "torch": "tensor"}
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -75,13 +75,13 @@ def test_failure_mid_write_leaves_nothing(
 def test_failure_inside_safetensors_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = safetensors_format.write_file
 
-    def write_file(f, items, fetch, metadata):  # type: ignore[no-untyped-def]
-        def fetch_twice(name: str) -> bytes | memoryview:
+    def write_file(f, items, write_data, metadata):  # type: ignore[no-untyped-def]
+        def fail_on_third(name: str, out: object) -> int:
             if name == items[2][0]:
                 raise FormatError("the data of 'x' is cut short (truncated file?)")
-            return fetch(name)
+            return int(write_data(name, out))
 
-        return original(f, items, fetch_twice, metadata)
+        return original(f, items, fail_on_third, metadata)
 
     monkeypatch.setattr(safetensors_format, "write_file", write_file)
     out = tmp_path / "out.safetensors"
