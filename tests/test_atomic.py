@@ -282,10 +282,10 @@ def test_output_that_appears_while_writing_is_not_clobbered(
     out = tmp_path / f"out{FORMATS[fmt]}"
     original = getattr(TensorDictSource, FETCH[fmt])
 
-    def fetch(self: TensorDictSource, name: str) -> object:
+    def fetch(self: TensorDictSource, name: str, *rest: object) -> object:
         if not out.exists():
             out.write_bytes(b"another run got here first")
-        return original(self, name)
+        return original(self, name, *rest)
 
     monkeypatch.setattr(TensorDictSource, FETCH[fmt], fetch)
     with pytest.raises(OutputError, match="appeared while it was being written; pass --force"):
