@@ -19,6 +19,17 @@ from ckptsurgery.errors import (
     UnsafePickleError,
 )
 from ckptsurgery.io import Checkpoint, TensorInfo, open_checkpoint
+from ckptsurgery.merge import (
+    MergeConflictError,
+    MergeError,
+    MergeResult,
+    SourceSpec,
+    average,
+    average_files,
+    merge,
+    merge_files,
+)
+from ckptsurgery.recipe import Recipe, RecipeError, apply_recipe, load_recipe
 from ckptsurgery.rules import KeyPlan, Rules
 from ckptsurgery.surgery import load_state_dict, remap, save_state_dict
 
@@ -32,23 +43,35 @@ __all__ = [
     "KeyCollisionError",
     "KeyPlan",
     "MatchReport",
+    "MergeConflictError",
+    "MergeError",
+    "MergeResult",
     "ModelSpecError",
     "OutputError",
+    "Recipe",
+    "RecipeError",
     "RuleError",
     "Rules",
     "ShapeMismatch",
     "SourceError",
+    "SourceSpec",
     "StateDictSelectionError",
     "Suggestion",
     "TensorInfo",
     "UnsafePickleError",
     "UnsafePickleWarning",
     "__version__",
+    "apply_recipe",
+    "average",
+    "average_files",
     "build_model",
     "group_keys",
     "load_into",
+    "load_recipe",
     "load_state_dict",
     "match",
+    "merge",
+    "merge_files",
     "open_checkpoint",
     "parse_model_args",
     "remap",

@@ -12,7 +12,10 @@ them into a single ``Error: ...`` line and exit code 2; library users catch the 
     │   └── UnsafePickleError       the pickle needs globals outside the weights-only set
     ├── StateDictSelectionError     no, several, or the wrong nested state dict (--key)
     ├── RuleError                   a malformed rule or rules file
-    │   └── KeyCollisionError       two keys renamed to the same name
+    │   ├── KeyCollisionError       two keys renamed to the same name
+    │   └── RecipeError             a malformed recipe, every problem listed (ckptsurgery.recipe)
+    ├── MergeError                  sources that cannot be merged or averaged (ckptsurgery.merge)
+    │   └── MergeConflictError      a key in several sources under on_conflict="error"
     ├── OutputError                 the output cannot be written (exists, is an input, ...)
     ├── ModelSpecError              a model SPEC that does not resolve (ckptsurgery.models)
     └── IncompatibleCheckpoint      the checkpoint does not fit the model (carries the report)
