@@ -19,6 +19,9 @@ from ckptsurgery.errors import (
     UnsafePickleError,
 )
 from ckptsurgery.io import Checkpoint, TensorInfo, open_checkpoint
+from ckptsurgery.io.torchfile import UnsafePickleWarning
+from ckptsurgery.keygroups import group_keys
+from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, load_into, match
 from ckptsurgery.merge import (
     MergeConflictError,
     MergeError,
@@ -29,16 +32,28 @@ from ckptsurgery.merge import (
     merge,
     merge_files,
 )
+from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
 from ckptsurgery.recipe import Recipe, RecipeError, apply_recipe, load_recipe
 from ckptsurgery.rules import KeyPlan, Rules
-from ckptsurgery.surgery import load_state_dict, remap, save_state_dict
+from ckptsurgery.suggest import Suggestion, suggest
+from ckptsurgery.surgery import (
+    DiffResult,
+    Gate,
+    RemapResult,
+    diff,
+    load_state_dict,
+    remap,
+    save_state_dict,
+)
 
 __all__ = [
     "BuiltModel",
     "Checkpoint",
     "CheckpointError",
+    "DiffResult",
     "DtypeMismatch",
     "FormatError",
+    "Gate",
     "IncompatibleCheckpoint",
     "KeyCollisionError",
     "KeyPlan",
@@ -50,6 +65,7 @@ __all__ = [
     "OutputError",
     "Recipe",
     "RecipeError",
+    "RemapResult",
     "RuleError",
     "Rules",
     "ShapeMismatch",
@@ -65,6 +81,7 @@ __all__ = [
     "average",
     "average_files",
     "build_model",
+    "diff",
     "group_keys",
     "load_into",
     "load_recipe",

@@ -34,8 +34,8 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ckptsurgery.errors import CheckpointError, FormatError, IncompatibleCheckpoint
+from ckptsurgery.io import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo, dtype_name, info_of
-from ckptsurgery.io.reader import Checkpoint
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.models import BuiltModel
 
@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
     CheckpointLike: TypeAlias = Mapping[str, torch.Tensor] | Mapping[str, TensorInfo] | Checkpoint
 
-__all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match"]
+__all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match", "tie_groups"]
 
 _MAX_IN_MESSAGE = 3  # key groups named in an exception message before "..."
+_INDENT = "  "  # the lines of a report section
 
 
 class ShapeMismatch(NamedTuple):
@@ -164,69 +165,64 @@ class MatchReport:
             f"{', '.join(counts)} -> {verdict}"
         )
 
-    def table(self) -> str:
-        """The human report: one section per kind of problem (keys grouped), then the summary."""
+    def table(self, *, matched: bool = False) -> str:
+        """The human report: one section per kind of key, then the summary line.
+
+        Key lists are indented lines of grouped keys (``layer1.{0, 1}.bn1.{bias, weight}``),
+        allowed ones marked; shape and dtype differences are small tables with both sides.
+        ``matched=True`` lists the matched keys first (``diff`` does; the remap gate does not).
+        The text depends on the report alone.
+        """
         from ckptsurgery.tables import shape_str, table
 
         sections: list[str] = []
-        rows: list[tuple[str, ...]]
 
-        def key_section(title: str, keys: list[str], allowed: list[str], how: str) -> None:
-            if not keys:
-                return
+        def section(title: str, n: int, lines: Iterable[str]) -> None:
+            if n:
+                sections.append(f"{title} ({n}):\n" + "\n".join(_INDENT + line for line in lines))
+
+        def key_lines(keys: Sequence[str], allowed: Sequence[str]) -> list[str]:
             allowed_set = set(allowed)
-            refused = [k for k in keys if k not in allowed_set]
-            if not allowed_set:
-                grouped = table(((g,) for g in group_keys(keys)), ("key",))
-            else:
-                rows: list[tuple[str, ...]] = [(g, "") for g in group_keys(refused)]
-                rows += [(g, how) for g in group_keys(k for k in keys if k in allowed_set)]
-                grouped = table(rows, ("key", "note"))
-            sections.append(f"{title} ({len(keys)}):\n{grouped}")
+            lines = group_keys(k for k in keys if k not in allowed_set)
+            return lines + [f"{g}  (allowed)" for g in group_keys(allowed)]
 
-        key_section(
+        def pair_table(pairs: Iterable[ShapeMismatch | DtypeMismatch], *, shapes: bool) -> str:
+            show = shape_str if shapes else str
+            rows = [
+                (g, show(c), show(m)) for (c, m), keys in _by_pair(pairs) for g in group_keys(keys)
+            ]
+            return table(rows, ("key", "checkpoint", "model"), numalign="left")
+
+        if matched:
+            section("matched", len(self.matched), group_keys(self.matched))
+        section(
             "missing: in the model, not in the checkpoint",
-            self.missing,
-            self.allowed_missing,
-            "allowed",
+            len(self.missing),
+            key_lines(self.missing, self.allowed_missing),
         )
-        key_section(
+        section(
             "unexpected: in the checkpoint, not in the model",
-            self.unexpected,
-            self.allowed_unexpected,
-            "allowed",
+            len(self.unexpected),
+            key_lines(self.unexpected, self.allowed_unexpected),
         )
         for title, mismatches in (
             ("shape mismatch", self.shape_mismatch),
             ("dropped for their shape (now missing)", self.dropped_mismatched),
         ):
-            if mismatches:
-                rows = [
-                    (g, shape_str(c), shape_str(m))
-                    for (c, m), keys in _by_pair(mismatches)
-                    for g in group_keys(keys)
-                ]
-                sections.append(
-                    f"{title} ({len(mismatches)}):\n"
-                    + table(rows, ("key", "checkpoint", "model"), numalign="left")
-                )
-        if self.tied_aliases:
-            rows = [(k, self.tied_to.get(k, "")) for k in self.tied_aliases]
-            sections.append(
-                f"tied aliases, filled by their partner ({len(self.tied_aliases)}):\n"
-                + table(rows, ("key", "tied to"))
-            )
-        if self.dtype_mismatch:
-            rows = [
-                (g, c, m)
-                for (c, m), keys in _by_pair(self.dtype_mismatch)
-                for g in group_keys(keys)
-            ]
-            n = len(self.dtype_mismatch)
-            sections.append(
-                f"dtype differences, cast to the model's dtype on load ({n}):\n"
-                + table(rows, ("key", "checkpoint", "model"))
-            )
+            section(title, len(mismatches), pair_table(mismatches, shapes=True).splitlines())
+        section(
+            "tied aliases, filled by their partner",
+            len(self.tied_aliases),
+            (
+                f"{k} (tied to {self.tied_to[k]})" if k in self.tied_to else k
+                for k in self.tied_aliases
+            ),
+        )
+        section(
+            "dtype differences, cast to the model's dtype on load",
+            len(self.dtype_mismatch),
+            pair_table(self.dtype_mismatch, shapes=False).splitlines(),
+        )
         sections.append(self.summary())
         return "\n\n".join(sections)
 
@@ -448,6 +444,15 @@ def load_into(
             report=report,
         )
     return report
+
+
+def tie_groups(model: nn.Module | BuiltModel | CheckpointLike) -> dict[str, str]:
+    """Every state-dict key of ``model`` -> the first key of its tie group (itself when untied).
+
+    Ties are seen as :func:`match` sees them; ``suggest(..., ties=tie_groups(model))`` then
+    counts a tied alias as filled by its partner, as :func:`match` does.
+    """
+    return dict(_side(model, what="model").group)
 
 
 # --- the two sides --------------------------------------------------------------------------

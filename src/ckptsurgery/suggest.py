@@ -1,14 +1,16 @@
 """Infer the rules that make a checkpoint's keys line up with a model's.
 
 Suggestions are derived from pairs of keys that agree in shape and end the same way
-(``module.encoder_q.layer1.0.conv1.weight`` and ``layer1.0.conv1.weight``): each pair votes
-for the rename that would turn one into the other (strip a leading prefix, add one, replace a
-segment in the middle). The best-voted renames are combined into candidate :class:`Rules`,
-each candidate is scored by really planning it and counting the model keys that then match by
-name *and* shape, and the leftovers (a momentum encoder, a queue, a projection head) get the
-``keep`` / ``drop`` globs that remove them. Nothing is applied: the caller prints the result.
-When two rule sets reach the same score, or a key could go to two model keys, the
-:class:`Suggestion` lists the ambiguity instead of choosing.
+(``module.encoder_q.layer1.0.conv1.weight`` and ``layer1.0.conv1.weight``; of a key's
+candidates, only those sharing the most trailing segments with it): each pair votes for the
+rename that would turn one into the other (strip a leading prefix, add one, replace a segment
+in the middle, or strip and replace together). The best-voted renames are combined into
+candidate :class:`Rules`, each candidate is scored by really planning it and counting the model
+keys that then match by name *and* shape, and the leftovers (a momentum encoder, a queue, a
+projection head, a head of another size) get the ``keep`` / ``drop`` globs that remove them.
+Nothing is applied: the caller prints the result. When two rule sets reach the same score, or
+a key could go to two model keys, the :class:`Suggestion` lists the ambiguity (with every
+tied rule set, complete) instead of choosing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ Shape = tuple[int, ...]
 _TOP = 4
 # Keys are compared on at most this many trailing segments when looking for partners.
 _TAIL = 2
+# Tied rule sets or partner keys named in one ambiguity message before "and N more".
+_MAX_OPTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -42,13 +46,33 @@ class Suggestion:
     unexpected_after: tuple[str, ...]  # checkpoint keys (renamed) still left over
     ambiguities: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
-    alternatives: tuple[Rules, ...] = field(default=())  # rule sets tied with ``rules``
+    # On a tie (``rules`` is None): every rule set that reaches the best score, each complete
+    # with its keep / drop globs, for the user to pick from.
+    alternatives: tuple[Rules, ...] = field(default=())
+    # Globs that cover exactly ``missing_after`` among the model's keys (``("fc.*",)``): what a
+    # gate needs in ``allow_missing`` to accept the result.
+    allow_missing: tuple[str, ...] = ()
 
-    def remap_command(self, src: str = "SRC", out: str = "OUT") -> str:
+    def remap_command(
+        self,
+        src: str = "SRC",
+        out: str = "OUT",
+        *,
+        key: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> str:
+        """The ``ckptsurgery remap`` command line that applies the rules, shell-quoted.
+
+        ``key`` is the ``--key`` the source needs; ``extra`` are more words to append (a
+        ``--model`` gate). "" when there are no rules.
+        """
         if self.rules is None:
             return ""
         words = ["ckptsurgery", "remap", src, "-o", out]
+        if key is not None:
+            words += ["--key", key]
         words.extend(rule_args(self.rules))
+        words.extend(extra)
         return " ".join(shlex.quote(w) for w in words)
 
     def toml(self) -> str:
@@ -67,6 +91,7 @@ class Suggestion:
             "ambiguities": list(self.ambiguities),
             "notes": list(self.notes),
             "alternatives": [r.to_dict() for r in self.alternatives],
+            "allow_missing": list(self.allow_missing),
         }
 
 
@@ -102,13 +127,18 @@ def rules_toml(rules: Rules) -> str:
 def suggest(
     checkpoint: Mapping[str, Shape] | Mapping[str, Sequence[int]],
     model: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    *,
+    ties: Mapping[str, str] | None = None,
 ) -> Suggestion:
     """The rules that make the most ``model`` keys match ``checkpoint`` keys by name and shape.
 
-    Both arguments map key names to shapes.
+    Both arguments map key names to shapes. ``ties`` maps a model key to the first key of its
+    tie group (one tensor under several names, as :func:`ckptsurgery.match.tie_groups` gives):
+    a tied name whose partner matches is not counted as missing, as :func:`match` does not.
     """
     ckpt = {k: tuple(v) for k, v in checkpoint.items()}
     target = {k: tuple(v) for k, v in model.items()}
+    group = dict(ties or {})
     before = _score(ckpt, target, Rules())
 
     strips: Counter[str] = Counter()
@@ -134,6 +164,11 @@ def suggest(
             else:
                 strips[kp] += 1
                 adds[mp] += 1
+                inner = _embedded(kp, mp)
+                if inner is not None:
+                    # module.enc.layer3._orig_mod. vs enc.layer3.: strip one, replace the other.
+                    strips[inner[0]] += 1
+                    replaces[(inner[1], "")] += 1
 
     strip_opts: list[tuple[str, ...]] = [()] + [(p,) for p, _ in strips.most_common(_TOP)]
     add_opts: list[str] = [""] + [p for p, _ in adds.most_common(_TOP)]
@@ -182,19 +217,25 @@ def suggest(
 
     ambiguities: list[str] = []
     if tied:
-        options = "; ".join(" ".join(r.describe()) for r in [best_rename, *tied])
+        complete = [_with_filters(ckpt, target, r, spare=set()) for r in [best_rename, *tied]]
+        options = _some([" ".join(r.describe()) for r in complete], sep="; ")
         ambiguities.append(
-            f"several rule sets match the same {_score(ckpt, target, best_rename)} keys: "
-            f"{options}; choose one (e.g. with --keep) and run --suggest again"
+            f"several rule sets each match {_score(ckpt, target, best_rename)} of "
+            f"{len(target)} model keys; pick one for remap: {options}"
         )
-        return _result(ckpt, target, None, before, ambiguities, notes, tuple(tied))
+        return _result(ckpt, target, group, None, before, ambiguities, notes, tuple(complete))
 
     unsure = _suffix_ambiguities(ckpt, target, best_rename)
-    ambiguities.extend(
-        f"{old} could be any of {', '.join(opts[:4])}" for old, opts in unsure.items()
-    )
+    ambiguities.extend(f"{old} could be any of {_some(opts)}" for old, opts in unsure.items())
     rules = _with_filters(ckpt, target, best_rename, spare=set(unsure))
-    return _result(ckpt, target, rules or None, before, ambiguities, notes, ())
+    return _result(ckpt, target, group, rules or None, before, ambiguities, notes, ())
+
+
+def _some(items: Sequence[str], *, sep: str = ", ") -> str:
+    """The first few items, and how many more there are."""
+    shown = sep.join(items[:_MAX_OPTIONS])
+    more = len(items) - _MAX_OPTIONS
+    return f"{shown}{sep}and {more} more" if more > 0 else shown
 
 
 # Path segments that name the second copy of a network in self-supervised checkpoints.
@@ -215,24 +256,51 @@ def _tail(key: str) -> str:
 
 
 def _partners(ckpt: Mapping[str, Shape], model: Mapping[str, Shape]) -> Iterable[tuple[str, str]]:
-    """(checkpoint key, model key) pairs with the same shape and the same last segments."""
+    """(checkpoint key, model key) pairs with the same shape and the same last segments.
+
+    Of a checkpoint key's candidates, only those that share the most trailing segments with it
+    are paired: ``encoder.layer.3.output.dense.weight`` pairs with
+    ``bert.encoder.layer.3.output.dense.weight`` and not with the same tensor of every other
+    layer, whose votes (one per pair of layers) would drown the one true rename.
+    """
     by_tail: dict[tuple[str, Shape], list[str]] = {}
     for m, shape in model.items():
         by_tail.setdefault((_tail(m), shape), []).append(m)
     for k, shape in ckpt.items():
-        for m in by_tail.get((_tail(k), shape), ()):
-            yield k, m
+        candidates = by_tail.get((_tail(k), shape), [])
+        lengths = [_common_suffix_length(k, m) for m in candidates]
+        longest = max(lengths, default=0)
+        for m, n in zip(candidates, lengths, strict=True):
+            if n == longest:
+                yield k, m
+
+
+def _common_suffix_length(a: str, b: str) -> int:
+    """How many trailing dotted segments ``a`` and ``b`` share."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
+        n += 1
+    return n
 
 
 def _split_common_suffix(a: str, b: str) -> tuple[str, str]:
     """``("module.fc.weight", "fc.weight")`` -> ``("module.", "")``: the differing heads."""
     pa, pb = a.split("."), b.split(".")
-    n = 0
-    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
-        n += 1
+    n = _common_suffix_length(a, b)
     head_a = ".".join(pa[: len(pa) - n])
     head_b = ".".join(pb[: len(pb) - n])
     return (head_a + "." if head_a else ""), (head_b + "." if head_b else "")
+
+
+def _embedded(a: str, b: str) -> tuple[str, str] | None:
+    """Where the dotted head ``b`` sits inside ``a`` with segments before and after it:
+    ``("module.enc.layer3._orig_mod.", "enc.layer3.")`` -> ``("module.", "_orig_mod.")``."""
+    pa, pb = a.split(".")[:-1], b.split(".")[:-1]  # heads end with "."
+    for i in range(1, len(pa) - len(pb)):
+        if pa[i : i + len(pb)] == pb:
+            return ".".join(pa[:i]) + ".", ".".join(pa[i + len(pb) :]) + "."
+    return None
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -343,6 +411,7 @@ def _suffix_ambiguities(
 def _result(
     ckpt: Mapping[str, Shape],
     model: Mapping[str, Shape],
+    group: Mapping[str, str],
     rules: Rules | None,
     before: int,
     ambiguities: list[str],
@@ -351,14 +420,19 @@ def _result(
 ) -> Suggestion:
     applied = (rules or Rules()).plan(ckpt)
     result = {new: ckpt[old] for old, new in applied.renames}
+    matched = [m for m, s in model.items() if result.get(m) == s]
+    # A tied name is filled by loading its matched partner (as match() counts it).
+    filled = {group.get(m, m) for m in matched}
+    missing = tuple(m for m in model if group.get(m, m) not in filled)
     return Suggestion(
         rules=rules,
         matched_before=before,
-        matched_after=sum(1 for m, s in model.items() if result.get(m) == s),
+        matched_after=len(matched),
         model_keys=len(model),
-        missing_after=tuple(m for m, s in model.items() if result.get(m) != s),
+        missing_after=missing,
         unexpected_after=tuple(k for k in result if model.get(k) != result[k]),
         ambiguities=tuple(ambiguities),
         notes=tuple(notes),
         alternatives=alternatives,
+        allow_missing=_covering_globs(missing, list(model)) if rules is not None else (),
     )

@@ -190,7 +190,7 @@ def diff(
     checkpoint (``target_key`` selects its state dict). With ``suggest``, also infer the rules
     that would make the most keys match.
     """
-    from ckptsurgery.match import match
+    from ckptsurgery.match import match, tie_groups
     from ckptsurgery.suggest import suggest as suggest_rules
 
     trust = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
@@ -198,18 +198,22 @@ def diff(
         if isinstance(target, str | os.PathLike):
             with open_checkpoint(target, key=target_key, **trust) as ref:  # type: ignore[arg-type]
                 target_shapes = {k: i.shape for k, i in ref.infos.items()}
+                target_ties = tie_groups(ref)
                 report = match(
                     ckpt, ref, allow_missing=allow_missing, allow_unexpected=allow_unexpected
                 )
         else:
             module = getattr(target, "module", target)  # a BuiltModel or a module
             target_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            target_ties = tie_groups(target)
             report = match(
                 ckpt, target, allow_missing=allow_missing, allow_unexpected=allow_unexpected
             )
         suggestion = None
         if suggest:
-            suggestion = suggest_rules({k: i.shape for k, i in ckpt.infos.items()}, target_shapes)
+            suggestion = suggest_rules(
+                {k: i.shape for k, i in ckpt.infos.items()}, target_shapes, ties=target_ties
+            )
         return DiffResult(report, suggestion, ckpt.key, ckpt.other_entries)
 
 

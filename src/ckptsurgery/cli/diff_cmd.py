@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import click
@@ -17,6 +18,9 @@ from ckptsurgery.cli._common import (
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.suggest import Suggestion
 from ckptsurgery.surgery import diff
+
+# The output in the suggested remap command, for the user to replace.
+OUT_PLACEHOLDER = "OUT.safetensors"
 
 
 @click.command("diff")
@@ -88,43 +92,61 @@ def diff_cmd(
     report, suggestion = result.report, result.suggestion
     for glob in report.unused_allow():
         note(f"note: allow glob {glob} matched no key")
+    command = ""
+    if suggestion is not None:
+        # The command carries what reading SRC needed, and the model as a gate, so that it
+        # runs as printed and refuses to write a result that does not fit.
+        extra = [w for g in allow_globals for w in ("--allow-global", g)]
+        extra += ["--unsafe-pickle"] if unsafe_pickle else []
+        if model_spec is not None:
+            extra += ["--model", model_spec, *(w for a in model_args for w in ("--model-arg", a))]
+            extra += [w for g in suggestion.allow_missing for w in ("--allow-missing", g)]
+        command = suggestion.remap_command(src, OUT_PLACEHOLDER, key=key, extra=extra)
     if as_json:
         payload = report.to_json()
         if suggestion is not None:
             payload["suggestion"] = {
                 **suggestion.to_dict(),
-                "command": suggestion.remap_command(src, "OUT") or None,
+                "command": command or None,
                 "toml": suggestion.toml() or None,
             }
         echo_json(payload)
     else:
-        if report.matched:
-            click.echo(f"matched ({len(report.matched)}):")
-            for line in group_keys(report.matched):
-                click.echo(f"  {line}")
-            click.echo()
-        click.echo(report.table())
+        click.echo(report.table(matched=True))
         if suggestion is not None:
             click.echo()
-            click.echo(render_suggestion(suggestion, src))
-    if not report.compatible:
-        raise click.exceptions.Exit(1)
+            click.echo(render_suggestion(suggestion, command, gated=model_spec is not None))
+    if report.compatible:
+        return
+    fixable = report.shape_mismatch or (report.missing and report.unexpected)
+    if fixable and suggestion is None and not as_json:
+        note("hint: --suggest infers the rules that rename or drop the keys that do not fit")
+    raise click.exceptions.Exit(1)
 
 
-def render_suggestion(s: Suggestion, src: str) -> str:
-    """The suggestion as text: the command to paste, the TOML block, what stays unresolved."""
+def render_suggestion(s: Suggestion, command: str, *, gated: bool) -> str:
+    """The suggestion as text: the command to paste, the TOML block, what stays unresolved.
+
+    ``gated``: the command checks its result against the model (``--model``), allowing what
+    stays missing.
+    """
     lines: list[str] = []
     if s.rules is not None:
+        dropped = s.matched_after == s.matched_before
         lines.append(
             f"suggested rules: {s.matched_after} of {s.model_keys} model tensors would match "
-            f"(now {s.matched_before})"
+            f"(now {s.matched_before}"
+            + ("; the rules drop the checkpoint keys the model cannot take)" if dropped else ")")
         )
-        lines += ["", "  " + s.remap_command(src, "OUT.safetensors"), ""]
+        lines += ["", "  " + command, ""]
         lines.append("as a rules file (remap --rules FILE.toml):")
         lines += ["", *("  " + line for line in s.toml().splitlines()), ""]
         if s.missing_after:
+            allowed = " ".join(f"--allow-missing {shlex.quote(g)}" for g in s.allow_missing)
             lines.append(
-                "still missing with these rules: " + ", ".join(group_keys(s.missing_after))
+                "still missing with these rules: "
+                + ", ".join(group_keys(s.missing_after))
+                + (f" (allowed in the command: {allowed})" if gated else "")
             )
         if s.unexpected_after:
             lines.append(

@@ -14,6 +14,7 @@ from ckptsurgery.cli._common import (
     warnings_as_notes,
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
+from ckptsurgery.match import MatchReport
 from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import Gate, remap
 from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
@@ -198,6 +199,7 @@ def remap_cmd(
                 unsafe_pickle=unsafe_pickle,
             )
     except IncompatibleCheckpoint as e:
+        _unused_allow_notes(e.report)
         if as_json:
             echo_json(
                 {"source": src, "output": out, "written": False, "report": e.report.to_json()}
@@ -211,6 +213,8 @@ def remap_cmd(
     for rule in plan.unused_rules:
         note(f"note: {rule} matched no key")
     report = result.report
+    if report is not None:
+        _unused_allow_notes(report)
 
     if as_json:
         payload = {
@@ -264,3 +268,8 @@ def remap_cmd(
         f"kept {counts}; wrote {count(result.written.tensors, 'tensor')}, "
         f"{human_bytes(result.written.bytes)} to {out}"
     )
+
+
+def _unused_allow_notes(report: MatchReport) -> None:
+    for glob in report.unused_allow():
+        note(f"note: allow glob {glob} matched no key")
