@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +17,7 @@ from ckptsurgery.cli._common import (
     source_options,
     warnings_as_notes,
 )
+from ckptsurgery.io import atomic_write, check_output_path
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.suggest import Suggestion
 from ckptsurgery.surgery import diff
@@ -41,6 +44,14 @@ OUT_PLACEHOLDER = "OUT.safetensors"
     is_flag=True,
     help="Also infer the rules that make the most keys match, as a remap command and TOML.",
 )
+@click.option(
+    "--emit-recipe",
+    metavar="FILE.toml",
+    default=None,
+    help="With --suggest: also write the suggested rules (and the model as the gate) as a "
+    "recipe that `ckptsurgery apply` runs unchanged.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --emit-recipe FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @source_options
 def diff_cmd(
@@ -52,6 +63,8 @@ def diff_cmd(
     allow_missing: tuple[str, ...],
     allow_unexpected: tuple[str, ...],
     want_suggestion: bool,
+    emit_recipe: str | None,
+    force: bool,
     as_json: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -68,6 +81,8 @@ def diff_cmd(
     \b
     Example:
       ckptsurgery diff moco_v2.pth.tar --model torchvision:resnet50 --suggest
+      ckptsurgery diff moco_v2.pth.tar --model torchvision:resnet50 --suggest \\
+          --emit-recipe moco.toml && ckptsurgery apply moco.toml
       ckptsurgery diff backbone.safetensors --model torchvision:resnet50 \\
           --model-arg num_classes=10 --allow-missing 'fc.*' --json
     """
@@ -75,6 +90,11 @@ def diff_cmd(
         raise click.UsageError("give exactly one of --model SPEC and --against REF")
     if model_args and model_spec is None:
         raise click.UsageError("--model-arg needs --model")
+    if emit_recipe is not None:
+        if not want_suggestion:
+            raise click.UsageError("--emit-recipe writes the suggested rules: add --suggest")
+        # Refuse before any work rather than after it.
+        check_output_path(emit_recipe, inputs=[src], force=force)
     target: Any = ref if ref is not None else build_target(str(model_spec), model_args)
     with warnings_as_notes():
         result = diff(
@@ -102,6 +122,11 @@ def diff_cmd(
             extra += ["--model", model_spec, *(w for a in model_args for w in ("--model-arg", a))]
             extra += [w for g in suggestion.allow_missing for w in ("--allow-missing", g)]
         command = suggestion.remap_command(src, OUT_PLACEHOLDER, key=key, extra=extra)
+    if emit_recipe is not None and suggestion is not None:
+        write_suggested_recipe(
+            emit_recipe, src, key, suggestion, model_spec, model_args, force=force
+        )
+        note(f"wrote the suggested recipe to {emit_recipe}; run: ckptsurgery apply {emit_recipe}")
     if as_json:
         payload = report.to_json()
         if suggestion is not None:
@@ -122,6 +147,42 @@ def diff_cmd(
     if fixable and suggestion is None and not as_json:
         note("hint: --suggest infers the rules that rename or drop the keys that do not fit")
     raise click.exceptions.Exit(1)
+
+
+def write_suggested_recipe(
+    path: str,
+    src: str,
+    key: str | None,
+    suggestion: Suggestion,
+    model_spec: str | None,
+    model_args: tuple[str, ...],
+    *,
+    force: bool,
+) -> None:
+    """The suggestion as a recipe: the source with its rules, the model as the gate."""
+    from ckptsurgery.errors import RuleError
+    from ckptsurgery.models import parse_model_args
+    from ckptsurgery.recipe import Target, recipe_toml
+
+    if suggestion.rules is None:
+        raise RuleError(
+            "no recipe written: "
+            + ("the suggestion is ambiguous" if suggestion.ambiguities else "no rules to suggest")
+        )
+    target = None
+    if model_spec is not None:
+        target = Target(
+            model_spec,
+            parse_model_args(model_args),
+            allow_missing=tuple(suggestion.allow_missing),
+        )
+    # The output goes beside the recipe; paths are written relative to the recipe's folder.
+    folder = Path(path).resolve().parent
+    stem = Path(src).name.split(".")[0] or "checkpoint"
+    output = os.path.relpath(folder / f"{stem}_remapped.safetensors")
+    text = recipe_toml([(src, key, suggestion.rules)], target, output, recipe_dir=folder)
+    with atomic_write(path, overwrite=force) as f:
+        f.write(text.encode("utf-8"))
 
 
 def render_suggestion(s: Suggestion, command: str, *, gated: bool) -> str:
