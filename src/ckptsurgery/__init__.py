@@ -45,6 +45,7 @@ from ckptsurgery.surgery import (
     remap,
     save_state_dict,
 )
+from ckptsurgery.train import TrainConfig, TrainError, TransformConfig, evaluate, train
 
 __all__ = [
     "BuiltModel",
@@ -74,6 +75,9 @@ __all__ = [
     "StateDictSelectionError",
     "Suggestion",
     "TensorInfo",
+    "TrainConfig",
+    "TrainError",
+    "TransformConfig",
     "UnsafePickleError",
     "UnsafePickleWarning",
     "__version__",
@@ -82,6 +86,7 @@ __all__ = [
     "average_files",
     "build_model",
     "diff",
+    "evaluate",
     "group_keys",
     "load_into",
     "load_recipe",
@@ -94,4 +99,5 @@ __all__ = [
     "remap",
     "save_state_dict",
     "suggest",
+    "train",
 ]

@@ -88,15 +88,19 @@ def cli() -> None:
 def _register() -> None:
     from ckptsurgery.cli.apply_cmd import apply_cmd
     from ckptsurgery.cli.diff_cmd import diff_cmd
+    from ckptsurgery.cli.evaluate_cmd import evaluate_cmd
     from ckptsurgery.cli.inspect_cmd import inspect_cmd
     from ckptsurgery.cli.merge_cmd import merge_cmd
     from ckptsurgery.cli.remap_cmd import remap_cmd
     from ckptsurgery.cli.scan_cmd import scan_cmd
+    from ckptsurgery.cli.train_cmd import train_cmd
 
     cli.add_command(inspect_cmd)
     cli.add_command(diff_cmd)
     cli.add_command(remap_cmd)
     cli.add_command(scan_cmd)
+    cli.add_command(train_cmd)
+    cli.add_command(evaluate_cmd)
     cli.add_command(merge_cmd)
     cli.add_command(apply_cmd)
 

@@ -1,0 +1,380 @@
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ckptsurgery.cli._common import (
+    F,
+    allow_options,
+    echo_json,
+    note,
+    source_options,
+    warnings_as_notes,
+)
+from ckptsurgery.cli.remap_cmd import build_rules, rule_options
+from ckptsurgery.errors import IncompatibleCheckpoint
+
+
+def transform_options(f: F) -> F:
+    """``--image-size --channels --mean --std``: shared by ``train`` and ``evaluate``."""
+    opts = [
+        click.option(
+            "--image-size",
+            type=int,
+            default=224,
+            show_default=True,
+            help="Images are resized (shorter side) and centre-cropped to this square size.",
+        ),
+        click.option(
+            "--channels",
+            type=click.Choice(["1", "3"]),
+            default="3",
+            show_default=True,
+            help="1 (grayscale) or 3 (RGB): what the model's first layer takes.",
+        ),
+        click.option(
+            "--mean",
+            metavar="M[,M,M]",
+            default=None,
+            help="Normalisation mean, one value or one per channel (default: ImageNet's).",
+        ),
+        click.option(
+            "--std",
+            metavar="S[,S,S]",
+            default=None,
+            help="Normalisation std, one value or one per channel (default: ImageNet's).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def runtime_options(f: F) -> F:
+    """``--device --amp --threads --workers``: shared by ``train`` and ``evaluate``."""
+    opts = [
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="cpu, cuda, cuda:N or auto (CUDA when available).",
+        ),
+        click.option("--amp", is_flag=True, help="float16 autocast (CUDA only)."),
+        click.option(
+            "--threads", type=int, default=None, help="torch.set_num_threads (CPU threads)."
+        ),
+        click.option(
+            "--workers",
+            type=int,
+            default=None,
+            help="DataLoader processes (default: 0 on 2 cores or fewer, else cores - 1, max 8).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def parse_floats(flag: str, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of numbers", param_hint=flag
+        ) from None
+
+
+def parse_transform(
+    image_size: int,
+    channels: int | str,
+    mean: str | None,
+    std: str | None,
+    augment: bool = False,
+) -> Any:
+    from ckptsurgery.train.config import TransformConfig
+
+    return TransformConfig(
+        image_size=image_size,
+        channels=int(channels),
+        mean=parse_floats("--mean", mean),
+        std=parse_floats("--std", std),
+        augment=augment,
+    )
+
+
+@click.command("train")
+@click.option("--model", "model_spec", metavar="SPEC", required=True, help="Model SPEC.")
+@click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="K=V",
+    help="Keyword argument for the model factory (a Python literal). Repeatable.",
+)
+@click.option(
+    "--weights", metavar="CKPT", default=None, help="Checkpoint to start from (default: scratch)."
+)
+@click.option("--data", metavar="DIR", required=True, help="ImageFolder tree: DIR/train, DIR/val.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    metavar="OUTDIR",
+    default=None,
+    help="Output folder (created); only --dry-run may omit it.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["linear-probe", "full", "discriminative"]),
+    required=True,
+    help="What trains: the head only, everything at --lr, or the head at --lr x --head-lr-mult.",
+)
+@click.option(
+    "--head",
+    "head_name",
+    metavar="NAME",
+    default=None,
+    help="The classifier head's module (default: fc, classifier, head, heads.head, ...).",
+)
+@rule_options
+@allow_options
+@source_options
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adamw"]),
+    default="sgd",
+    show_default=True,
+    help="SGD with --momentum, or AdamW.",
+)
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Learning rate.")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option(
+    "--head-lr-mult",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="discriminative: the head's lr is --lr times this.",
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Weight decay of every group (on every parameter, as d2l).",
+)
+@click.option(
+    "--layer-decay",
+    type=float,
+    default=None,
+    help="Layer-wise lr decay (ResNet stages, ViT blocks): depth k trains at lr x D^(L+1-k).",
+)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["none", "step", "cosine"]),
+    default="cosine",
+    show_default=True,
+    help="lr schedule, stepped every batch; the same factor on every group.",
+)
+@click.option(
+    "--warmup-epochs",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Linear warmup over this many epochs.",
+)
+@click.option(
+    "--min-lr-ratio",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="cosine: the floor, as a fraction of each group's lr.",
+)
+@click.option(
+    "--step-size",
+    type=int,
+    default=None,
+    help="step: decay every this many epochs (default: a third of them).",
+)
+@click.option("--gamma", type=float, default=0.1, show_default=True, help="step: the decay factor.")
+@click.option(
+    "--early-stop",
+    type=int,
+    default=None,
+    metavar="PATIENCE",
+    help="Stop after this many epochs without a better top-1.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@transform_options
+@click.option(
+    "--augment/--no-augment",
+    default=False,
+    show_default=True,
+    help="Training augmentation: RandomResizedCrop (scale 0.5-1) and horizontal flips.",
+)
+@click.option(
+    "--bn",
+    type=click.Choice(["eval", "recalibrate"]),
+    default="eval",
+    show_default=True,
+    help="recalibrate: re-estimate BatchNorm statistics on the training data before each "
+    "evaluation (full / discriminative).",
+)
+@runtime_options
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress bar (default: on a terminal only; otherwise one line per epoch).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in OUTDIR from its last epoch.")
+@click.option("--force", is_flag=True, help="Replace an earlier run's files in OUTDIR.")
+@click.option("--dry-run", is_flag=True, help="Print the loading report and the group table; stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def train_cmd(
+    model_spec: str,
+    model_args: tuple[str, ...],
+    weights: str | None,
+    data: str,
+    out: str | None,
+    mode: str,
+    head_name: str | None,
+    keep: tuple[str, ...],
+    drop: tuple[str, ...],
+    strip_prefix: tuple[str, ...],
+    replace: tuple[tuple[str, str], ...],
+    regex: tuple[tuple[str, str], ...],
+    add_prefix: str,
+    rules_file: str | None,
+    allow_missing: tuple[str, ...],
+    allow_unexpected: tuple[str, ...],
+    key: str | None,
+    allow_globals: tuple[str, ...],
+    unsafe_pickle: bool,
+    image_size: int,
+    channels: str,
+    mean: str | None,
+    std: str | None,
+    augment: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Fine-tune a model on an ImageFolder tree (DIR/train, DIR/val or DIR/test).
+
+    The classifier head (found by name, printed; --head overrides) is replaced for the data's
+    classes. --weights are loaded through the rules and the gate of `remap --model`: only the
+    head may be missing (head keys of the wrong shape are dropped), the report is printed,
+    and anything else that does not fit stops the run (exit 1). Before step 1 the parameter
+    groups are checked and printed.
+
+    OUTDIR gets last.safetensors and best.safetensors (the model's naming, head included,
+    checked to load strictly), last_state.pt (for --resume), config.json and metrics.jsonl.
+    In linear-probe mode every frozen tensor is checked to be bit-identical at the end.
+
+    The loss is the batch mean: a recipe with a summed loss (d2l: lr 5e-5, batch 128) takes
+    the same SGD steps with --lr 5e-5*128 and --weight-decay divided by 128.
+
+    \b
+    Example (a linear probe of a MoCo backbone, then full fine-tuning from scratch):
+      ckptsurgery train --model torchvision:resnet50 --data imagenette -o probe \\
+          --weights moco_v2.pth.tar --keep 'module.encoder_q.*' \\
+          --drop 'module.encoder_q.fc.*' --strip-prefix module.encoder_q. \\
+          --mode linear-probe --lr 0.1 --epochs 20 --dry-run
+      ckptsurgery train --model torchvision:resnet50 --data imagenette -o scratch --mode full
+    """
+    from ckptsurgery.models import parse_model_args
+    from ckptsurgery.train import TrainConfig, train
+    from ckptsurgery.train.loop import TrainResult
+
+    if out is None and not options["dry_run"]:
+        raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
+    rules, file_key = build_rules(
+        keep=keep,
+        drop=drop,
+        strip_prefix=strip_prefix,
+        replace=replace,
+        regex=regex,
+        add_prefix=add_prefix,
+        rules_file=rules_file,
+    )
+    config = TrainConfig(
+        model=model_spec,
+        model_args=parse_model_args(model_args),
+        data=data,
+        out=out or "",
+        mode=mode,  # type: ignore[arg-type]  # click.Choice checked it
+        weights=weights,
+        key=key or file_key,
+        rules=rules,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        allow_globals=allow_globals,
+        unsafe_pickle=unsafe_pickle,
+        head=head_name,
+        transform=parse_transform(image_size, channels, mean, std, augment),
+        **options,
+    )
+    try:
+        with warnings_as_notes():
+            # With --json, stdout holds the JSON object only; the tables go to stderr.
+            show = note if as_json else click.echo
+            result: TrainResult = train(config, log=note, show=show)
+    except IncompatibleCheckpoint as e:
+        if e.report is not None:
+            if as_json:
+                echo_json({"compatible": False, "report": e.report.to_json()})
+            else:
+                click.echo(e.report.table())
+        note(f"Error: {' '.join(str(e).split())}")
+        raise click.exceptions.Exit(1) from None
+
+    if as_json:
+        echo_json(
+            {
+                "output": str(result.out) if result.out else None,
+                "dry_run": result.dry_run,
+                "head": result.head.name,
+                "classes": list(result.classes),
+                "groups": result.groups,
+                "report": result.report.to_json() if result.report else None,
+                "best_epoch": result.best_epoch,
+                "best": result.best,
+                "stopped_early": result.stopped_early,
+                "metrics": result.metrics,
+            }
+        )
+        return
+    if result.dry_run:
+        return
+    click.echo(epochs_table(result.metrics))
+    best = result.best
+    if best is not None:
+        note(
+            f"best: epoch {best['epoch']}, top1 {best['top1']:.4f}, val loss "
+            f"{best['val_loss']:.4f}; wrote {result.out}/best.safetensors, last.safetensors, "
+            "last_state.pt, config.json, metrics.jsonl"
+        )
+
+
+def epochs_table(metrics: list[dict[str, Any]]) -> str:
+    from ckptsurgery.tables import table
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [
+        (
+            m["epoch"],
+            fmt(m["train_loss"]),
+            fmt(m["val_loss"]),
+            fmt(m["top1"]),
+            fmt(m["top5"]),
+            f"{m['seconds']:.1f}",
+            "*" if m["best"] else "",
+        )
+        for m in metrics
+    ]
+    return table(rows, ("epoch", "train loss", "val loss", "top1", "top5", "seconds", "best"))

@@ -1,0 +1,178 @@
+"""Evaluation: exact loss, top-1 and top-5 over a whole split; and the ``evaluate`` command's
+library function (a model SPEC, a checkpoint and a data folder in, metrics out)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptsurgery.errors import IncompatibleCheckpoint
+from ckptsurgery.train.config import TransformConfig
+from ckptsurgery.train.heads import Head
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from ckptsurgery.match import MatchReport
+
+__all__ = ["EvalMetrics", "EvaluateResult", "evaluate", "evaluate_model"]
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Mean cross-entropy, top-1 and top-5 accuracy (None with 5 classes or fewer)."""
+
+    loss: float
+    top1: float
+    top5: float | None
+    samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "samples": self.samples}
+
+
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    *,
+    device: torch.device,
+    num_classes: int,
+    amp: bool = False,
+) -> EvalMetrics:
+    """Evaluate ``model`` on every sample of ``loader`` (eval mode, no gradients).
+
+    The sums are kept on the device and read once at the end; the loss is the mean over
+    samples of the float32 cross-entropy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ckptsurgery.train.runtime import autocast, check_logits
+
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    samples = 0
+    k = 5 if num_classes > 5 else 0
+    with torch.no_grad():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                out = model(x)
+            logits = check_logits(out, len(y), num_classes).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct1 += (logits.argmax(dim=1) == y).sum()
+            if k:
+                top = logits.topk(k, dim=1).indices
+                correct5 += (top == y[:, None]).any(dim=1).sum()
+            samples += len(y)
+    n = max(samples, 1)
+    return EvalMetrics(
+        loss=float(loss_sum) / n,
+        top1=int(correct1) / n,
+        top5=int(correct5) / n if k else None,
+        samples=samples,
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: EvalMetrics
+    folder: Path
+    classes: tuple[str, ...]
+    head: Head
+    report: MatchReport
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    model: str,
+    weights: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    model_args: dict[str, Any] | None = None,
+    head: str | None = None,
+    key: str | None = None,
+    transform: TransformConfig | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    amp: bool = False,
+    threads: int | None = None,
+    workers: int | None = None,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> EvaluateResult:
+    """Loss and accuracy of ``model`` with ``weights`` on ``data``.
+
+    The split is ``data/test``, else ``data/val``, else ``data`` itself. The model's head is
+    sized to the split's classes and the checkpoint must fill every key (head included), as
+    a strict ``load_state_dict`` would: otherwise :class:`IncompatibleCheckpoint` with the
+    report. ``transform`` must be the one the model was trained with.
+    """
+    import torch
+
+    from ckptsurgery.match import load_into
+    from ckptsurgery.models import build_model
+    from ckptsurgery.surgery import load_state_dict
+    from ckptsurgery.train.data import (
+        default_workers,
+        eval_folder,
+        folder_classes,
+        image_folder,
+        make_loader,
+    )
+    from ckptsurgery.train.heads import find_head, replace_head
+    from ckptsurgery.train.runtime import resolve_device
+
+    say = log or (lambda _: None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device, amp=amp)
+    folder = eval_folder(data)
+    classes = folder_classes(folder)
+    options = transform or TransformConfig()
+    dataset = image_folder(folder, _eval_transform(options), allow_empty=True)
+
+    sd = load_state_dict(
+        weights, key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+    )
+    built = build_model(model, model_args or {}, device="cpu")
+    notes = [built.note] if built.note else []
+    found = find_head(built.module, head)
+    say(found.describe())
+    new_head = replace_head(built.module, found, len(classes))
+    say(f"sized to the {len(classes)} classes of {folder}")
+    try:
+        report = load_into(built.module, sd)
+    except IncompatibleCheckpoint as e:
+        hint = ""
+        if any(m.key.startswith(new_head.name + ".") for m in e.report.shape_mismatch):
+            hint = (
+                f" (the data in {folder} has {len(classes)} classes; the checkpoint's head "
+                "was trained for another number)"
+            )
+        raise IncompatibleCheckpoint(f"{weights}: {e}{hint}", report=e.report) from None
+    net = built.module.to(dev)
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        workers=default_workers() if workers is None else workers,
+        device=dev,
+    )
+    metrics = evaluate_model(net, loader, device=dev, num_classes=len(classes), amp=amp)
+    return EvaluateResult(metrics, folder, classes, new_head, report, notes)
+
+
+def _eval_transform(options: TransformConfig) -> Any:
+    from ckptsurgery.train.data import build_transform
+
+    return build_transform(options, train=False)

@@ -1,0 +1,109 @@
+"""Device choice, seeding and the model-output check shared by training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ckptsurgery.train.errors import TrainError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Progress", "autocast", "check_logits", "resolve_device", "seed_epoch"]
+
+
+def resolve_device(name: str, *, amp: bool = False) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(
+            f"--device {name!r} is not a device (cpu, cuda, cuda:1, auto): {e}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name}: only cpu and cuda are supported")
+    if amp and device.type != "cuda":
+        raise TrainError("--amp (float16 autocast) needs a CUDA device; drop --amp on the CPU")
+    return device
+
+
+def seed_epoch(seed: int, epoch: int) -> int:
+    """Seed torch (every device) and ``random`` for ``epoch``; returns the seed used.
+
+    Each epoch starts from a state that depends on ``(seed, epoch)`` only, so a resumed run
+    draws the same shuffles, augmentations and dropout masks as an uninterrupted one.
+    """
+    import torch
+
+    epoch_seed = (seed * 1_000_003 + epoch) % 2**63
+    torch.manual_seed(epoch_seed)  # also seeds every CUDA device
+    random.seed(epoch_seed)
+    return epoch_seed
+
+
+def check_logits(logits: object, batch: int, num_classes: int) -> torch.Tensor:
+    """The model's output as a ``[batch, num_classes]`` tensor, or a clear :class:`TrainError`."""
+    import torch
+
+    if not isinstance(logits, torch.Tensor):
+        raise TrainError(
+            f"the model returned a {type(logits).__name__}, not a tensor of logits; the trainer "
+            "needs a classifier whose forward returns [batch, classes] (auxiliary outputs off)"
+        )
+    if tuple(logits.shape) != (batch, num_classes):
+        raise TrainError(
+            f"the model returned logits of shape {list(logits.shape)} for a batch of {batch} "
+            f"images and {num_classes} classes; is the head the last layer (see --head)?"
+        )
+    return logits
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """float16 autocast on CUDA with ``--amp``; otherwise nothing (full float32)."""
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16)
+
+
+class Progress:
+    """A progress bar on a terminal; otherwise one plain line per epoch."""
+
+    def __init__(self, enabled: bool | None, steps: int, log: Callable[[str], None]) -> None:
+        self.bar = sys.stderr.isatty() if enabled is None else enabled
+        self.steps = steps
+        self.log = log
+        self.every = max(1, steps // 50)
+
+    def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
+        if not self.bar or ((step + 1) % self.every and step + 1 != self.steps):
+            return
+        done = (step + 1) * 30 // self.steps
+        # .item() synchronises with the device; the bar draws at most ~50 times an epoch.
+        sys.stderr.write(
+            f"\repoch {epoch + 1} [{'#' * done}{'.' * (30 - done)}] "
+            f"{step + 1}/{self.steps} loss {loss.item():.4f}"
+        )
+        sys.stderr.flush()
+
+    def epoch_line(self, r: dict[str, Any], epochs: int) -> None:
+        if self.bar:
+            sys.stderr.write("\r\033[K")
+        top5 = f" top5 {r['top5']:.4f}" if r["top5"] is not None else ""
+        lrs = " ".join(f"{g}={lr:.3g}" for g, lr in r["lr"].items())
+        self.log(
+            f"epoch {r['epoch']}/{epochs}: train loss {r['train_loss']:.4f}, val loss "
+            f"{r['val_loss']:.4f}, top1 {r['top1']:.4f}{top5}, lr {lrs}, "
+            f"{r['seconds']:.1f}s{' *best*' if r['best'] else ''}"
+        )
