@@ -6,6 +6,7 @@ import contextlib
 import os
 import resource
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from conftest import assert_bit_exact, sample_state_dict
 import ckptsurgery as cs
 from ckptsurgery.errors import FormatError, OutputError
 from ckptsurgery.io import safetensors_format
-from ckptsurgery.io.reader import Checkpoint, TensorDictSource
+from ckptsurgery.io.reader import Checkpoint, SafetensorsCheckpoint
+from ckptsurgery.io.torchzip import TorchZipCheckpoint
 
 FORMATS = {"safetensors": ".safetensors", "torch": ".pt"}
 
@@ -50,9 +52,11 @@ def _fail_after_first(
     monkeypatch.setattr(cls, method, failing)
 
 
-# For a torch output every tensor is fetched before torch.save writes; for safetensors the
-# header is written first and each tensor's bytes are copied as its turn comes.
-FETCH = {"safetensors": "write_data", "torch": "tensor"}
+# Both writers write their header (or pickle) first, then copy each tensor's bytes from its
+# source as its turn comes, through write_data.
+FETCH = {"safetensors": "write_data", "torch": "write_data"}
+# A torch zip source is read without torch: its tensors come from the archive's records.
+SOURCE_CLASS = {"torch": TorchZipCheckpoint, "safetensors": SafetensorsCheckpoint}
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -63,10 +67,7 @@ def test_failure_mid_write_leaves_nothing(
 ) -> None:
     src = _source(tmp_path, src_fmt)
     before = _listing(tmp_path)
-    from ckptsurgery.io.reader import SafetensorsCheckpoint
-
-    cls = TensorDictSource if src_fmt == "torch" else SafetensorsCheckpoint
-    _fail_after_first(monkeypatch, cls, FETCH[fmt], exc)
+    _fail_after_first(monkeypatch, SOURCE_CLASS[src_fmt], FETCH[fmt], exc)
     with pytest.raises(type(exc)):
         cs.remap(src, tmp_path / f"out{FORMATS[fmt]}", cs.Rules())
     assert _listing(tmp_path) == before
@@ -92,14 +93,35 @@ def test_failure_inside_safetensors_writer(tmp_path: Path, monkeypatch: pytest.M
     assert _listing(tmp_path) == ["out.safetensors"]
 
 
+def test_failure_inside_the_torch_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptsurgery.io.ziparchive import ZipWriter
+
+    original = ZipWriter.add_stream
+
+    def half_record(self: ZipWriter, name: str, *args: object, **kwargs: object) -> None:
+        if "/data/" in name:
+            self.f.write(b"half a record")
+            raise OSError(28, "No space left on device")
+        original(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ZipWriter, "add_stream", half_record)
+    with pytest.raises(OutputError, match=r"cannot write .*No space left on device"):
+        cs.save_state_dict(sample_state_dict(), tmp_path / "out.pt")
+    assert _listing(tmp_path) == []
+
+
 def test_failure_inside_torch_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.save still writes the dtypes the archive writer does not know (complex32 here)
     def half_save(obj: object, f: object, *args: object, **kwargs: object) -> None:
         f.write(b"PK\x03\x04 half an archive")  # type: ignore[attr-defined]
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_save)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        z = torch.zeros(2, dtype=torch.complex32)
     with pytest.raises(OutputError, match=r"cannot write .*No space left on device"):
-        cs.save_state_dict(sample_state_dict(), tmp_path / "out.pt")
+        cs.save_state_dict({"z": z}, tmp_path / "out.pt")
     assert _listing(tmp_path) == []
 
 
@@ -148,7 +170,7 @@ def test_existing_output_survives_a_failed_forced_write(
     src = _source(tmp_path)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
-    _fail_after_first(monkeypatch, TensorDictSource, "raw_bytes", RuntimeError("boom"))
+    _fail_after_first(monkeypatch, TorchZipCheckpoint, "write_data", RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         cs.remap(src, out, cs.Rules(), force=True)
     assert out.read_bytes() == b"keep me"
@@ -280,14 +302,14 @@ def test_output_that_appears_while_writing_is_not_clobbered(
 ) -> None:
     src = _source(tmp_path)
     out = tmp_path / f"out{FORMATS[fmt]}"
-    original = getattr(TensorDictSource, FETCH[fmt])
+    original = getattr(TorchZipCheckpoint, FETCH[fmt])
 
-    def fetch(self: TensorDictSource, name: str, *rest: object) -> object:
+    def fetch(self: TorchZipCheckpoint, name: str, *rest: object) -> object:
         if not out.exists():
             out.write_bytes(b"another run got here first")
         return original(self, name, *rest)
 
-    monkeypatch.setattr(TensorDictSource, FETCH[fmt], fetch)
+    monkeypatch.setattr(TorchZipCheckpoint, FETCH[fmt], fetch)
     with pytest.raises(OutputError, match="appeared while it was being written; pass --force"):
         cs.remap(src, out, cs.Rules())
     assert out.read_bytes() == b"another run got here first"

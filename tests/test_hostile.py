@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -161,16 +162,54 @@ def test_truncated_legacy_at_every_length(tmp_path: Path) -> None:
         assert not isinstance(e.value, UnsafePickleError), n
 
 
+def _fix_crc(data: bytearray, member: str) -> None:
+    """Recompute a member's CRC-32 in the central directory, as a careful forger would."""
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo(member)
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    begin = info.header_offset + 30 + name_len + extra_len
+    crc = zlib.crc32(data[begin : begin + info.file_size])
+    central = data.index(b"PK\x01\x02")  # the central directory: one entry per member
+    while data[central + 46 : central + 46 + len(member)] != member.encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    data[central + 16 : central + 20] = struct.pack("<I", crc)
+
+
 def test_corrupt_pickle_in_zip_is_malformed_not_unsafe(tmp_path: Path) -> None:
     path = _save(_weights(), tmp_path / "c.pt", legacy=False)
     data = bytearray(path.read_bytes())
     at = data.index(b"data.pkl") + len(b"data.pkl")
     start = data.index(b"\x80\x02", at)  # the pickle (stored uncompressed) starts here
     data[start + 2] = 0xEE  # not an opcode at all
+    _fix_crc(data, "c/data.pkl")  # else the CRC check refuses it before any unpickling
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="corrupt or uses an opcode") as e:
         cs.load_state_dict(path)
     assert not isinstance(e.value, UnsafePickleError)
+
+
+@pytest.mark.parametrize("member", ["data.pkl", "data/0"])
+def test_corrupt_member_fails_its_crc(tmp_path: Path, member: str) -> None:
+    path = _save(_weights(), tmp_path / "c.pt", legacy=False)
+    data = bytearray(path.read_bytes())
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"c/{member}")
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    data[info.header_offset + 30 + name_len + extra_len + 3] ^= 0x01  # one flipped bit
+    path.write_bytes(bytes(data))
+    for fmt in ("safetensors", "pt"):
+        with pytest.raises(FormatError, match=rf"'c/{member}' fails its CRC-32 check.*corrupt"):
+            cs.remap(path, tmp_path / f"out.{fmt}", cs.Rules())
+        assert not (tmp_path / f"out.{fmt}").exists()
 
 
 def test_zip_that_is_not_a_torch_file(tmp_path: Path) -> None:

@@ -65,3 +65,96 @@ def test_safetensors_rename_streams_in_bounded_memory(tmp_path: Path) -> None:
 
     peak = _peak_rss_mb([sys.executable, "-m", "ckptsurgery", "inspect", str(out)])
     assert peak < 64, f"inspect peak RSS {peak:.0f} MB"
+
+
+def _big_torch_zip(path: Path, tensors: int = 3, mb_each: int = 100) -> None:
+    """A ~300 MB torch archive written by ckptsurgery's own writer (no 300 MB in this process)."""
+    from ckptsurgery.io.base import Checkpoint
+    from ckptsurgery.io.torchzip import write_torch_zip
+
+    chunk = bytes(range(256)) * (MB // 256)
+
+    class Patterned(Checkpoint):
+        def __init__(self) -> None:
+            self.infos = {
+                f"a.layer{i}.weight": TensorInfo((mb_each * MB // 4,), "float32", mb_each * MB)
+                for i in range(tensors)
+            }
+            self.aliases = {}
+
+        def raw_bytes(self, name: str) -> bytes:
+            raise AssertionError("streamed, never whole")
+
+        def tensor(self, name: str) -> object:  # type: ignore[override]
+            raise AssertionError("streamed, never whole")
+
+        def write_data(self, name: str, f: object) -> int:
+            for _ in range(mb_each):
+                f.write(chunk)  # type: ignore[attr-defined]
+            return mb_each * MB
+
+    with open(path, "wb") as f:
+        write_torch_zip(f, Patterned(), [(n, n) for n in Patterned().infos])
+
+
+def _record_digests(path: Path) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return [
+            hashlib.sha256(zf.read(i)).hexdigest() for i in zf.infolist() if "/data/" in i.filename
+        ]
+
+
+def test_torch_zip_rename_streams_in_bounded_memory(tmp_path: Path) -> None:
+    src = tmp_path / "big.pt"
+    _big_torch_zip(src)
+    for out in (tmp_path / "out.pt", tmp_path / "out.safetensors"):
+        argv = [sys.executable, "-m", "ckptsurgery", "remap", str(src), "-o", str(out),
+                "--strip-prefix", "a."]  # fmt: skip
+        peak = _peak_rss_mb(argv)
+        # 100 MB tensors, a 300 MB file: neither a whole tensor nor torch (~650 MB) fits here
+        assert peak < 96, f"{out.name}: peak RSS {peak:.0f} MB"
+    assert _record_digests(tmp_path / "out.pt") == _record_digests(src)
+    with open(tmp_path / "out.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        data = hashlib.sha256(f.read()).hexdigest()
+    whole = hashlib.sha256()
+    for _ in range(300):
+        whole.update(bytes(range(256)) * (MB // 256))
+    assert data == whole.hexdigest()
+
+    peak = _peak_rss_mb([sys.executable, "-m", "ckptsurgery", "inspect", str(src)])
+    assert peak < 64, f"inspect peak RSS {peak:.0f} MB"
+
+
+# --- the progress line ---------------------------------------------------------------------
+
+
+def test_progress_line_on_request_only(tmp_path: Path) -> None:
+    import io
+
+    from click.testing import CliRunner
+
+    from ckptsurgery.cli import cli
+    from ckptsurgery.io.progress import AUTO_MIN_BYTES, wanted
+
+    src = tmp_path / "m.safetensors"
+    _big_safetensors(src, tensors=2, mb_each=1)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "a.pt"), "--progress"])
+    assert result.exit_code == 0, result.output
+    bar = [part for part in result.stderr.split("\r") if part.startswith("writing a.pt")]
+    assert bar and "100.0%" in bar[-1] and "2.1 MB / 2.1 MB" in bar[-1]
+    assert result.stdout == ""
+    result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "b.pt")])
+    assert result.exit_code == 0 and "\r" not in result.stderr  # not a terminal: no bar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert wanted(AUTO_MIN_BYTES, None, Tty()) and not wanted(AUTO_MIN_BYTES - 1, None, Tty())
+    assert not wanted(AUTO_MIN_BYTES, None, io.StringIO())
+    assert wanted(1, True, io.StringIO()) and not wanted(AUTO_MIN_BYTES, False, Tty())

@@ -6,7 +6,11 @@ check the helpers themselves.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +132,32 @@ def make_images(
                     img = img.convert(mode)
                 img.save(folder / f"{i}.png")
     return root
+
+
+def run_in_session(
+    argv: Sequence[str], *, cwd: Path, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in its own session; on timeout kill the whole process group and fail.
+
+    For commands that start processes of their own (torchrun's workers, the demo's CLI
+    calls): none of them outlives the test.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(argv[:4])} ... did not finish in {timeout:.0f}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 
 def test_make_images_writes_an_imagefolder_tree(tmp_path: Path) -> None:

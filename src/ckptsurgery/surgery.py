@@ -14,11 +14,16 @@ from ckptsurgery._types import PathLike
 from ckptsurgery.errors import IncompatibleCheckpoint, OutputError, RuleError
 from ckptsurgery.io import (
     Checkpoint,
+    Deferred,
+    FileDigest,
     TensorDictSource,
     WriteResult,
+    check_output_folder,
     check_output_path,
+    identity_file,
     open_checkpoint,
     output_format,
+    parse_size,
     write_checkpoint,
 )
 from ckptsurgery.rules import KeyPlan, Rules
@@ -70,7 +75,8 @@ def save_state_dict(
 
 
 def sha256_file(path: PathLike) -> str:
-    with open(path, "rb") as f:
+    """Of the file, or of the file that identifies a folder source (its index, DCP metadata)."""
+    with open(identity_file(path), "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -114,6 +120,8 @@ def remap(
     gate: Gate | None = None,
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
+    max_shard_size: int | str | None = None,
+    progress: bool | None = None,
 ) -> RemapResult:
     """Apply ``rules`` to the checkpoint at ``src`` and write the result to ``out``.
 
@@ -121,12 +129,17 @@ def remap(
     mistake costs nothing. With ``gate`` the renamed keys are matched against a model first
     and nothing is written unless they fit (:class:`IncompatibleCheckpoint`, carrying the
     report). With ``dry_run`` only the plan (and the gate's report) is made; ``out`` may then
-    be None.
+    be None. With ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder
+    (or its ``*.safetensors.index.json``) receiving safetensors shards and their index.
     """
     fmt = None
     if out is not None:
-        fmt = output_format(out, format)
-        check_output_path(out, inputs=[src], force=force or dry_run)
+        fmt = output_format(out, format, sharded=max_shard_size is not None)
+        if max_shard_size is not None:
+            parse_size(max_shard_size)
+            check_output_folder(out, inputs=[src], force=force or dry_run)
+        else:
+            check_output_path(out, inputs=[src], force=force or dry_run)
     elif not dry_run:
         raise OutputError("no output given; pass an output path (only a dry run may omit it)")
     with open_checkpoint(
@@ -160,7 +173,16 @@ def remap(
         if not plan.renames:
             raise RuleError("the rules drop every key; there is nothing to write")
         assert out is not None and fmt is not None  # checked above
-        written = write_remapped(ckpt, plan, rules, out, fmt=fmt, overwrite=force)
+        written = write_remapped(
+            ckpt,
+            plan,
+            rules,
+            out,
+            fmt=fmt,
+            overwrite=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
     return replace(result, written=written)
 
 
@@ -225,6 +247,8 @@ def write_remapped(
     *,
     fmt: str,
     overwrite: bool = True,
+    max_shard_size: int | str | None = None,
+    progress: bool | None = None,
 ) -> WriteResult:
     """Write the tensors ``plan`` keeps, under their new names, with provenance metadata.
 
@@ -232,14 +256,24 @@ def write_remapped(
     :func:`check_output_path` looked is then left alone.
     """
     names = [(new, old) for old, new in plan.renames]
+    options: dict[str, Any] = {
+        "overwrite": overwrite,
+        "progress": progress,
+        "max_shard_size": None if max_shard_size is None else parse_size(max_shard_size),
+    }
     if fmt != "safetensors":  # a torch output is a flat state dict: no room for metadata
-        return write_checkpoint(out, ckpt, names, fmt=fmt, overwrite=overwrite)
-    metadata = {
+        return write_checkpoint(out, ckpt, names, fmt=fmt, **options)
+    # The source is hashed on a helper thread while the tensors are copied; the header is
+    # written with a placeholder of the digest's length and completed at the end.
+    digest = FileDigest(identity_file(ckpt.path))
+
+    def sources(sha256: str) -> str:
+        entry = {"name": ckpt.path.name, "sha256": sha256, "key": ckpt.key}
+        return json.dumps([entry], separators=(",", ":"))
+
+    metadata: dict[str, str | Deferred] = {
         "ckptsurgery.version": __version__,
-        "ckptsurgery.sources": json.dumps(
-            [{"name": ckpt.path.name, "sha256": sha256_file(ckpt.path), "key": ckpt.key}],
-            separators=(",", ":"),
-        ),
+        "ckptsurgery.sources": Deferred(sources("0" * 64), lambda: sources(digest.hexdigest())),
         "ckptsurgery.rules": rules.to_json(),
     }
-    return write_checkpoint(out, ckpt, names, fmt=fmt, metadata=metadata, overwrite=overwrite)
+    return write_checkpoint(out, ckpt, names, fmt=fmt, metadata=metadata, **options)

@@ -99,7 +99,8 @@ def build_rules(
     "out",
     metavar="OUT",
     default=None,
-    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin).",
+    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin). "
+    "With --max-shard-size, a folder (or its model.safetensors.index.json).",
 )
 @rule_options
 @click.option(
@@ -108,6 +109,18 @@ def build_rules(
     type=click.Choice(["safetensors", "torch"]),
     default=None,
     help="Output format, when the extension does not say.",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    default=None,
+    help="Write safetensors shards of at most SIZE (5GB, 500MB, 2GiB or bytes) and their "
+    "index into the folder OUT, as transformers does.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress line on stderr while writing (default: for big writes on a terminal).",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
@@ -131,6 +144,8 @@ def remap_cmd(
     add_prefix: str,
     rules_file: str | None,
     fmt: str | None,
+    max_shard_size: str | None,
+    progress: bool | None,
     force: bool,
     dry_run: bool,
     as_json: bool,
@@ -159,6 +174,10 @@ def remap_cmd(
           --keep 'module.encoder_q.*' --drop 'module.encoder_q.fc.*' \\
           --strip-prefix module.encoder_q. \\
           --model torchvision:resnet50 --allow-missing 'fc.*'
+
+    \b
+    Example (a sharded Hugging Face checkpoint, resharded into 5 GB safetensors shards):
+      ckptsurgery remap llama-7b/ -o llama-7b-st/ --max-shard-size 5GB
     """
     rules, file_key = build_rules(
         keep=keep,
@@ -197,6 +216,8 @@ def remap_cmd(
                 gate=gate,
                 allow_globals=allow_globals,
                 unsafe_pickle=unsafe_pickle,
+                max_shard_size=max_shard_size,
+                progress=progress,
             )
     except IncompatibleCheckpoint as e:
         _unused_allow_notes(e.report)
@@ -264,9 +285,10 @@ def remap_cmd(
             raise click.exceptions.Exit(1)
         return
     assert result.written is not None
+    shards = f" in {result.written.shards} shards" if max_shard_size is not None else ""
     note(
         f"kept {counts}; wrote {count(result.written.tensors, 'tensor')}, "
-        f"{human_bytes(result.written.bytes)} to {out}"
+        f"{human_bytes(result.written.bytes)}{shards} to {out}"
     )
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -323,7 +324,8 @@ def train_cmd(
             show = note if as_json else click.echo
             result: TrainResult = train(config, log=note, show=show)
     except IncompatibleCheckpoint as e:
-        if e.report is not None:
+        # Under torchrun every process refuses the same weights; rank 0 shows the report.
+        if e.report is not None and os.environ.get("RANK", "0") == "0":
             if as_json:
                 echo_json({"compatible": False, "report": e.report.to_json()})
             else:
@@ -331,6 +333,8 @@ def train_cmd(
         note(f"Error: {' '.join(str(e).split())}")
         raise click.exceptions.Exit(1) from None
 
+    if result.rank != 0:  # under torchrun, rank 0 prints for every process
+        return
     if as_json:
         echo_json(
             {
@@ -340,6 +344,7 @@ def train_cmd(
                 "classes": list(result.classes),
                 "groups": result.groups,
                 "report": result.report.to_json() if result.report else None,
+                "world_size": result.world_size,
                 "best_epoch": result.best_epoch,
                 "best": result.best,
                 "stopped_early": result.stopped_early,

@@ -13,6 +13,9 @@ from ckptsurgery.errors import FormatError, SourceError
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
+SHARDED_INDEX = "sharded-index"  # a Hugging Face *.index.json (weight_map -> shard files)
+SHARDED = "sharded"  # what a sharded checkpoint reports as its format
+DCP = "dcp"  # a torch.distributed.checkpoint folder
 
 # torch < 1.6 starts its files with this pickled magic number (protocol 2, LONG1 of 10 bytes).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -28,10 +31,7 @@ def check_source_path(path: PathLike) -> Path:
     except OSError as e:
         raise SourceError(f"{str(p)!r} cannot be read: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise SourceError(
-            f"{str(p)!r} is a directory; give the checkpoint file inside it "
-            "(sharded and torch.distributed.checkpoint folders are not readable yet)"
-        )
+        raise SourceError(f"{str(p)!r} is a directory; give the checkpoint file inside it")
     if not stat.S_ISREG(st.st_mode):
         raise SourceError(
             f"{str(p)!r} is not a regular file (a FIFO or device?); refusing to read it"
@@ -49,6 +49,10 @@ def detect_format(path: Path) -> str:
         return TORCH_ZIP
     if head.startswith(_LEGACY_MAGIC):
         return TORCH_LEGACY
+    # JSON text: a sharded checkpoint's index (checked when parsed). A safetensors length
+    # field can start with "{" too, but its high bytes are zero (a header is under 100 MB).
+    if head.lstrip(b" \t\r\n").startswith(b"{") and head[4:8] != b"\0\0\0\0":
+        return SHARDED_INDEX
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         # A header opening with a byte-order mark is still meant as safetensors: the

@@ -1,15 +1,21 @@
 """Open a checkpoint: names, shapes and dtypes first, tensor data one tensor at a time.
 
 :func:`open_checkpoint` returns a :class:`Checkpoint` whose ``infos`` describe every tensor
-before any tensor byte is read (a safetensors header, or a torch zip mapped with ``mmap``), and
-whose ``raw_bytes`` / ``tensor`` fetch one tensor at a time. Every command goes through it.
+before any tensor byte is read, and whose ``raw_bytes`` / ``write_data`` / ``tensor`` fetch one
+tensor at a time. Every command goes through it. The sources:
+
+- safetensors: the validated header (:class:`SafetensorsCheckpoint`);
+- torch zip: the archive's pickle read without torch (:mod:`ckptsurgery.io.torchzip`), or
+  ``torch.load(weights_only=True, mmap=True)`` when it needs more (:class:`TorchCheckpoint`);
+- legacy torch files: ``torch.load(weights_only=True)``;
+- sharded checkpoints, an index and its shards (:mod:`ckptsurgery.io.sharded`);
+- torch.distributed.checkpoint folders (:mod:`ckptsurgery.io.dcp`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -17,80 +23,24 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import FormatError, StateDictSelectionError
 from ckptsurgery.io import safetensors_format as stf
+from ckptsurgery.io.base import Checkpoint as Checkpoint  # re-exported: callers import it here
 from ckptsurgery.io.detect import (
     SAFETENSORS,
+    SHARDED_INDEX,
     TORCH_LEGACY,
     TORCH_ZIP,
     check_source_path,
     detect_format,
 )
-from ckptsurgery.io.dtypes import TensorInfo, info_of, torch_dtype
+from ckptsurgery.io.dtypes import info_of, torch_dtype
+from ckptsurgery.io.streams import copy_range, read_range
 
 if TYPE_CHECKING:
     import torch
 
-COPY_BUFFER = 8 * 1024 * 1024  # bytes moved per read/write when copying tensor data
 
 # Written by ckptsurgery into safetensors metadata: tied names -> the name actually stored.
 ALIASES_KEY = "ckptsurgery.aliases"
-
-
-class Checkpoint(ABC):
-    """One opened source. Use as a context manager, or call :meth:`close`."""
-
-    path: Path
-    format: str
-    key: str | None = None  # the nested state dict's path inside the file, if any
-    other_entries: dict[str, str]  # other top-level entries: name -> type name
-    metadata: dict[str, str]  # safetensors __metadata__ (empty for torch files)
-    infos: dict[str, TensorInfo]  # every name, tied aliases included, in file order
-    aliases: dict[str, str]  # tied name -> the name whose storage it shares
-
-    def canonical(self, name: str) -> str:
-        return self.aliases.get(name, name)
-
-    @abstractmethod
-    def raw_bytes(self, name: str) -> bytes | memoryview:
-        """The tensor's bytes, contiguous and little-endian, exactly as stored."""
-
-    @abstractmethod
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor itself (read from disk on demand where the format allows)."""
-
-    def write_data(self, name: str, f: BinaryIO) -> int:
-        """Write the tensor's bytes (as :meth:`raw_bytes`) to ``f``; return how many.
-
-        Sources that can copy straight from disk override this to stream through a small
-        buffer, so that a tensor never has to fit in memory whole.
-        """
-        data = memoryview(self.raw_bytes(name)).cast("B")
-        f.write(data)
-        return len(data)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, materialised; tied names are the same tensor object."""
-        out: dict[str, torch.Tensor] = {}
-        for name in self.infos:
-            canon = self.canonical(name)
-            out[name] = out[canon] if canon in out else self.tensor(canon)
-        return out
-
-    @property
-    def total_params(self) -> int:
-        return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(i.nbytes for n, i in self.infos.items() if n not in self.aliases)
-
-    def close(self) -> None:  # noqa: B027 - sources that hold no resource need no closing
-        """Release the file or memory this source holds."""
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -116,30 +66,20 @@ class SafetensorsCheckpoint(Checkpoint):
             for alias in by_canonical.get(name, ()):
                 self.infos[alias] = entry.info
 
+    def _what(self, name: str) -> str:
+        return f"{self.path}: the data of {name!r}"
+
     def raw_bytes(self, name: str) -> bytes | memoryview:
         entry = self._entries[self.canonical(name)]
-        buf = bytearray(entry.end - entry.begin)
-        self._f.seek(entry.begin)
-        if self._f.readinto(buf) != len(buf):  # type: ignore[attr-defined]
-            raise FormatError(f"{self.path}: the data of {name!r} is cut short (truncated file?)")
-        return memoryview(buf)
+        return memoryview(
+            read_range(self._f, entry.begin, entry.end - entry.begin, what=self._what(name))
+        )
 
     def write_data(self, name: str, f: BinaryIO) -> int:
         # A rename changes no tensor byte: copy the byte range through a bounded buffer
         # (a plain read/write loop keeps pace with cp; copy_file_range from an offset did not).
         entry = self._entries[self.canonical(name)]
-        remaining = entry.end - entry.begin
-        buf = bytearray(min(COPY_BUFFER, remaining))
-        view = memoryview(buf)
-        self._f.seek(entry.begin)
-        while remaining:
-            n = self._f.readinto(view[: min(len(buf), remaining)])  # type: ignore[attr-defined]
-            if not n:
-                raise FormatError(
-                    f"{self.path}: the data of {name!r} is cut short (truncated file?)"
-                )
-            f.write(view[:n])
-            remaining -= n
+        copy_range(self._f, entry.begin, entry.end - entry.begin, f, what=self._what(name))
         return entry.end - entry.begin
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -287,9 +227,35 @@ def open_checkpoint(
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
 ) -> Checkpoint:
-    """Open ``path`` (format recognised from its content) and select its state dict."""
-    p = check_source_path(path)
+    """Open ``path`` (format recognised from its content) and select its state dict.
+
+    ``path`` is a checkpoint file, a sharded checkpoint (its ``*.index.json`` or the folder
+    holding it) or a torch.distributed.checkpoint folder.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from ckptsurgery.io.sharded import open_folder
+
+        return open_folder(
+            p, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+        )
+    p = check_source_path(p)
     fmt = detect_format(p)
+    if fmt == SHARDED_INDEX:
+        from ckptsurgery.io.sharded import ShardedCheckpoint
+
+        return ShardedCheckpoint(
+            p, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+        )
+    return open_file(
+        p, fmt, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+    )
+
+
+def open_file(
+    p: Path, fmt: str, *, key: str | None, allow_globals: tuple[str, ...], unsafe_pickle: bool
+) -> Checkpoint:
+    """One checkpoint file of a known format (checked by :func:`check_source_path`)."""
     if fmt == SAFETENSORS:
         if key:
             # A --key mistake, like a --key that leads nowhere in a torch file.
@@ -298,7 +264,38 @@ def open_checkpoint(
                 "--key does not apply to it (leave it out)"
             )
         return SafetensorsCheckpoint(p)
-    assert fmt in (TORCH_ZIP, TORCH_LEGACY)
+    if fmt not in (TORCH_ZIP, TORCH_LEGACY):
+        raise FormatError(f"{str(p)!r} is a {fmt}, not a checkpoint file")
+    if fmt == TORCH_ZIP and not unsafe_pickle and not allow_globals:
+        # Most torch files hold only tensors and plain containers: their pickle is read
+        # without torch, and tensor bytes are copied straight from the archive. A file that
+        # needs more (or a user who trusts more) goes through torch's weights-only unpickler.
+        from ckptsurgery.io.torchpickle import Unsupported
+        from ckptsurgery.io.torchzip import TorchZipCheckpoint
+
+        try:
+            return TorchZipCheckpoint(p, key=key)
+        except Unsupported:
+            pass  # more than the stand-ins know: torch's weights-only unpickler decides
     return TorchCheckpoint(
-        p, fmt, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+        p, fmt, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
     )
+
+
+def identity_file(path: PathLike) -> Path:
+    """The file whose bytes identify a source (for provenance): the file itself, or the
+    index of a sharded folder, or a DCP folder's ``.metadata``."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    from ckptsurgery.io.sharded import INDEX_NAMES, SINGLE_NAMES
+
+    if (p / ".metadata").is_file():
+        return p / ".metadata"
+    for name in (*INDEX_NAMES, *SINGLE_NAMES):
+        if (p / name).is_file():
+            return p / name
+    indexes = sorted(p.glob("*.index.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    raise FormatError(f"{str(p)!r} is a folder without a checkpoint")

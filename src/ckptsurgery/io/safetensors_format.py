@@ -160,12 +160,16 @@ def data_layout(items: Iterable[tuple[str, TensorInfo]]) -> list[tuple[str, Tens
 
 
 def encode_header(
-    items: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str, str]
+    items: Iterable[tuple[str, TensorInfo]],
+    metadata: Mapping[str, str],
+    *,
+    size: int | None = None,
 ) -> tuple[bytes, list[tuple[str, TensorInfo]]]:
     """The header bytes (length field included), and the order to write the data in.
 
     The header lists the tensors in the given order; their data is laid out by
-    :func:`data_layout`.
+    :func:`data_layout`. With ``size``, the header is padded with spaces to exactly that many
+    bytes (to rewrite a header in place once late metadata is known).
     """
     items = list(items)
     for key, value in metadata.items():
@@ -192,7 +196,12 @@ def encode_header(
         }
         offset += info.nbytes
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % ALIGN)
+    if size is not None:
+        if 8 + len(text) > size:
+            raise OutputError(f"the final header needs {8 + len(text)} bytes, {size} reserved")
+        text += b" " * (size - 8 - len(text))
+    else:
+        text += b" " * (-(8 + len(text)) % ALIGN)
     return struct.pack("<Q", len(text)) + text, layout
 
 
@@ -203,7 +212,7 @@ def write_file(
     metadata: Mapping[str, str],
 ) -> int:
     """Write header and data; ``write_data(name, f)`` writes one tensor's bytes when its turn
-    comes and returns how many it wrote."""
+    comes and returns how many it wrote. Returns the file's size."""
     header, layout = encode_header(items, metadata)
     f.write(header)
     written = len(header)
@@ -213,3 +222,20 @@ def write_file(
             raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data, got {n}")
         written += info.nbytes
     return written
+
+
+def rewrite_header(
+    f: BinaryIO,
+    items: list[tuple[str, TensorInfo]],
+    metadata: Mapping[str, str],
+    *,
+    size: int,
+    start: int = 0,
+) -> None:
+    """Rewrite, in place, the ``size``-byte header :func:`write_file` wrote at ``start``, with
+    new metadata; the data section does not move. ``f`` is left at its end."""
+    end = f.seek(0, 2)
+    header, _ = encode_header(items, metadata, size=size)
+    f.seek(start)
+    f.write(header)
+    f.seek(end)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import FormatError
-from ckptsurgery.io.detect import SAFETENSORS, TORCH_ZIP, check_source_path, detect_format
+from ckptsurgery.io.detect import (
+    SAFETENSORS,
+    SHARDED_INDEX,
+    TORCH_ZIP,
+    check_source_path,
+    detect_format,
+)
 from ckptsurgery.io.safetensors_format import read_header
 
 # Globals that give a pickle code execution or file/process access: allowlisting one of them
@@ -113,6 +119,11 @@ def scan_file(path: PathLike) -> tuple[str, list[GlobalRef]]:
     """The format of ``path`` and the pickle globals it references, each marked safe or not."""
     p = check_source_path(path)
     fmt = detect_format(p)
+    if fmt == SHARDED_INDEX:
+        raise FormatError(
+            f"{str(p)!r} is a sharded checkpoint's index, which holds no pickle; scan its "
+            "torch shards one by one"
+        )
     if fmt == SAFETENSORS:
         # No pickle inside, but a broken file must not pass for a clean one.
         with open(p, "rb") as f:

@@ -9,10 +9,10 @@ trusted class, ``--unsafe-pickle`` for a trusted file). Nothing falls back to un
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +58,15 @@ def resolve_global(name: str) -> Any:
 
 
 def _check_archive(path: Path) -> None:
+    """Validate the archive before torch reads it: stored members only, no duplicates, sizes
+    within the file, a data.pkl, not TorchScript (:mod:`ckptsurgery.io.ziparchive`)."""
+    from ckptsurgery.io.torchzip import open_archive
+
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise FormatError(
-            f"{str(path)!r}: truncated or malformed torch zip archive ({e})"
-        ) from None
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise FormatError(
-            f"{str(path)!r} is a TorchScript archive (torch.jit.save), not a checkpoint; "
-            "load it with torch.jit.load, save its state_dict() with torch.save, then retry"
-        )
-    pkls = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-    if len(pkls) != 1:
-        raise FormatError(
-            f"{str(path)!r}: a torch archive holds exactly one data.pkl, this one {len(pkls)}"
-        )
+        with open(path, "rb") as f:
+            open_archive(f, base=0, length=os.fstat(f.fileno()).st_size, source=repr(str(path)))
+    except OSError as e:
+        raise SourceError(f"{str(path)!r} cannot be read: {e.strerror}") from None
 
 
 # A cut or corrupted GLOBAL opcode can read as a name like "torc." or ".": damage, not a class.

@@ -1,18 +1,31 @@
-"""Writing a checkpoint: safetensors or a flat torch state dict, bit-exact and atomic."""
+"""Writing a checkpoint: safetensors (one file or shards) or a flat torch state dict,
+bit-exact and atomic, one tensor at a time.
+
+Every tensor goes from its source to the output through ``src.write_data(name, f)``: a source
+on disk copies the byte range through a bounded buffer, so memory stays flat whatever the
+checkpoint's size. A torch output is a zip archive written here record by record
+(:mod:`ckptsurgery.io.torchzip`), not through ``torch.save``, which would need every tensor in
+memory at once.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import OutputError
 from ckptsurgery.io import safetensors_format as stf
-from ckptsurgery.io.atomic import atomic_write
-from ckptsurgery.io.reader import ALIASES_KEY, Checkpoint
+from ckptsurgery.io.atomic import atomic_folder, atomic_write
+from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.io.progress import Progress, ProgressWriter, wanted
+from ckptsurgery.io.reader import ALIASES_KEY
+from ckptsurgery.io.streams import in_background
 
 if TYPE_CHECKING:
     import torch
@@ -21,12 +34,21 @@ FORMATS = ("safetensors", "torch")
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
 
 
-def output_format(path: PathLike, fmt: str | None) -> str:
-    """The output format: ``fmt`` when given, else from the extension."""
+def output_format(path: PathLike, fmt: str | None, *, sharded: bool = False) -> str:
+    """The output format: ``fmt`` when given, else from the extension.
+
+    A sharded output (a folder, or its ``*.safetensors.index.json``) is safetensors.
+    """
     if fmt is not None:
         if fmt not in FORMATS:
             raise OutputError(f"unknown output format {fmt!r}; use safetensors or torch")
+        if sharded and fmt != "safetensors":
+            raise OutputError(
+                "--max-shard-size writes safetensors shards; leave out --format torch"
+            )
         return fmt
+    if sharded:
+        return "safetensors"
     suffix = Path(path).suffix.lower()
     if suffix in _EXTENSIONS:
         return _EXTENSIONS[suffix]
@@ -38,11 +60,36 @@ def output_format(path: PathLike, fmt: str | None) -> str:
 
 @dataclass(frozen=True)
 class WriteResult:
-    path: Path
+    path: Path  # the file, or the folder of a sharded output
     format: str
     tensors: int  # names written (tied aliases included)
     stored: int  # tensors whose data was written (tied aliases stored once)
-    bytes: int  # size of the file
+    bytes: int  # size of the file (of every file, for a sharded output)
+    shards: int = 1  # safetensors files written (their index aside)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A metadata value known only once the data is written: a digest of the source,
+    computed on another thread while the tensors are copied.
+
+    The header is written with ``placeholder`` and rewritten in place at the end with
+    ``resolve()``, which must not be longer than the placeholder.
+    """
+
+    placeholder: str
+    resolve: Callable[[], str]
+
+
+Metadata = Mapping[str, "str | Deferred"]
+
+
+def _placeholders(metadata: Metadata) -> dict[str, str]:
+    return {k: v.placeholder if isinstance(v, Deferred) else v for k, v in metadata.items()}
+
+
+def _resolved(metadata: Metadata) -> dict[str, str]:
+    return {k: v.resolve() if isinstance(v, Deferred) else v for k, v in metadata.items()}
 
 
 def write_checkpoint(
@@ -51,56 +98,171 @@ def write_checkpoint(
     names: Sequence[tuple[str, str]],
     *,
     fmt: str,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Metadata | None = None,
     overwrite: bool = True,
+    max_shard_size: int | None = None,
+    progress: bool | None = None,
 ) -> WriteResult:
     """Write ``src``'s tensors under new names (``names`` = (new, old) pairs) atomically.
 
-    ``path`` must already have been checked (:func:`check_output_path`); this only writes.
-    With ``overwrite=False``, a file that appears at ``path`` meanwhile is not replaced.
+    ``path`` must already have been checked (:func:`check_output_path`, or
+    :func:`check_output_folder` for shards); this only writes. With ``overwrite=False``, a
+    file that appears at ``path`` meanwhile is not replaced. With ``max_shard_size`` (bytes),
+    ``path`` is a folder (or its index) receiving safetensors shards and their index.
+    ``progress``: a progress line on stderr (None: for a big write on a terminal only).
     """
     path = Path(path)
+    plan = _Plan(src, names)
+    total = sum(src.infos[old].nbytes for _, old in plan.items)
+    bar = Progress(total, f"writing {path.name}") if wanted(total, progress) else None
     try:
-        with atomic_write(path, overwrite=overwrite) as f:
+        if max_shard_size is not None:
+            if fmt != "safetensors":
+                raise OutputError("--max-shard-size writes safetensors shards only")
+            return _write_sharded(path, src, plan, metadata or {}, max_shard_size, overwrite, bar)
+        with atomic_write(path, overwrite=overwrite) as raw:
+            f = cast(BinaryIO, ProgressWriter(raw, bar)) if bar is not None else raw
+            checks = in_background(src.check_jobs(old for _, old in plan.items))
+            finish: Callable[[], None] | None = None
             if fmt == "safetensors":
-                stored = _write_safetensors(f, src, names, metadata or {})
+                stored, finish = _write_safetensors(f, src, plan, metadata or {})
             else:
                 stored = _write_torch(f, src, names)
-            size = f.tell()
+            # The data goes to disk while the helper threads finish (the source's CRC checks,
+            # a digest of it for the metadata); then the header is completed, and the
+            # atomic rename commits.
+            raw.flush()
+            os.fsync(raw.fileno())
+            checks()
+            if finish is not None:
+                finish()
+            size = raw.seek(0, os.SEEK_END)
     except OSError as e:
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        if bar is not None:
+            bar.finish()
     return WriteResult(path, fmt, len(names), stored, size)
 
 
-def _write_safetensors(
-    f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]], metadata: Mapping[str, str]
-) -> int:
-    # Tied names are stored once; the others are recorded as aliases of the stored one, so
-    # that reading the file back through ckptsurgery re-ties them.
-    stored_as: dict[str, str] = {}  # source canonical name -> output name that stores it
-    items: list[tuple[str, str]] = []  # (new, old) actually stored
-    aliases: dict[str, str] = {}
-    for new, old in names:
-        canon = src.canonical(old)
-        if canon in stored_as:
-            aliases[new] = stored_as[canon]
-        else:
-            stored_as[canon] = new
-            items.append((new, old))
+class _Plan:
+    """Which names are stored and which are tied aliases of a stored one.
+
+    Tied names are stored once; the others are recorded as aliases of the stored one (in the
+    safetensors metadata), so that reading the file back through ckptsurgery re-ties them.
+    """
+
+    def __init__(self, src: Checkpoint, names: Sequence[tuple[str, str]]) -> None:
+        stored_as: dict[str, str] = {}  # source canonical name -> output name that stores it
+        self.items: list[tuple[str, str]] = []  # (new, old) actually stored
+        self.aliases: dict[str, str] = {}  # new alias -> new stored name
+        for new, old in names:
+            canon = src.canonical(old)
+            if canon in stored_as:
+                self.aliases[new] = stored_as[canon]
+            else:
+                stored_as[canon] = new
+                self.items.append((new, old))
+        self.old_of = dict(self.items)
+
+    def infos(self, src: Checkpoint) -> list[tuple[str, TensorInfo]]:
+        return [(new, src.infos[old]) for new, old in self.items]
+
+
+def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> dict[str, str]:
     meta = {"format": "pt", **metadata}
     if aliases:
-        meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
-    old_of = dict(items)
-    stf.write_file(
-        f,
-        [(new, src.infos[old]) for new, old in items],
-        lambda new, out: src.write_data(old_of[new], out),
-        meta,
-    )
-    return len(items)
+        meta[ALIASES_KEY] = json.dumps(dict(aliases), separators=(",", ":"))
+    return meta
+
+
+def _write_safetensors(
+    f: BinaryIO, src: Checkpoint, plan: _Plan, metadata: Metadata
+) -> tuple[int, Callable[[], None]]:
+    """Header (late metadata as placeholders) and data; returns the count of stored tensors
+    and what completes the header once the late metadata is known."""
+    items = plan.infos(src)
+    start = f.tell()
+    first = _shard_metadata(_placeholders(metadata), plan.aliases)
+    stf.write_file(f, items, lambda new, out: src.write_data(plan.old_of[new], out), first)
+
+    def finish() -> None:
+        final = _shard_metadata(_resolved(metadata), plan.aliases)  # may wait for a digest
+        if final != first:
+            size = len(stf.encode_header(items, first)[0])
+            stf.rewrite_header(f, items, final, size=size, start=start)
+
+    return len(items), finish
+
+
+def _write_sharded(
+    path: Path,
+    src: Checkpoint,
+    plan: _Plan,
+    metadata: Metadata,
+    max_shard_size: int,
+    overwrite: bool,
+    bar: Progress | None,
+) -> WriteResult:
+    from ckptsurgery.io.sharded import index_json, index_layout, plan_shards, shard_names
+
+    folder, index_name = index_layout(path)
+    shards = plan_shards(plan.infos(src), max_shard_size)
+    files = shard_names(index_name, len(shards))
+    weight_map: dict[str, str] = {}
+    shard_aliases: list[dict[str, str]] = []
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        checks = in_background(src.check_jobs(old for _, old in plan.items))
+        for items, name in zip(shards, files, strict=True):
+            stored = {new for new, _ in items}
+            aliases = {a: c for a, c in plan.aliases.items() if c in stored}
+            shard_aliases.append(aliases)
+            with open(tmp / name, "xb") as raw:
+                f = cast(BinaryIO, ProgressWriter(raw, bar)) if bar is not None else raw
+                stf.write_file(
+                    f,
+                    items,
+                    lambda new, out: src.write_data(plan.old_of[new], out),
+                    _shard_metadata(_placeholders(metadata), aliases),
+                )
+            weight_map.update((new, name) for new, _ in items)
+        for name in files:  # to disk while the helper threads finish
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        checks()
+        first, final = _placeholders(metadata), _resolved(metadata)  # may wait for a digest
+        size = 0
+        for items, name, aliases in zip(shards, files, shard_aliases, strict=True):
+            with open(tmp / name, "r+b") as f:
+                if final != first:
+                    reserved = len(stf.encode_header(items, _shard_metadata(first, aliases))[0])
+                    stf.rewrite_header(f, items, _shard_metadata(final, aliases), size=reserved)
+                    f.flush()
+                    os.fsync(f.fileno())
+                size += f.seek(0, os.SEEK_END)
+        total_size = sum(info.nbytes for items in shards for _, info in items)
+        index = index_json(weight_map, total_size)
+        with open(tmp / index_name, "xb") as f:
+            f.write(index)
+            f.flush()
+            os.fsync(f.fileno())
+        size += len(index)
+    stored_count = sum(len(items) for items in shards)
+    return WriteResult(folder, "safetensors", len(plan.items) + len(plan.aliases), stored_count,
+                       size, shards=len(shards))  # fmt: skip
 
 
 def _write_torch(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]]) -> int:
+    from ckptsurgery.io.torchzip import can_write_torch_zip, write_torch_zip
+
+    if can_write_torch_zip([src.infos[old] for _, old in names]):
+        return write_torch_zip(f, src, names)
+    return _torch_save(f, src, names)
+
+
+def _torch_save(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]]) -> int:
+    """Through ``torch.save``, for dtypes the archive writer does not know (every tensor
+    is then in memory at once)."""
     import torch
 
     made: dict[str, torch.Tensor] = {}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from ckptsurgery.match import MatchReport
+    from ckptsurgery.train.distributed import Dist
 
 __all__ = ["EvalMetrics", "EvaluateResult", "evaluate", "evaluate_model"]
 
@@ -43,22 +44,24 @@ def evaluate_model(
     device: torch.device,
     num_classes: int,
     amp: bool = False,
+    dist: Dist | None = None,
 ) -> EvalMetrics:
     """Evaluate ``model`` on every sample of ``loader`` (eval mode, no gradients).
 
     The sums are kept on the device and read once at the end; the loss is the mean over
-    samples of the float32 cross-entropy.
+    samples of the float32 cross-entropy. Under ``torchrun`` (``dist``) each process passes its
+    own part of the split (:func:`~ckptsurgery.train.distributed.shard_indices`) and the sums
+    are added up over the processes, so the metrics are those of the whole split.
     """
     import torch
     import torch.nn.functional as F
 
+    from ckptsurgery.train.distributed import all_reduce_sum
     from ckptsurgery.train.runtime import autocast, check_logits
 
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    samples = 0
+    # loss sum, top-1 correct, top-5 correct, samples: float64 counts are exact below 2**53.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     k = 5 if num_classes > 5 else 0
     with torch.no_grad():
         for x, y in loader:
@@ -67,17 +70,21 @@ def evaluate_model(
             with autocast(device, amp):
                 out = model(x)
             logits = check_logits(out, len(y), num_classes).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct1 += (logits.argmax(dim=1) == y).sum()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] += (logits.argmax(dim=1) == y).sum()
             if k:
                 top = logits.topk(k, dim=1).indices
-                correct5 += (top == y[:, None]).any(dim=1).sum()
-            samples += len(y)
+                sums[2] += (top == y[:, None]).any(dim=1).sum()
+            sums[3] += len(y)
+    if dist is not None:
+        all_reduce_sum(sums, dist)
+    loss_sum, correct1, correct5, count = sums.tolist()  # the one sync
+    samples = round(count)
     n = max(samples, 1)
     return EvalMetrics(
-        loss=float(loss_sum) / n,
-        top1=int(correct1) / n,
-        top5=int(correct5) / n if k else None,
+        loss=loss_sum / n,
+        top1=round(correct1) / n,
+        top5=round(correct5) / n if k else None,
         samples=samples,
     )
 

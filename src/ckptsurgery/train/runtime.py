@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 __all__ = ["Progress", "autocast", "check_logits", "resolve_device", "seed_epoch"]
 
 
-def resolve_device(name: str, *, amp: bool = False) -> torch.device:
-    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+def resolve_device(name: str, *, amp: bool = False, local_rank: int | None = None) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Under torchrun (``local_rank`` given) a CUDA device is ``cuda:LOCAL_RANK``, one GPU per
+    process, and an explicit ``cuda:N`` is refused.
+    """
     import torch
 
     if name == "auto":
@@ -34,18 +38,34 @@ def resolve_device(name: str, *, amp: bool = False) -> torch.device:
         raise TrainError(f"--device {name}: only cpu and cuda are supported")
     if amp and device.type != "cuda":
         raise TrainError("--amp (float16 autocast) needs a CUDA device; drop --amp on the CPU")
+    if local_rank is not None and device.type == "cuda":
+        if device.index is not None:
+            raise TrainError(
+                f"--device {name}: under torchrun each process takes the GPU of its "
+                "LOCAL_RANK; pass --device cuda (or auto) and choose GPUs with "
+                "CUDA_VISIBLE_DEVICES"
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are "
+                "visible; start at most one process per GPU"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     return device
 
 
-def seed_epoch(seed: int, epoch: int) -> int:
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> int:
     """Seed torch (every device) and ``random`` for ``epoch``; returns the seed used.
 
-    Each epoch starts from a state that depends on ``(seed, epoch)`` only, so a resumed run
-    draws the same shuffles, augmentations and dropout masks as an uninterrupted one.
+    Each epoch starts from a state that depends on ``(seed, epoch)`` only (and the process's
+    ``rank`` under torchrun, so that processes draw different augmentations and dropout
+    masks), so a resumed run draws the same shuffles, augmentations and dropout masks as an
+    uninterrupted one.
     """
     import torch
 
-    epoch_seed = (seed * 1_000_003 + epoch) % 2**63
+    epoch_seed = (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % 2**63
     torch.manual_seed(epoch_seed)  # also seeds every CUDA device
     random.seed(epoch_seed)
     return epoch_seed

@@ -1,0 +1,90 @@
+"""What every opened source offers: names, shapes and dtypes first, then one tensor at a time."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from ckptsurgery.io.dtypes import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Checkpoint(ABC):
+    """One opened source. Use as a context manager, or call :meth:`close`."""
+
+    path: Path
+    format: str
+    key: str | None = None  # the nested state dict's path inside the file, if any
+    other_entries: dict[str, str]  # other top-level entries: name -> type name
+    metadata: dict[str, str]  # safetensors __metadata__ (empty for torch files)
+    infos: dict[str, TensorInfo]  # every name, tied aliases included, in file order
+    aliases: dict[str, str]  # tied name -> the name whose storage it shares
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    @abstractmethod
+    def raw_bytes(self, name: str) -> bytes | memoryview:
+        """The tensor's bytes, contiguous and little-endian, exactly as stored."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor itself (read from disk on demand where the format allows)."""
+
+    def write_data(self, name: str, f: BinaryIO) -> int:
+        """Write the tensor's bytes (as :meth:`raw_bytes`) to ``f``; return how many.
+
+        Sources that can copy straight from disk override this to stream through a small
+        buffer, so that a tensor never has to fit in memory whole.
+        """
+        data = memoryview(self.raw_bytes(name)).cast("B")
+        f.write(data)
+        return len(data)
+
+    def record_crc(self, name: str) -> int | None:
+        """The CRC-32 of the bytes :meth:`write_data` writes, when known without computing it.
+
+        A torch archive knows it for a tensor that is one storage record, copied whole: its
+        :meth:`write_data` checks the bytes against it on the way, so a writer of a new
+        archive may reuse it.
+        """
+        return None
+
+    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
+        """Jobs that check the stored bytes of ``names`` (a torch archive's CRC-32s), for a
+        helper thread: the source then skips those checks while copying the bytes. Each job
+        raises :class:`~ckptsurgery.errors.FormatError` for corrupt data.
+
+        A writer runs them beside its copy (:func:`~ckptsurgery.io.streams.in_background`)
+        and joins them after its fsync, before it commits the output.
+        """
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, materialised; tied names are the same tensor object."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.infos:
+            canon = self.canonical(name)
+            out[name] = out[canon] if canon in out else self.tensor(canon)
+        return out
+
+    @property
+    def total_params(self) -> int:
+        return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for n, i in self.infos.items() if n not in self.aliases)
+
+    def close(self) -> None:  # noqa: B027 - sources that hold no resource need no closing
+        """Release the file or memory this source holds."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,181 @@
+"""Moving bytes between files through one small buffer, and file windows.
+
+Copies go through a plain read/write loop. Its buffer is small on purpose: 128 KiB stays in
+the CPU's L2 cache between the read and the write, and on the 2-core target machine (512 KiB
+of L2 per core, other processes busy) that loop kept pace with ``cp`` (median 1.0-1.2x)
+where an 8 MiB buffer took 2-3x as long and twice the system time, and
+``os.copy_file_range`` from a non-zero offset was 1.4-1.5x slower. The CRC-32 of what passes
+is computed on the way, while the bytes are still in cache (zip records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from typing import BinaryIO
+
+from ckptsurgery.errors import FormatError
+
+COPY_BUFFER = 128 * 1024  # bytes moved per read/write when copying tensor data
+
+
+def copy_range(
+    src: BinaryIO,
+    begin: int,
+    length: int,
+    out: BinaryIO,
+    *,
+    what: str,
+    crc: int | None = None,
+) -> int | None:
+    """Copy ``length`` bytes of ``src`` from ``begin`` to ``out``.
+
+    With ``crc`` (a running CRC-32, 0 to start), return the CRC-32 of the bytes copied;
+    else None. ``what`` names the data in the error raised when ``src`` ends early.
+    """
+    buf = bytearray(min(COPY_BUFFER, length))
+    view = memoryview(buf)
+    src.seek(begin)
+    remaining = length
+    while remaining:
+        n = src.readinto(view[: min(len(buf), remaining)])  # type: ignore[attr-defined]
+        if not n:
+            raise FormatError(f"{what} is cut short (truncated file?)")
+        chunk = view[:n]
+        if crc is not None:
+            crc = zlib.crc32(chunk, crc)
+        out.write(chunk)
+        remaining -= n
+    return crc
+
+
+def read_range(src: BinaryIO, begin: int, length: int, *, what: str) -> bytearray:
+    """``length`` bytes of ``src`` from ``begin``, in a buffer of their own."""
+    buf = bytearray(length)
+    src.seek(begin)
+    if length and src.readinto(buf) != length:  # type: ignore[attr-defined]
+        raise FormatError(f"{what} is cut short (truncated file?)")
+    return buf
+
+
+def crc_of_range(src: BinaryIO, begin: int, length: int, *, what: str) -> int:
+    """The CRC-32 of ``length`` bytes of ``src`` from ``begin``, read through the buffer."""
+    buf = bytearray(min(COPY_BUFFER, length))
+    view = memoryview(buf)
+    src.seek(begin)
+    crc, remaining = 0, length
+    while remaining:
+        n = src.readinto(view[: min(len(buf), remaining)])  # type: ignore[attr-defined]
+        if not n:
+            raise FormatError(f"{what} is cut short (truncated file?)")
+        crc = zlib.crc32(view[:n], crc)
+        remaining -= n
+    return crc
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only view of ``length`` bytes of an open file, starting at ``base``.
+
+    A torch.distributed.checkpoint data file holds many ``torch.save`` archives end to end;
+    a window lets the zip reader see one of them as a whole file.
+    """
+
+    def __init__(self, f: BinaryIO, base: int, length: int) -> None:
+        super().__init__()
+        self._f = f
+        self._base = base
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._length + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(b), self._length - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._base + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])  # type: ignore[attr-defined]
+        self._pos += got
+        return int(got)
+
+    def fileno(self) -> int:
+        raise OSError("a file window has no descriptor of its own")
+
+
+class FileDigest:
+    """The SHA-256 of a file, computed on a helper thread from the moment this is made.
+
+    Hashing a multi-GB source costs seconds of CPU (~0.7 GB/s here); done beside the copy of
+    the tensors (hashlib releases the GIL), it adds no wall time on a machine with two cores.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                self._digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            self._error = e
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+def in_background(jobs: list[Callable[[], None]]) -> Callable[[], None]:
+    """Run ``jobs`` one after another on a helper thread; return the join, which re-raises
+    the first job's exception (the remaining jobs are then skipped)."""
+    if not jobs:
+        return lambda: None
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for job in jobs:
+                job()
+        except BaseException as e:  # handed to the joining thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="checks", daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return join
