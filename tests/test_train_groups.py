@@ -208,3 +208,49 @@ def test_layer_decay_groups_for_resnet_stages_and_vit_blocks() -> None:
 def test_config_refuses_layer_decay_in_linear_probe() -> None:
     with pytest.raises(TrainError, match="--layer-decay"):
         TrainConfig(model="m", data="d", out="o", mode="linear-probe", layer_decay=0.7)
+
+
+def test_no_decay_norm_bias_splits_each_group_by_name(which: str) -> None:
+    model, head, optimizer, _ = setup(
+        which, "discriminative", weight_decay=0.05, decay_norm_bias=False
+    )
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"backbone", "backbone.no_decay", "head", "head.no_decay"}
+    names = names_in(optimizer, model)
+    assert names["head"] == {f"{head.name}.weight"}
+    assert names["head.no_decay"] == {f"{head.name}.bias"}
+    # In these two models "a norm layer's or a bias" is exactly "a vector": BN/LN scales and
+    # shifts, biases (MHA's in_proj_bias too); convs, linears and embeddings keep decaying.
+    vectors = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    assert names["backbone.no_decay"] == vectors - names["head.no_decay"]
+    norm_weight = "bn1.weight" if which == "resnet18" else "encoder.ln.weight"
+    assert norm_weight in names["backbone.no_decay"]
+    assert {g["weight_decay"] for g in optimizer.param_groups if "no_decay" in g["name"]} == {0}
+    assert groups["backbone"]["weight_decay"] == 0.05
+    # Same lr as its twin, and the schedule keeps every ratio.
+    assert groups["backbone.no_decay"]["lr"] == groups["backbone"]["lr"]
+    assert groups["head.no_decay"]["lr"] == groups["head"]["lr"] == 0.1
+
+
+def test_weight_decay_on_everything_by_default(which: str) -> None:
+    _, _, optimizer, _ = setup(which, "full", weight_decay=0.05)
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("all", 0.05)]
+
+
+def test_linear_probe_records_no_autograd_graph_through_the_backbone(which: str) -> None:
+    """No backward through the frozen backbone: one forward records the head's nodes only."""
+    spec, args, _ = MODELS[which]
+    model, _, _, _ = setup(which, "linear-probe")
+    model.eval()
+    size = args.get("image_size", 32)
+    logits = model(torch.randn(2, 3, size, size))
+    seen: set[object] = set()
+    stack = [logits.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    kinds = sorted(type(n).__name__ for n in seen)
+    assert kinds == ["AccumulateGrad", "AccumulateGrad", "AddmmBackward0", "TBackward0"], spec

@@ -307,3 +307,29 @@ def test_early_stop_after_patience_epochs_without_a_better_top1(
         resume=True,
     )
     assert again.stopped_early and len(again.metrics) == 3
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ckptsurgery.train.runtime import Progress
+
+    lines: list[str] = []
+    record = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "top1": 0.75, "top5": None}
+    record |= {"lr": {"head": 0.1}, "seconds": 1.25, "best": True}
+    bar = Progress(True, 4, lines.append, epochs=2)
+    for step in range(4):
+        bar.step(0, step, torch.tensor(0.25))
+    bar.epoch_line(record, 2)
+    err = capsys.readouterr().err
+    assert "\repoch 1/2 [" + "#" * 30 + "] 4/4 loss 0.2500" in err  # the last step is drawn
+    assert "it/s" in err and "0:00 left" in err
+    assert err.endswith("\r\033[K")  # the bar is wiped before the epoch line
+    assert lines == [
+        "epoch 1/2: train loss 0.5000, val loss 0.4000, top1 0.7500, lr head=0.1, 1.2s *best*"
+    ]
+
+    plain = Progress(False, 4, lines.append, epochs=2)
+    for step in range(4):
+        plain.step(0, step, torch.tensor(0.25))
+    assert capsys.readouterr().err == ""

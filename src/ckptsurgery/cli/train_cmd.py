@@ -167,13 +167,26 @@ def parse_transform(
     help="Weight decay of every group (on every parameter, as d2l).",
 )
 @click.option(
+    "--decay-norm-bias/--no-decay-norm-bias",
+    default=True,
+    show_default=True,
+    help="--no-decay-norm-bias: no weight decay on normalisation layers and biases (timm, "
+    "MAE); each group gets a '<group>.no_decay' twin at the same lr.",
+)
+@click.option(
     "--layer-decay",
     type=float,
     default=None,
     help="Layer-wise lr decay (ResNet stages, ViT blocks): depth k trains at lr x D^(L+1-k).",
 )
 @click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Batch size (per process under torchrun).",
+)
 @click.option(
     "--scheduler",
     type=click.Choice(["none", "step", "cosine"]),
@@ -278,13 +291,19 @@ def train_cmd(
     The loss is the batch mean: a recipe with a summed loss (d2l: lr 5e-5, batch 128) takes
     the same SGD steps with --lr 5e-5*128 and --weight-decay divided by 128.
 
+    Under torchrun each process trains on its share of the data with DistributedDataParallel
+    (gloo on the CPU, nccl on GPUs; --batch-size is per process); evaluation counts every
+    sample once; rank 0 prints and writes OUTDIR.
+
     \b
-    Example (a linear probe of a MoCo backbone, then full fine-tuning from scratch):
+    Example (a linear probe of a MoCo backbone; from scratch; from scratch on 2 processes):
       ckptsurgery train --model torchvision:resnet50 --data imagenette -o probe \\
           --weights moco_v2.pth.tar --keep 'module.encoder_q.*' \\
           --drop 'module.encoder_q.fc.*' --strip-prefix module.encoder_q. \\
           --mode linear-probe --lr 0.1 --epochs 20 --dry-run
       ckptsurgery train --model torchvision:resnet50 --data imagenette -o scratch --mode full
+      torchrun --standalone --nproc_per_node=2 -m ckptsurgery train \\
+          --model torchvision:resnet50 --data imagenette -o ddp --mode full
     """
     from ckptsurgery.models import parse_model_args
     from ckptsurgery.train import TrainConfig, train

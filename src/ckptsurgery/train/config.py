@@ -118,6 +118,7 @@ class TrainConfig:
     momentum: float = 0.9
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-3
+    decay_norm_bias: bool = True  # False: no weight decay on norm layers and biases
     layer_decay: float | None = None
     epochs: int = 10
     batch_size: int = 32

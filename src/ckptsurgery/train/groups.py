@@ -13,9 +13,12 @@ split by depth: the stem is layer 0, block *i* (ResNet ``layerI``, torchvision V
 what comes after the last block (final norm) is layer L + 1. Layer *k* trains at
 ``lr * layer_decay ** (L + 1 - k)``; groups are ``backbone.K``.
 
-Every group has the same ``weight_decay`` (as d2l applies it: to every parameter). The groups
-carry their ``name``; :func:`check_groups` verifies them before step 1 and :func:`group_table`
-prints them.
+Every group has the same ``weight_decay`` (by default as d2l applies it: to every parameter).
+With ``decay_norm_bias=False`` (``--no-decay-norm-bias``, the timm/MAE/BEiT convention) each
+group is split by name: the parameters of normalisation layers (BatchNorm, LayerNorm,
+GroupNorm, ...) and every ``bias`` go to ``<group>.no_decay``, at the group's lr with weight
+decay 0. The groups carry their ``name``; :func:`check_groups` verifies them before step 1 and
+:func:`group_table` prints them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "group_rows",
     "group_table",
     "layer_ids",
+    "no_decay_names",
     "plan_groups",
     "set_trainable",
 ]
@@ -82,6 +86,40 @@ def set_trainable(model: nn.Module, head: Head, mode: str) -> list[str]:
 
 def plan_groups(model: nn.Module, head: Head, config: TrainConfig) -> list[GroupSpec]:
     """The parameter groups of ``config.mode``, by name (see the module docstring)."""
+    groups = _plan_groups(model, head, config)
+    if config.decay_norm_bias:
+        return groups
+    exempt = no_decay_names(model)
+    split: list[GroupSpec] = []
+    for g in groups:
+        decay = tuple(n for n in g.params if n not in exempt)
+        no_decay = tuple(n for n in g.params if n in exempt)
+        if decay:
+            split.append(GroupSpec(g.name, decay, g.lr, g.weight_decay))
+        if no_decay:
+            split.append(GroupSpec(f"{g.name}.no_decay", no_decay, g.lr, 0.0))
+    return split
+
+
+def no_decay_names(model: nn.Module) -> frozenset[str]:
+    """The parameters ``--no-decay-norm-bias`` exempts: norm layers' and biases (``*_bias`` too)."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _NormBase
+
+    norms = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+    out = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        # By type, and by name for the norms of other libraries (timm's LayerNorm2d,
+        # BatchNormAct2d).
+        is_norm = isinstance(module, norms) or "Norm" in type(module).__name__
+        for name, _ in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or name.endswith("_bias"):  # MHA in_proj_bias
+                out.add(prefix + name)
+    return frozenset(out)
+
+
+def _plan_groups(model: nn.Module, head: Head, config: TrainConfig) -> list[GroupSpec]:
     names = [n for n, _ in model.named_parameters()]
     head_names = tuple(n for n in names if is_head_key(n, head))
     backbone = [n for n in names if not is_head_key(n, head)]

@@ -244,7 +244,9 @@ def _run(s: Setup, result: TrainResult, dist: Dist, *, log: Log) -> None:
     # The model that trains: DistributedDataParallel under torchrun (gradients averaged over
     # the processes). `model` stays the bare module: evaluated, saved, checked.
     net = distributed.wrap(model, dist, device)
-    progress = Progress(config.progress if main else False, steps_per_epoch, log)
+    progress = Progress(
+        config.progress if main else False, steps_per_epoch, log, epochs=config.epochs
+    )
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         # The shuffle gets its own stream, distinct from augmentation's and dropout's.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -98,23 +100,44 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 class Progress:
-    """A progress bar on a terminal; otherwise one plain line per epoch."""
+    """A progress bar on a terminal; otherwise one plain line per epoch.
 
-    def __init__(self, enabled: bool | None, steps: int, log: Callable[[str], None]) -> None:
+    The bar shows the step, the batch loss, steps per second and the time left in the epoch;
+    it is redrawn at most ~50 times an epoch and 10 times a second (reading the loss
+    synchronises with the device), and cut to the terminal's width so that it never wraps.
+    """
+
+    def __init__(
+        self, enabled: bool | None, steps: int, log: Callable[[str], None], *, epochs: int = 0
+    ) -> None:
         self.bar = sys.stderr.isatty() if enabled is None else enabled
         self.steps = steps
+        self.epochs = epochs
         self.log = log
         self.every = max(1, steps // 50)
+        self.started = 0.0
+        self.drawn = 0.0
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
-        if not self.bar or ((step + 1) % self.every and step + 1 != self.steps):
+        if not self.bar:
             return
+        now = time.monotonic()
+        if step == 0:
+            self.started, self.drawn = now, 0.0
+        last = step + 1 == self.steps
+        if not last and ((step + 1) % self.every or now - self.drawn < 0.1):
+            return
+        self.drawn = now
         done = (step + 1) * 30 // self.steps
-        # .item() synchronises with the device; the bar draws at most ~50 times an epoch.
-        sys.stderr.write(
-            f"\repoch {epoch + 1} [{'#' * done}{'.' * (30 - done)}] "
-            f"{step + 1}/{self.steps} loss {loss.item():.4f}"
+        rate = (step + 1) / max(now - self.started, 1e-9)
+        left = round((self.steps - step - 1) / rate)
+        of = f"/{self.epochs}" if self.epochs else ""
+        line = (
+            f"epoch {epoch + 1}{of} [{'#' * done}{'.' * (30 - done)}] {step + 1}/{self.steps} "
+            f"loss {loss.item():.4f}  {rate:.2f} it/s  {left // 60}:{left % 60:02d} left"
         )
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        sys.stderr.write("\r" + line[:width] + "\033[K")
         sys.stderr.flush()
 
     def epoch_line(self, r: dict[str, Any], epochs: int) -> None:
