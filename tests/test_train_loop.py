@@ -324,6 +324,8 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(
     err = capsys.readouterr().err
     assert "\repoch 1/2 [" + "#" * 30 + "] 4/4 loss 0.2500" in err  # the last step is drawn
     assert "it/s" in err and "0:00 left" in err
+    first = err.split("\r")[1]
+    assert first.startswith("epoch 1/2 [") and "it/s" not in first  # no rate from one step
     assert err.endswith("\r\033[K")  # the bar is wiped before the epoch line
     assert lines == [
         "epoch 1/2: train loss 0.5000, val loss 0.4000, top1 0.7500, lr head=0.1, 1.2s *best*"

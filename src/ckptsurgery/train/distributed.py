@@ -14,7 +14,8 @@ more than one process the trainer
   samples over its part, and the sums are all-reduced: every sample counts once;
 - before each evaluation and save, makes every replica hold rank 0's parameters and buffers,
   except the running statistics of BatchNorm layers that train, which are averaged over the
-  processes (each saw only its part of the data; no buffer broadcast at every step). A frozen BatchNorm layer is not averaged: its statistics stay bit-identical;
+  processes (each saw only its part of the data; no buffer broadcast at every step). A frozen
+  BatchNorm layer is not averaged: its statistics stay bit-identical;
 - saves, checks and prints on rank 0 only, from the bare model (no ``module.`` prefix).
 
 Every process raises the same errors (they see the same all-reduced numbers); when one fails,

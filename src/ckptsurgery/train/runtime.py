@@ -129,12 +129,16 @@ class Progress:
             return
         self.drawn = now
         done = (step + 1) * 30 // self.steps
-        rate = (step + 1) / max(now - self.started, 1e-9)
-        left = round((self.steps - step - 1) / rate)
+        # The rate counts the steps after the first (whose start the bar does not see).
+        speed = ""
+        if step and now > self.started:
+            rate = step / (now - self.started)
+            left = round((self.steps - step - 1) / rate)
+            speed = f"  {rate:.2f} it/s  {left // 60}:{left % 60:02d} left"
         of = f"/{self.epochs}" if self.epochs else ""
         line = (
             f"epoch {epoch + 1}{of} [{'#' * done}{'.' * (30 - done)}] {step + 1}/{self.steps} "
-            f"loss {loss.item():.4f}  {rate:.2f} it/s  {left // 60}:{left % 60:02d} left"
+            f"loss {loss.item():.4f}{speed}"
         )
         width = shutil.get_terminal_size((100, 20)).columns - 1
         sys.stderr.write("\r" + line[:width] + "\033[K")
