@@ -1,31 +1,39 @@
 """Speed and peak memory of ckptsurgery against `cp` and the naive ways, side by side in one run.
 
-    python benchmarks/bench.py                       # every task, 3 paired runs, 2 GB inputs
-    python benchmarks/bench.py strip-st diff --runs 5
-    python benchmarks/bench.py --size 0.05           # inputs scaled down (0.05 x 2 GB)
-    python benchmarks/bench.py --workdir /tmp/bench --keep   # reuse generated inputs
+examples:
+  python benchmarks/bench.py                        # every task, 3 paired runs, 2 GB inputs
+  python benchmarks/bench.py strip-st diff --runs 5 # some tasks, more runs
+  python benchmarks/bench.py --size 0.05 --runs 1   # a quick check (inputs 0.05 x 2 GB)
+  python benchmarks/bench.py --workdir /tmp/bench   # inputs kept there, reused by later runs
+  python benchmarks/bench.py --json                 # the rows as JSON instead of the table
 
 Inputs are generated deterministically into the work folder (nothing is downloaded): a
-checkpoint of a few hundred float32 and bfloat16 tensors with a ``module.`` prefix (2 GB at
-``--size 1``), as safetensors and as a ``torch.save`` zip, and three 1 GB checkpoints to
-average. Every approach runs as its own child process, started from a small launcher; wall
-time is measured around it and peak RSS is that child's ``ru_maxrss``, so the numbers include
-interpreter and import costs exactly as a user pays them. Every approach that writes fsyncs
-its output (``cp`` is followed by ``sync FILE``), as ckptsurgery does before it renames. The
-approaches of one task run interleaved (paired), and the table shows medians; the ratio column
-compares each row with the task's baseline (``cp`` where a file is written).
+checkpoint of a few hundred float32 and bfloat16 tensors with a `module.` prefix (2 GB at
+--size 1), as safetensors and as a torch.save zip, and three 1 GB checkpoints to average.
+At --size 1 a run of every task needs about 15 GB of free disk (inputs, and the outputs of
+one task at a time) and 6 GB of memory (the naive approaches, and making the torch input).
 
-Tasks:
-  strip-st    strip ``module.``: safetensors -> safetensors
-  strip-pt    strip ``module.``: torch zip -> torch zip
-  pt-to-st    strip ``module.``: torch zip -> safetensors
+Every approach runs as its own child process, started from a small launcher: wall time is
+measured around it and peak RSS is that child's ru_maxrss, so the numbers include interpreter
+and import costs exactly as a user pays them (ckptsurgery's bytecode is compiled first, as an
+install would have it). Every approach that writes fsyncs its output (`cp` is followed by
+`sync FILE`), as ckptsurgery does before it renames. The approaches of one task run
+interleaved (paired runs), the table shows medians, and the ratio columns compare each row
+with the task's baseline. Run it on an otherwise idle machine: it compares ratios.
+
+tasks (and what ckptsurgery should reach at 2 GB):
+  strip-st    strip `module.`: safetensors -> safetensors      <= 1.15x cp, <= 64 MB
+  strip-pt    strip `module.`: torch zip -> torch zip          <= 1.25x cp, <= 64 MB
+  pt-to-st    strip `module.`: torch zip -> safetensors        <= 1.5x cp, <= 128 MB
   keep-half   keep the even-numbered blocks (half the keys), safetensors -> safetensors
-  average     the mean of 3 checkpoints (``ckptsurgery merge --average``; skipped if absent)
-  inspect-st  list names, shapes and dtypes of the safetensors file
-  inspect-pt  the same for the torch zip file
+  average     the mean of 3 x 1 GB (merge --average)  <= import torch + 3 tensors + 200 MB
+  inspect-st  names, shapes and dtypes of the safetensors file <= 0.3 s, <= 32 MB
+  inspect-pt  the same for the torch zip file                  <= 0.3 s, <= 32 MB
   diff        a checkpoint of torchvision's vit_h_14 (632M parameters; resnet18 below
-              ``--size 0.5``) against the model: ``import torch, torchvision`` alone (the
-              floor), ``ckptsurgery diff`` (model on meta, header only), the naive way
+              --size 0.5) against the model: `import torch, torchvision` alone (the floor),
+              ckptsurgery diff (model on meta, header only), the naive way
+              <= 1.2x the floor's wall time and at most 64 MB more
+  Every ckptsurgery row should need at least 6x less memory than the naive way.
 """
 
 from __future__ import annotations
@@ -240,103 +248,77 @@ with safe_open(sys.argv[1], "pt") as f:
 _KEEP_EVEN = "module.blocks.*[02468].*"
 
 
-def _strip_st(work: Path, size: float) -> list[Approach]:
-    src = work / "model.safetensors"
-    return [
-        Approach("cp + fsync", _fsync_cp(src, work / "cp.out"), work / "cp.out"),
-        Approach(
-            "safetensors load_file + save_file",
-            [PY, "-c", _NAIVE_ST, str(src), str(work / "naive.safetensors")],
-            work / "naive.safetensors",
-        ),
-        Approach(
-            "ckptsurgery remap",
-            [
-                *CLI,
-                "remap",
-                str(src),
-                "-o",
-                str(work / "cs.safetensors"),
-                "--strip-prefix",
-                "module.",
-            ],
-            work / "cs.safetensors",
-        ),
-    ]
+_STRIP = ["--strip-prefix", "module."]
+Approaches = Callable[[Path, float], list[Approach]]
 
 
-def _strip_pt(work: Path, size: float) -> list[Approach]:
-    src = work / "model.pt"
-    return [
-        Approach("cp + fsync", _fsync_cp(src, work / "cp.out"), work / "cp.out"),
-        Approach(
-            "naive torch.load + torch.save",
-            [PY, "-c", _NAIVE_TORCH, str(src), str(work / "naive.pt")],
-            work / "naive.pt",
-        ),
-        Approach(
-            "ckptsurgery remap",
-            [*CLI, "remap", str(src), "-o", str(work / "cs.pt"), "--strip-prefix", "module."],
-            work / "cs.pt",
-        ),
-    ]
+def _rewrite(
+    src: str,
+    ext: str,
+    naive: tuple[str, str],
+    remap_args: list[str],
+    *,
+    naive_args: tuple[str, ...] = (),
+    cp: str = "cp + fsync",
+    surgery: str = "ckptsurgery remap",
+) -> Approaches:
+    """A file-to-file task: ``cp`` of the source (the baseline), a naive script (label,
+    code) writing ``naive.EXT``, and ``ckptsurgery remap`` writing ``cs.EXT``: as it runs by
+    default (the output re-read and checked before it takes its name) and with ``--no-verify``."""
+
+    def approaches(work: Path, size: float) -> list[Approach]:
+        source, copy = work / src, work / "cp.out"
+        naive_out, cs_out = work / f"naive.{ext}", work / f"cs.{ext}"
+        fast_out = work / f"cs_no_verify.{ext}"
+        label, code = naive
+        remap = [*CLI, "remap", str(source)]
+        return [
+            Approach(cp, _fsync_cp(source, copy), copy),
+            Approach(label, [PY, "-c", code, str(source), str(naive_out), *naive_args], naive_out),
+            Approach(surgery, [*remap, "-o", str(cs_out), *remap_args], cs_out),
+            Approach(
+                f"{surgery} --no-verify",
+                [*remap, "-o", str(fast_out), *remap_args, "--no-verify"],
+                fast_out,
+            ),
+        ]
+
+    return approaches
 
 
-def _pt_to_st(work: Path, size: float) -> list[Approach]:
-    src = work / "model.pt"
-    return [
-        Approach("cp + fsync", _fsync_cp(src, work / "cp.out"), work / "cp.out"),
-        Approach(
-            "naive torch.load + save_file",
-            [PY, "-c", _NAIVE_TORCH_TO_ST, str(src), str(work / "naive.safetensors")],
-            work / "naive.safetensors",
-        ),
-        Approach(
-            "ckptsurgery remap",
-            [
-                *CLI,
-                "remap",
-                str(src),
-                "-o",
-                str(work / "cs.safetensors"),
-                "--strip-prefix",
-                "module.",
-            ],
-            work / "cs.safetensors",
-        ),
-    ]
+def _inspect(src: str, naive: tuple[str, str]) -> Approaches:
+    """Listing a file's tensors: the interpreter's start alone, a naive script, ``inspect``."""
+
+    def approaches(work: Path, size: float) -> list[Approach]:
+        label, code = naive
+        return [
+            Approach("python -c pass", [PY, "-c", "pass"]),
+            Approach(label, [PY, "-c", code, str(work / src)]),
+            Approach("ckptsurgery inspect", [*CLI, "inspect", str(work / src)]),
+        ]
+
+    return approaches
 
 
-def _keep_half(work: Path, size: float) -> list[Approach]:
-    src = work / "model.safetensors"
-    return [
-        Approach("cp + fsync (whole file)", _fsync_cp(src, work / "cp.out"), work / "cp.out"),
-        Approach(
-            "safetensors load_file + save_file",
-            [PY, "-c", _NAIVE_ST, str(src), str(work / "naive.safetensors"), _KEEP_EVEN],
-            work / "naive.safetensors",
-        ),
-        Approach(
-            "ckptsurgery remap --keep",
-            [
-                *CLI,
-                "remap",
-                str(src),
-                "-o",
-                str(work / "cs.safetensors"),
-                "--keep",
-                _KEEP_EVEN,
-                "--strip-prefix",
-                "module.",
-            ],
-            work / "cs.safetensors",
-        ),
-    ]
-
-
-def _has_average() -> bool:
-    proc = subprocess.run([*CLI, "merge", "--help"], capture_output=True, text=True)
-    return proc.returncode == 0 and "--average" in proc.stdout
+_NAIVE_ST_LABEL = "safetensors load_file + save_file"
+_strip_st = _rewrite("model.safetensors", "safetensors", (_NAIVE_ST_LABEL, _NAIVE_ST), _STRIP)
+_strip_pt = _rewrite("model.pt", "pt", ("naive torch.load + torch.save", _NAIVE_TORCH), _STRIP)
+_pt_to_st = _rewrite(
+    "model.pt", "safetensors", ("naive torch.load + save_file", _NAIVE_TORCH_TO_ST), _STRIP
+)
+_keep_half = _rewrite(
+    "model.safetensors",
+    "safetensors",
+    (_NAIVE_ST_LABEL, _NAIVE_ST),
+    ["--keep", _KEEP_EVEN, *_STRIP],
+    naive_args=(_KEEP_EVEN,),
+    cp="cp + fsync (whole file)",
+    surgery="ckptsurgery remap --keep",
+)
+_inspect_st = _inspect(
+    "model.safetensors", ("safetensors safe_open (keys, shapes)", _NAIVE_INSPECT_ST)
+)
+_inspect_pt = _inspect("model.pt", ("naive torch.load (keys, shapes)", _NAIVE_INSPECT_PT))
 
 
 def _average(work: Path, size: float) -> list[Approach]:
@@ -465,6 +447,33 @@ def _same_tensors(a: Path, b: Path) -> None:
                 raise RuntimeError(f"{a.name} and {b.name} differ at {name!r}")
 
 
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured table (text columns left, numbers right), to paste into the README."""
+    cells = [[str(c) for c in r] for r in rows]
+    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                v.rjust(w) if num else v.ljust(w)
+                for v, w, num in zip(values, widths, numeric, strict=True)
+            )
+            + " |"
+        )
+
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if num else "-" * (w + 2)
+            for w, num in zip(widths, numeric, strict=True)
+        )
+        + "|"
+    )
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
 def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach]]:
     """Every approach once per run, the order alternating, so none always follows another."""
     for i in range(runs):
@@ -474,29 +483,43 @@ def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        usage="python benchmarks/bench.py [TASK ...] [options]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("tasks", nargs="*", metavar="TASK", help=f"some of {', '.join(TASKS)}")
     parser.add_argument("--runs", type=int, default=3, help="paired runs per approach")
     parser.add_argument(
         "--size", type=float, default=1.0, help="scale the inputs (1: 2 GB, 3 x 1 GB to average)"
     )
-    parser.add_argument("--workdir", type=Path, default=None, help="where inputs are generated")
-    parser.add_argument("--keep", action="store_true", help="keep the generated inputs")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the inputs are generated and kept, for later runs to reuse (default: a "
+        "temporary folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder (its path is printed)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
 
+    # An installed package ships compiled bytecode; a source checkout may not have it (or
+    # PYTHONDONTWRITEBYTECODE keeps it from being written), and then every child would pay
+    # for compiling ckptsurgery on each start. Compile once, as an install would.
+    subprocess.run([PY, "-m", "compileall", "-q", str(SRC / "ckptsurgery")], check=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptsurgery-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"inputs in {work}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     try:
         for name in args.tasks or list(TASKS):
             task = TASKS[name]
-            if name == "average" and not _has_average():
-                print("skipping average: `ckptsurgery merge --average` is missing", file=sys.stderr)
-                continue
             print(f"preparing {name}: {task.describe}", file=sys.stderr)
             task.prepare(work, args.size)
             approaches = task.approaches(work, args.size)
@@ -536,14 +559,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    from tabulate import tabulate
-
     headers = ["task", "approach", "wall s", "peak RSS MB", "x baseline time", "x baseline RSS"]
     table = [
         [r["task"], r["approach"], r["wall_s"], r["peak_rss_mb"], r["time_ratio"], r["rss_ratio"]]
         for r in rows
     ]
-    print(tabulate(table, headers=headers, tablefmt="github"))
+    print(markdown_table(headers, table))
     print(
         f"\nmedians of {args.runs} paired runs; inputs {2 * args.size:g} GB "
         f"(average: 3 x {args.size:g} GB); {os.cpu_count()} CPUs"

@@ -81,6 +81,74 @@ def test_import_does_not_import_torch(tmp_path: Path) -> None:
     )
 
 
+def test_import_is_lazy() -> None:
+    """``import ckptsurgery`` loads no command, no third-party package and no heavy module."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import ckptsurgery
+
+        heavy = ("torch", "click", "numpy", "safetensors", "tabulate", "ckptsurgery.cli",
+                 "ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
+                 "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
+                 "ckptsurgery.io")
+        loaded = sorted(m for m in sys.modules if m.startswith(heavy))
+        assert not loaded, loaded
+        print("LAZY")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0 and "LAZY" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_exports_resolve() -> None:
+    """Every name of ``__all__`` resolves, ``dir()`` lists it, and the functions named like
+    their modules (``merge``, ``match``, ``suggest``, ``train``) stay functions once those
+    modules are imported."""
+    import ckptsurgery as cs
+    import ckptsurgery.io
+    import ckptsurgery.match
+    import ckptsurgery.merge
+    import ckptsurgery.suggest
+    import ckptsurgery.train
+
+    assert set(cs.__all__) == set(cs._EXPORTS) | {"__version__"}
+    assert set(cs.__all__) <= set(dir(cs))
+    for name in cs.__all__:
+        assert getattr(cs, name) is not None
+    for name in ("merge", "match", "suggest", "train"):
+        assert callable(getattr(cs, name)) and not isinstance(getattr(cs, name), type(cs))
+    from ckptsurgery import merge, train
+
+    assert merge is cs.merge and train is cs.train
+    assert set(ckptsurgery.io.__all__) == set(ckptsurgery.io._EXPORTS)
+    for name in ckptsurgery.io.__all__:
+        getattr(ckptsurgery.io, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cs.nope  # noqa: B018
+    with pytest.raises(ImportError):
+        from ckptsurgery import nope  # noqa: F401
+
+
+def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """``ckptsurgery inspect`` loads neither the other commands nor the writing side."""
+    write_safetensors(tmp_path / "m.safetensors")
+    run_without_torch(
+        """
+        cli("inspect", "m.safetensors")
+        unwanted = ("ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
+                    "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
+                    "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
+                    "ckptsurgery.cli.train_cmd", "tabulate", "numpy")
+        loaded = sorted(m for m in sys.modules if m.startswith(unwanted))
+        assert not loaded, loaded
+        """,
+        tmp_path,
+    )
+
+
 def test_help_does_not_import_torch(tmp_path: Path) -> None:
     proc = run_without_torch('cli("--help")\ncli("remap", "--help")\n', tmp_path)
     assert "Usage:" in proc.stdout

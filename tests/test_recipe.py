@@ -184,6 +184,15 @@ def test_recipe_average(tmp_path: Path) -> None:
     assert done.result.weights == (0.25, 0.25, 0.5)
 
 
+def test_recipe_max_shard_size(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
+    text = GOOD_SOURCE + "[output]\npath = 'out'\nmax_shard_size = '{}'\n"
+    recipe = parse_recipe(text.format("2GiB"), base=tmp_path)
+    assert recipe.max_shard_size == 2 * 2**30 and recipe.output == tmp_path / "out"
+    assert parse_recipe(text.format("500"), base=tmp_path).max_shard_size == 500
+    assert parse_recipe(GOOD_SOURCE + GOOD_OUTPUT, base=tmp_path).max_shard_size is None
+
+
 def test_recipe_key_default_from_the_caller(tmp_path: Path) -> None:
     torch.save({"a": {"x": torch.zeros(1)}, "b": {"y": torch.zeros(1)}}, tmp_path / "two.pt")
     write(tmp_path / "r.toml", '[[source]]\npath = "two.pt"\n[output]\npath = "o.safetensors"\n')
@@ -322,6 +331,18 @@ GOOD_OUTPUT = '[output]\npath = "out.safetensors"\n'
         (
             GOOD_SOURCE + "[output]\npath = 'o.pt'\nfile = 'x'\n",
             ["line 5", "[output] file: unknown field", "allowed: path, format"],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o'\nmax_shard_size = 'lots'\n",
+            ["line 5", "[output] max_shard_size: 'lots' is not a size", '"5GB"'],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o'\nmax_shard_size = true\n",
+            ["line 5", "[output] max_shard_size: must be a size", "got a boolean"],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o'\nformat = 'torch'\nmax_shard_size = 5\n",
+            ["line 6", "[output] max_shard_size: writes safetensors shards", 'format = "torch"'],
         ),
         (GOOD_SOURCE + "[output\n", ["not valid TOML", "line 3"]),
     ],

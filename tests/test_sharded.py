@@ -450,3 +450,90 @@ def test_symlinked_output_folder_and_dry_run(tmp_path: Path) -> None:
     result = cs.remap(src, tmp_path / "dry", cs.Rules(), max_shard_size=64, dry_run=True)
     assert result.written is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "src.safetensors"]
+
+
+# --- merge and apply write shards as remap does ---------------------------------------------
+
+
+def _assert_hf_sharded(out: Path, want: dict[str, torch.Tensor]) -> int:
+    """``out`` holds safetensors shards and the index transformers reads, together ``want``
+    bit for bit (tied aliases aside); returns the number of shards."""
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert list(index) == ["metadata", "weight_map"]
+    weight_map = index["weight_map"]
+    stored: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(weight_map.values())):
+        assert SHARD_RE.fullmatch(fname), fname
+        assert safetensors_header(out / fname)["__metadata__"]["format"] == "pt"
+        shard = safetensors.torch.load_file(out / fname)
+        assert {weight_map[n] for n in shard} == {fname}
+        stored.update(shard)
+    assert set(stored) == set(weight_map)
+    assert index["metadata"] == {
+        "total_size": sum(t.numel() * t.element_size() for t in stored.values())
+    }
+    assert_bit_exact(cs.load_state_dict(out), want)
+    return len(set(weight_map.values()))
+
+
+def test_merge_and_average_write_shards(tmp_path: Path) -> None:
+    sd = _sample()
+    names = list(sd)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    cs.save_state_dict({n: sd[n] for n in names[:8]}, a)
+    cs.save_state_dict({n: sd[n] for n in names[8:]}, b)
+    result = cs.merge_files([a, b], tmp_path / "union", max_shard_size="100")
+    assert result.written is not None and result.written.shards > 1
+    assert _assert_hf_sharded(tmp_path / "union", sd) == result.written.shards
+
+    g = torch.Generator().manual_seed(1)
+    x = {"w": torch.randn(40, 4, generator=g), "b": torch.randn(30, generator=g)}
+    y = {k: torch.randn(v.shape, generator=g) for k, v in x.items()}
+    cs.save_state_dict(x, tmp_path / "x.safetensors")
+    cs.save_state_dict(y, tmp_path / "y.safetensors")
+    out = tmp_path / "soup" / "model.safetensors.index.json"  # given as the index path
+    result = cs.average_files(
+        [tmp_path / "x.safetensors", tmp_path / "y.safetensors"], out, max_shard_size=200
+    )
+    assert result.written is not None and result.written.shards == 2
+    assert _assert_hf_sharded(tmp_path / "soup", cs.average([x, y])) == 2
+
+
+def test_merge_shards_refuses_torch_format_and_bad_sizes(tmp_path: Path) -> None:
+    cs.save_state_dict(_sample(), tmp_path / "a.safetensors")
+    with pytest.raises(OutputError, match="safetensors shards"):
+        cs.merge_files([tmp_path / "a.safetensors"], tmp_path / "o", format="torch",
+                       max_shard_size="1GB")  # fmt: skip
+    with pytest.raises(OutputError, match="--max-shard-size 'lots'"):
+        cs.merge_files([tmp_path / "a.safetensors"], tmp_path / "o", max_shard_size="lots")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_merge_and_apply_max_shard_size(tmp_path: Path) -> None:
+    sd = _sample()
+    names = list(sd)
+    cs.save_state_dict({f"backbone.{n}": sd[n] for n in names[:8]}, tmp_path / "a.safetensors")
+    torch.save({"state_dict": {n: sd[n] for n in names[8:]}}, tmp_path / "b.pt")
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pt"), "-o",
+              str(tmp_path / "merged"), "--max-shard-size", "100B"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert re.search(r"wrote 16 tensors, .* in \d+ shards to", result.stderr)
+    want = {**{f"backbone.{n}": sd[n] for n in names[:8]}, **{n: sd[n] for n in names[8:]}}
+    _assert_hf_sharded(tmp_path / "merged", want)
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[[source]]\npath = "a.safetensors"\nstrip_prefix = ["backbone."]\n'
+        '[[source]]\npath = "b.pt"\nkey = "state_dict"\n'
+        '[output]\npath = "from_recipe"\nmax_shard_size = "100B"\n'
+    )
+    result = runner.invoke(cli, ["apply", str(recipe)])
+    assert result.exit_code == 0, result.output
+    n = _assert_hf_sharded(tmp_path / "from_recipe", sd)
+    # --max-shard-size overrides the recipe's: one shard of everything
+    result = runner.invoke(cli, ["apply", str(recipe), "--force", "--max-shard-size", "1GB"])
+    assert result.exit_code == 0, result.output
+    assert n > 1 and _assert_hf_sharded(tmp_path / "from_recipe", sd) == 1

@@ -3,50 +3,124 @@
 Filter and rename the keys of a checkpoint, check it against a model before loading, and
 write a loadable file, bit-exact and atomically. The library never imports torch until a
 tensor is needed, so reading a safetensors header or planning renames stays cheap.
+
+The names below are imported on first use (``cs.merge`` imports :mod:`ckptsurgery.merge`
+then), so ``import ckptsurgery`` costs almost nothing and a command pays only for the
+modules it uses.
 """
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from ckptsurgery._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from ckptsurgery.errors import (
-    CheckpointError,
-    FormatError,
-    IncompatibleCheckpoint,
-    KeyCollisionError,
-    OutputError,
-    RuleError,
-    SourceError,
-    StateDictSelectionError,
-    UnsafePickleError,
-)
-from ckptsurgery.io import Checkpoint, TensorInfo, open_checkpoint
-from ckptsurgery.io.torchfile import UnsafePickleWarning
-from ckptsurgery.keygroups import group_keys
-from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, load_into, match
-from ckptsurgery.merge import (
-    MergeConflictError,
-    MergeError,
-    MergeResult,
-    SourceSpec,
-    average,
-    average_files,
-    merge,
-    merge_files,
-)
-from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
-from ckptsurgery.recipe import Recipe, RecipeError, apply_recipe, load_recipe
-from ckptsurgery.rules import KeyPlan, Rules
-from ckptsurgery.suggest import Suggestion, suggest
-from ckptsurgery.surgery import (
-    DiffResult,
-    Gate,
-    RemapResult,
-    diff,
-    load_state_dict,
-    remap,
-    save_state_dict,
-)
-from ckptsurgery.train import TrainConfig, TrainError, TransformConfig, evaluate, train
+if TYPE_CHECKING:
+    from ckptsurgery.errors import (
+        CheckpointError,
+        FormatError,
+        IncompatibleCheckpoint,
+        KeyCollisionError,
+        OutputError,
+        RuleError,
+        SourceError,
+        StateDictSelectionError,
+        UnsafePickleError,
+    )
+    from ckptsurgery.io import Checkpoint, TensorInfo, open_checkpoint
+    from ckptsurgery.io.torchfile import UnsafePickleWarning
+    from ckptsurgery.keygroups import group_keys
+    from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, load_into, match
+    from ckptsurgery.merge import (
+        MergeConflictError,
+        MergeError,
+        MergeResult,
+        SourceSpec,
+        average,
+        average_files,
+        merge,
+        merge_files,
+    )
+    from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
+    from ckptsurgery.recipe import Recipe, RecipeError, apply_recipe, load_recipe
+    from ckptsurgery.rules import KeyPlan, Rules
+    from ckptsurgery.suggest import Suggestion, suggest
+    from ckptsurgery.surgery import (
+        DiffResult,
+        Gate,
+        RemapResult,
+        diff,
+        load_state_dict,
+        remap,
+        save_state_dict,
+    )
+    from ckptsurgery.train import TrainConfig, TrainError, TransformConfig, evaluate, train
 
+# Public name -> the module that defines it. Keep in step with the imports above.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "CheckpointError",
+            "FormatError",
+            "IncompatibleCheckpoint",
+            "KeyCollisionError",
+            "OutputError",
+            "RuleError",
+            "SourceError",
+            "StateDictSelectionError",
+            "UnsafePickleError",
+        ],
+        "ckptsurgery.errors",
+    ),
+    **dict.fromkeys(["Checkpoint", "TensorInfo", "open_checkpoint"], "ckptsurgery.io"),
+    "UnsafePickleWarning": "ckptsurgery.io.torchfile",
+    "group_keys": "ckptsurgery.keygroups",
+    **dict.fromkeys(
+        ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match"],
+        "ckptsurgery.match",
+    ),
+    **dict.fromkeys(
+        [
+            "MergeConflictError",
+            "MergeError",
+            "MergeResult",
+            "SourceSpec",
+            "average",
+            "average_files",
+            "merge",
+            "merge_files",
+        ],
+        "ckptsurgery.merge",
+    ),
+    **dict.fromkeys(
+        ["BuiltModel", "ModelSpecError", "build_model", "parse_model_args"], "ckptsurgery.models"
+    ),
+    **dict.fromkeys(["Recipe", "RecipeError", "apply_recipe", "load_recipe"], "ckptsurgery.recipe"),
+    **dict.fromkeys(["KeyPlan", "Rules"], "ckptsurgery.rules"),
+    **dict.fromkeys(["Suggestion", "suggest"], "ckptsurgery.suggest"),
+    **dict.fromkeys(
+        [
+            "DiffResult",
+            "Gate",
+            "RemapResult",
+            "diff",
+            "load_state_dict",
+            "remap",
+            "save_state_dict",
+        ],
+        "ckptsurgery.surgery",
+    ),
+    **dict.fromkeys(
+        ["TrainConfig", "TrainError", "TransformConfig", "evaluate", "train"], "ckptsurgery.train"
+    ),
+}
+
+# Literal, for tools that read it without running this file; a test keeps it equal to
+# _EXPORTS plus __version__.
 __all__ = [
     "BuiltModel",
     "Checkpoint",
@@ -101,3 +175,30 @@ __all__ = [
     "suggest",
     "train",
 ]
+
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which would otherwise accept any ``cs.<name>`` as Any.
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``cs.merge`` the function once ``ckptsurgery.merge`` the module is imported.
+
+    Importing a submodule sets it as an attribute of its package; four public functions
+    (``match``, ``merge``, ``suggest``, ``train``) share their module's name and would be
+    hidden by it. The eager imports this package used to do overwrote the module with the
+    function; this does the same, lazily.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+            and _EXPORTS.get(name) == value.__name__
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

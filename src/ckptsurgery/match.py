@@ -191,7 +191,7 @@ class MatchReport:
             rows = [
                 (g, show(c), show(m)) for (c, m), keys in _by_pair(pairs) for g in group_keys(keys)
             ]
-            return table(rows, ("key", "checkpoint", "model"), numalign="left")
+            return table(rows, ("key", "checkpoint", "model"))
 
         if matched:
             section("matched", len(self.matched), group_keys(self.matched))

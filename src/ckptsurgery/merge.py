@@ -8,8 +8,8 @@ are fetched only when the writer asks for them, one at a time:
   from, so tensors are copied bit-exactly;
 - an average (:class:`AverageSource`) computes one tensor's weighted mean from every source
   when it is asked for that tensor, and keeps nothing: peak memory stays near one tensor per
-  source, whatever the size of the checkpoints. (A torch output is one ``torch.save`` of a
-  whole dict, so it holds the result in memory; a safetensors output streams.)
+  source, whatever the size of the checkpoints, for a safetensors or a torch output alike
+  (only a torch output with a dtype that just ``torch.save`` writes holds every tensor).
 
 Decisions:
 
@@ -44,9 +44,11 @@ from ckptsurgery.io import (
     TensorDictSource,
     TensorInfo,
     WriteResult,
+    check_output_folder,
     check_output_path,
     open_checkpoint,
     output_format,
+    parse_size,
     write_checkpoint,
 )
 from ckptsurgery.io.reader import tensor_bytes
@@ -576,6 +578,8 @@ def merge_files(
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     """Write the union of the checkpoints at ``sources`` to ``out``, tensor by tensor.
 
@@ -585,6 +589,9 @@ def merge_files(
     matched against a model first and nothing is written unless it fits
     (:class:`IncompatibleCheckpoint`). A safetensors output records its provenance in
     ``ckptsurgery.*`` metadata (plus the ``provenance`` entries given, JSON-encoded).
+    ``verify=False`` skips reading the output back before it takes its name. With
+    ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder (or its
+    ``*.safetensors.index.json``) receiving safetensors shards and their index.
     """
     check_on_conflict(on_conflict)
     return _combine(
@@ -599,6 +606,8 @@ def merge_files(
         allow_globals=allow_globals,
         unsafe_pickle=unsafe_pickle,
         provenance=provenance,
+        verify=verify,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -615,6 +624,8 @@ def average_files(
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     """Write the (weighted) elementwise mean of the checkpoints at ``sources`` to ``out``.
 
@@ -637,6 +648,8 @@ def average_files(
         unsafe_pickle=unsafe_pickle,
         provenance=provenance,
         given_weights=tuple(weights or ()),
+        verify=verify,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -663,11 +676,18 @@ def _combine(
     unsafe_pickle: bool,
     provenance: Mapping[str, Any] | None,
     given_weights: tuple[float, ...] = (),
+    verify: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     fmt = None
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     if out is not None:
-        fmt = output_format(out, format)
-        check_output_path(out, inputs=[s.path for s in specs], force=force or dry_run)
+        fmt = output_format(out, format, sharded=shard_bytes is not None)
+        inputs = [s.path for s in specs]
+        if shard_bytes is not None:
+            check_output_folder(out, inputs=inputs, force=force or dry_run)
+        else:
+            check_output_path(out, inputs=inputs, force=force or dry_run)
     elif not dry_run:
         raise OutputError("no output given; pass an output path (only a dry run may omit it)")
     labels = [str(s.path) for s in specs]
@@ -718,7 +738,14 @@ def _combine(
         if fmt == "safetensors":  # a torch output is a flat state dict: no room for metadata
             metadata = _provenance(result, ckpts, specs, gate, given_weights, provenance)
         written = write_checkpoint(
-            out, merged, [(n, n) for n in merged.infos], fmt=fmt, metadata=metadata, overwrite=force
+            out,
+            merged,
+            [(n, n) for n in merged.infos],
+            fmt=fmt,
+            metadata=metadata,
+            overwrite=force,
+            verify=verify,
+            max_shard_size=shard_bytes,
         )
         notes = result.notes
         if isinstance(merged, AverageSource):

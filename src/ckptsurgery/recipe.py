@@ -28,6 +28,8 @@
     [output]
     path = "resnet50_moco.safetensors"
     format = "safetensors"        # optional; else from the extension
+    # max_shard_size = "5GB"      # optional: path is then a folder of safetensors shards
+                                  # and model.safetensors.index.json
 
 A recipe is checked whole before any checkpoint is read: every malformed field gets its own
 message, naming the field, its line and the allowed values, and they are reported together.
@@ -76,7 +78,7 @@ TABLES = ("source", "merge", "target", "output")
 SOURCE_FIELDS = ("path", "key", *RULE_FIELDS)
 MERGE_FIELDS = ("on_conflict", "average", "weights")
 TARGET_FIELDS = ("model", "model_args", "allow_missing", "allow_unexpected", "drop_mismatched")
-OUTPUT_FIELDS = ("path", "format")
+OUTPUT_FIELDS = ("path", "format", "max_shard_size")
 FORMATS = ("safetensors", "torch")
 
 
@@ -121,6 +123,7 @@ class Recipe:
     weights: tuple[float, ...] = ()
     target: Target | None = None
     sha256: str = ""  # of the recipe file's bytes
+    max_shard_size: int | None = None  # bytes; the output is then a folder of shards
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ class _Checker:
         n_sources = len(raw_sources) if isinstance(raw_sources, list) else None
         merge = self.merge(data.get("merge"), n_sources)
         target = self.target(data.get("target"))
-        output, fmt = self.output(data.get("output"), base)
+        output, fmt, max_shard_size = self.output(data.get("output"), base)
         if self.problems or sources is None or output is None or merge is None:
             return None
         on_conflict, average, weights = merge
@@ -241,6 +244,7 @@ class _Checker:
             average=average,
             weights=weights,
             target=target,
+            max_shard_size=max_shard_size,
         )
 
     def sources(self, value: Any, base: Path) -> list[SourceSpec] | None:
@@ -443,13 +447,13 @@ class _Checker:
             drop_mismatched=bool(drop),
         )
 
-    def output(self, value: Any, base: Path) -> tuple[Path | None, str | None]:
+    def output(self, value: Any, base: Path) -> tuple[Path | None, str | None, int | None]:
         if value is None:
             self.problem("output", None, "", 'missing: add [output] with path = "OUT.safetensors"')
-            return None, None
+            return None, None, None
         if not isinstance(value, dict):
             self.problem("output", None, "", "must be a table: [output] on a line of its own")
-            return None, None
+            return None, None, None
         bad = len(self.problems)
         self.unknown("output", None, value, OUTPUT_FIELDS)
         fmt = value.get("format")
@@ -461,6 +465,7 @@ class _Checker:
                 f"{_show(fmt)} is not allowed; use one of {', '.join(map(repr, FORMATS))}",
             )
             fmt = None
+        max_shard_size = self.shard_size(value.get("max_shard_size"), fmt)
         path = value.get("path")
         if path is None:
             self.problem(
@@ -473,7 +478,7 @@ class _Checker:
             self.problem(
                 "output", None, "path", f"must be a file name in quotes, got {_show(path)}"
             )
-        elif fmt is None and "format" not in value:
+        elif fmt is None and "format" not in value and "max_shard_size" not in value:
             from ckptsurgery.io import output_format
 
             try:
@@ -487,8 +492,30 @@ class _Checker:
                     'name, or add format = "safetensors" or "torch"',
                 )
         if len(self.problems) > bad or not isinstance(path, str):
-            return None, None
-        return _resolve(base, path), fmt
+            return None, None, None
+        return _resolve(base, path), fmt, max_shard_size
+
+    def shard_size(self, value: Any, fmt: str | None) -> int | None:
+        """``[output] max_shard_size``: "5GB", "2GiB" or a number of bytes."""
+        if value is None:
+            return None
+        from ckptsurgery.io import parse_size
+
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            message = f'must be a size such as "5GB" or a number of bytes, got {_show(value)}'
+            self.problem("output", None, "max_shard_size", message)
+            return None
+        try:
+            size = parse_size(value)
+        except CheckpointError:
+            message = f'{value!r} is not a size; use e.g. "5GB", "500MB", "2GiB" or bytes'
+            self.problem("output", None, "max_shard_size", message)
+            return None
+        if fmt == "torch":
+            message = 'writes safetensors shards; remove format = "torch" or this field'
+            self.problem("output", None, "max_shard_size", message)
+            return None
+        return size
 
 
 def _label(table: str, index: int | None) -> str:
@@ -585,6 +612,8 @@ def apply_recipe(
     key: str | None = None,
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
+    verify: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> RecipeResult:
     """Run the recipe at ``path``: read every source through its rules, merge (or average),
     gate against the target, and write the output with its provenance.
@@ -592,6 +621,7 @@ def apply_recipe(
     ``key`` is the state dict path for sources whose ``[[source]]`` gives none. A dry run
     plans everything (the gate included) and writes nothing. Applying a recipe twice to the
     same inputs writes byte-identical files (the provenance holds no time).
+    ``max_shard_size`` overrides the recipe's ``[output] max_shard_size``.
     """
     recipe = load_recipe(path)
     sources = [s if s.key is not None else SourceSpec(s.path, key, s.rules) for s in recipe.sources]
@@ -607,6 +637,8 @@ def apply_recipe(
         "allow_globals": allow_globals,
         "unsafe_pickle": unsafe_pickle,
         "provenance": provenance,
+        "verify": verify,
+        "max_shard_size": recipe.max_shard_size if max_shard_size is None else max_shard_size,
     }
     if recipe.average:
         result = average_files(sources, recipe.output, weights=recipe.weights or None, **common)

@@ -61,17 +61,21 @@ def save_state_dict(
     format: str | None = None,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = True,
+    verify: bool = True,
 ) -> WriteResult:
     """Write ``state_dict`` to ``path`` atomically (format from the extension or ``format``).
 
-    Tensors are stored bit-exactly; tied tensors are stored once and come back tied.
+    Tensors are stored bit-exactly; tied tensors are stored once and come back tied. The file
+    is read back and checked before it takes its name (``verify=False`` skips that).
     """
     fmt = output_format(path, format)
     out = check_output_path(path, force=overwrite)
     src = TensorDictSource(state_dict)
     names = [(k, k) for k in src.infos]
     meta = {"ckptsurgery.version": __version__, **(metadata or {})}
-    return write_checkpoint(out, src, names, fmt=fmt, metadata=meta, overwrite=overwrite)
+    return write_checkpoint(
+        out, src, names, fmt=fmt, metadata=meta, overwrite=overwrite, verify=verify
+    )
 
 
 def sha256_file(path: PathLike) -> str:
@@ -122,6 +126,7 @@ def remap(
     unsafe_pickle: bool = False,
     max_shard_size: int | str | None = None,
     progress: bool | None = None,
+    verify: bool = True,
 ) -> RemapResult:
     """Apply ``rules`` to the checkpoint at ``src`` and write the result to ``out``.
 
@@ -131,6 +136,8 @@ def remap(
     report). With ``dry_run`` only the plan (and the gate's report) is made; ``out`` may then
     be None. With ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder
     (or its ``*.safetensors.index.json``) receiving safetensors shards and their index.
+    The output is read back and checked (names, shapes, dtypes, a CRC-32 of each tensor's
+    bytes) before it takes its name; ``verify=False`` skips that.
     """
     fmt = None
     if out is not None:
@@ -182,6 +189,7 @@ def remap(
             overwrite=force,
             max_shard_size=max_shard_size,
             progress=progress,
+            verify=verify,
         )
     return replace(result, written=written)
 
@@ -249,6 +257,7 @@ def write_remapped(
     overwrite: bool = True,
     max_shard_size: int | str | None = None,
     progress: bool | None = None,
+    verify: bool = True,
 ) -> WriteResult:
     """Write the tensors ``plan`` keeps, under their new names, with provenance metadata.
 
@@ -260,6 +269,7 @@ def write_remapped(
         "overwrite": overwrite,
         "progress": progress,
         "max_shard_size": None if max_shard_size is None else parse_size(max_shard_size),
+        "verify": verify,
     }
     if fmt != "safetensors":  # a torch output is a flat state dict: no room for metadata
         return write_checkpoint(out, ckpt, names, fmt=fmt, **options)

@@ -11,10 +11,11 @@ on the way out).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -185,27 +186,55 @@ def cli(debug: bool) -> None:
     _debug = debug
 
 
-def _register() -> None:
-    from ckptsurgery.cli.apply_cmd import apply_cmd
-    from ckptsurgery.cli.diff_cmd import diff_cmd
-    from ckptsurgery.cli.evaluate_cmd import evaluate_cmd
-    from ckptsurgery.cli.inspect_cmd import inspect_cmd
-    from ckptsurgery.cli.merge_cmd import merge_cmd
-    from ckptsurgery.cli.remap_cmd import remap_cmd
-    from ckptsurgery.cli.scan_cmd import scan_cmd
-    from ckptsurgery.cli.train_cmd import train_cmd
+class _LazyCommands(MutableMapping[str, click.Command]):
+    """The commands by name, each imported when first looked up.
 
-    cli.add_command(inspect_cmd)
-    cli.add_command(diff_cmd)
-    cli.add_command(remap_cmd)
-    cli.add_command(scan_cmd)
-    cli.add_command(train_cmd)
-    cli.add_command(evaluate_cmd)
-    cli.add_command(merge_cmd)
-    cli.add_command(apply_cmd)
+    ``ckptsurgery inspect`` then imports what inspect needs and not what merge, apply or
+    train do; listing the names (``--help``, a typo's message) imports nothing.
+    """
+
+    def __init__(self, entries: Mapping[str, str]) -> None:
+        # name -> "module:attribute", replaced by the command once imported
+        self._entries: dict[str, click.Command | str] = dict(entries)
+
+    def __getitem__(self, name: str) -> click.Command:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            entry = self._entries[name] = getattr(importlib.import_module(module), attr)
+        return entry
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._entries[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-_register()
+cli.commands = _LazyCommands(
+    {
+        name: f"ckptsurgery.cli.{name}_cmd:{name}_cmd"
+        for name in (
+            "inspect",
+            "diff",
+            "remap",
+            "scan",
+            "train",
+            "evaluate",
+            "merge",
+            "apply",
+        )
+    }
+)
 
 
 def main() -> None:

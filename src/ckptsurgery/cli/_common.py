@@ -41,6 +41,28 @@ def source_options(f: F) -> F:
     return f
 
 
+def verify_option(f: F) -> F:
+    """``--no-verify``: every command that writes a checkpoint."""
+    return click.option(
+        "--no-verify",
+        "no_verify",
+        is_flag=True,
+        help="Do not read OUT back before reporting success (by default its names, shapes, "
+        "dtypes and a CRC-32 of every tensor's bytes are checked first).",
+    )(f)
+
+
+def max_shard_size_option(f: F) -> F:
+    """``--max-shard-size SIZE``: every command that writes a checkpoint from tensors."""
+    return click.option(
+        "--max-shard-size",
+        metavar="SIZE",
+        default=None,
+        help="Write safetensors shards of at most SIZE (5GB, 500MB, 2GiB or bytes) and their "
+        "index into the output folder, as transformers does.",
+    )(f)
+
+
 def model_options(f: F) -> F:
     """``--model SPEC`` and ``--model-arg K=V``."""
     f = click.option(

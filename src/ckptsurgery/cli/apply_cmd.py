@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import note, source_options, warnings_as_notes
+from ckptsurgery.cli._common import (
+    max_shard_size_option,
+    note,
+    source_options,
+    verify_option,
+    warnings_as_notes,
+)
 from ckptsurgery.cli.merge_cmd import refused, render
 from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.recipe import apply_recipe
@@ -11,6 +17,8 @@ from ckptsurgery.recipe import apply_recipe
 @click.command("apply")
 @click.argument("recipe", metavar="RECIPE.toml")
 @click.option("--force", is_flag=True, help="Replace the recipe's output if it exists.")
+@max_shard_size_option
+@verify_option
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -21,6 +29,8 @@ from ckptsurgery.recipe import apply_recipe
 def apply_cmd(
     recipe: str,
     force: bool,
+    max_shard_size: str | None,
+    no_verify: bool,
     dry_run: bool,
     as_json: bool,
     key: str | None,
@@ -32,8 +42,9 @@ def apply_cmd(
     A recipe lists one or more [[source]] blocks (path, key and the rules of `remap`: keep,
     drop, strip_prefix, replace, regex, add_prefix), an optional [merge] (on_conflict,
     average, weights), an optional [target] gate (model, model_args, allow_missing,
-    allow_unexpected, drop_mismatched) and the [output] path. Paths are relative to the
-    recipe's folder. --key is used for sources that give no key; trusting pickles
+    allow_unexpected, drop_mismatched) and the [output] path (and format, or max_shard_size
+    for a folder of safetensors shards, which --max-shard-size overrides). Paths are
+    relative to the recipe's folder. --key is used for sources that give no key; trusting pickles
     (--allow-global, --unsafe-pickle) is only ever said on the command line.
 
     \b
@@ -62,6 +73,8 @@ def apply_cmd(
                 key=key,
                 allow_globals=allow_globals,
                 unsafe_pickle=unsafe_pickle,
+                verify=not no_verify,
+                max_shard_size=max_shard_size,
             )
     except IncompatibleCheckpoint as e:
         refused(e, as_json=as_json, payload={"recipe": recipe})

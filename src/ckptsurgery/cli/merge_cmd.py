@@ -11,9 +11,11 @@ from ckptsurgery.cli._common import (
     allow_options,
     build_target,
     echo_json,
+    max_shard_size_option,
     model_options,
     note,
     source_options,
+    verify_option,
     warnings_as_notes,
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
@@ -78,7 +80,8 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     "out",
     metavar="OUT",
     default=None,
-    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin).",
+    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin). "
+    "With --max-shard-size, a folder (or its model.safetensors.index.json).",
 )
 @click.option(
     "--on-conflict",
@@ -107,7 +110,9 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     default=None,
     help="Output format, when the extension does not say.",
 )
+@max_shard_size_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@verify_option
 @click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @model_options
@@ -125,7 +130,9 @@ def merge_cmd(
     average: bool,
     weights_text: tuple[str, ...],
     fmt: str | None,
+    max_shard_size: str | None,
     force: bool,
+    no_verify: bool,
     dry_run: bool,
     as_json: bool,
     model_spec: str | None,
@@ -154,6 +161,7 @@ def merge_cmd(
       ckptsurgery merge backbone.safetensors head.safetensors -o model.safetensors
       ckptsurgery merge run1.pt run2.pt run3.pt --average --weights 0.5 0.3 0.2 \\
           -o soup.safetensors
+      ckptsurgery merge backbone.safetensors head.safetensors -o model/ --max-shard-size 5GB
     """
     if out is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
@@ -192,6 +200,8 @@ def merge_cmd(
         "gate": gate,
         "allow_globals": allow_globals,
         "unsafe_pickle": unsafe_pickle,
+        "verify": not no_verify,
+        "max_shard_size": max_shard_size,
     }
     try:
         with warnings_as_notes():
@@ -333,7 +343,9 @@ def summary(result: MergeResult, *, dry_run: bool) -> str:
     if dry_run:
         return f"dry run: {what}{verdict}; nothing written"
     assert result.written is not None
+    written = result.written
+    shards = f" in {written.shards} shards" if written.path.is_dir() else ""
     return (
-        f"{what}{verdict}; wrote {count(result.written.tensors, 'tensor')}, "
-        f"{human_bytes(result.written.bytes)} to {result.output}"
+        f"{what}{verdict}; wrote {count(written.tensors, 'tensor')}, "
+        f"{human_bytes(written.bytes)}{shards} to {result.output}"
     )

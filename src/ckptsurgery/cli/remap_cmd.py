@@ -7,10 +7,12 @@ from ckptsurgery.cli._common import (
     allow_options,
     build_target,
     echo_json,
+    max_shard_size_option,
     model_options,
     note,
     selection_note,
     source_options,
+    verify_option,
     warnings_as_notes,
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
@@ -110,19 +112,14 @@ def build_rules(
     default=None,
     help="Output format, when the extension does not say.",
 )
-@click.option(
-    "--max-shard-size",
-    metavar="SIZE",
-    default=None,
-    help="Write safetensors shards of at most SIZE (5GB, 500MB, 2GiB or bytes) and their "
-    "index into the folder OUT, as transformers does.",
-)
+@max_shard_size_option
 @click.option(
     "--progress/--no-progress",
     default=None,
     help="A progress line on stderr while writing (default: for big writes on a terminal).",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@verify_option
 @click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON.")
 @model_options
@@ -147,6 +144,7 @@ def remap_cmd(
     max_shard_size: str | None,
     progress: bool | None,
     force: bool,
+    no_verify: bool,
     dry_run: bool,
     as_json: bool,
     model_spec: str | None,
@@ -218,6 +216,7 @@ def remap_cmd(
                 unsafe_pickle=unsafe_pickle,
                 max_shard_size=max_shard_size,
                 progress=progress,
+                verify=not no_verify,
             )
     except IncompatibleCheckpoint as e:
         _unused_allow_notes(e.report)

@@ -15,7 +15,9 @@ def scan_cmd(src: str, as_json: bool) -> None:
 
     Nothing is unpickled and no tensor is loaded: the pickle is disassembled as data. Each
     global is "safe" (torch's weights-only set), "unsafe" (needs --allow-global) or "DANGEROUS"
-    (can run code or touch files). Exit code 1 when any is not safe.
+    (can run code or touch files). Exit code 1 when any is not safe. The CRC-32 of every
+    member of a torch zip archive is checked too (exit code 2 for a corrupt one): inspect and
+    diff check only the records they read.
 
     \b
     Example:

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,13 +58,17 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, *, overwrite: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: PathLike, *, overwrite: bool = True, check: Callable[[Path], None] | None = None
+) -> Iterator[BinaryIO]:
     """Yield a temporary file beside ``path``; on success it replaces ``path`` atomically.
 
     The temporary file lives in the destination folder (so ``os.replace`` is a rename within
     one file system), is flushed and fsync'd before the rename, and is removed on any failure,
     KeyboardInterrupt included. With ``overwrite=False`` a file that appeared at ``path``
     while writing (another run, another user) is left alone and :class:`OutputError` raised.
+    ``check(tmp)`` runs on the complete, closed temporary file just before the rename: when it
+    raises, nothing takes ``path``'s name (a previous file there stays as it was).
     """
     path = Path(path)
     try:
@@ -76,6 +80,8 @@ def atomic_write(path: PathLike, *, overwrite: bool = True) -> Iterator[BinaryIO
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.io.streams import CrcWriter
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,21 @@ class Checkpoint(ABC):
         archive may reuse it.
         """
         return None
+
+    def data_crc(self, name: str) -> int:
+        """The CRC-32 of the bytes :meth:`write_data` writes, computed from the data.
+
+        Used to verify a file just written; sources that can hash their bytes in place (a
+        memory map of the file) override this to skip the copy.
+        """
+        sink = CrcWriter(None)
+        self.write_data(name, cast(BinaryIO, sink))
+        return sink.crc
+
+    def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
+        """:meth:`data_crc` of each name; sources on disk override this to hash many small
+        tensors in one pass over the file instead of one read each."""
+        return {name: self.data_crc(name) for name in names}
 
     def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
         """Jobs that check the stored bytes of ``names`` (a torch archive's CRC-32s), for a

@@ -30,8 +30,9 @@ from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.detect import DCP
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.torchpickle import ITEMSIZE, TensorRef, Unsupported, ref_type_name
-from ckptsurgery.io.torchzip import ZipTensors, _Selector, _tensor_from_bytes
+from ckptsurgery.io.torchzip import ZipTensors, _tensor_from_bytes
 from ckptsurgery.io.ziparchive import ZipArchive
+from ckptsurgery.state_dict import Selector
 
 if TYPE_CHECKING:
     import torch
@@ -185,7 +186,7 @@ class DcpCheckpoint(Checkpoint):
         meta = read_metadata(folder / ".metadata")
         try:
             root = self._tree(meta, source)
-            sd, self.key, self.other_entries = _Selector(DcpTensor, _type_name).select(
+            sd, self.key, self.other_entries = Selector(DcpTensor, _type_name).select(
                 root, key, source=str(folder)
             )
         except BaseException:

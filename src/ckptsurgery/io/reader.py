@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -33,7 +33,7 @@ from ckptsurgery.io.detect import (
     detect_format,
 )
 from ckptsurgery.io.dtypes import info_of, torch_dtype
-from ckptsurgery.io.streams import copy_range, read_range
+from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,17 @@ class SafetensorsCheckpoint(Checkpoint):
         entry = self._entries[self.canonical(name)]
         copy_range(self._f, entry.begin, entry.end - entry.begin, f, what=self._what(name))
         return entry.end - entry.begin
+
+    def data_crc(self, name: str) -> int:
+        entry = self._entries[self.canonical(name)]
+        return crc_of_range(self._f, entry.begin, entry.end - entry.begin, what=self._what(name))
+
+    def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
+        spans = []
+        for name in names:
+            entry = self._entries[self.canonical(name)]
+            spans.append((name, entry.begin, entry.end - entry.begin))
+        return crcs_of_spans(self._f, spans, what=str(self.path))
 
     def tensor(self, name: str) -> torch.Tensor:
         import torch

@@ -37,11 +37,13 @@ class Header:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise FormatError(f"the header names {k!r} twice")
-        out[k] = v
+    out = dict(pairs)  # called for every object of the header: the common case stays in C
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise FormatError(f"the header names {k!r} twice")
+            seen.add(k)
     return out
 
 
@@ -109,9 +111,12 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r}: expected exactly dtype, shape and data_offsets")
         code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if not isinstance(code, str):  # a list or object would not even hash
+            raise bad(f'tensor {name!r}: dtype must be a string such as "F32", not {code!r}')
         if code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r}: unknown dtype {code!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        # type() is int: JSON gives exact ints, and a bool is not one (200k tensors: keep it lean)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
         if (
             not isinstance(offsets, list)

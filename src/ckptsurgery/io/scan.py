@@ -9,9 +9,10 @@ the memo, which is how torch and picklescan resolve it too.
 from __future__ import annotations
 
 import io
+import os
 import pickletools
-import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import FormatError
@@ -23,6 +24,8 @@ from ckptsurgery.io.detect import (
     detect_format,
 )
 from ckptsurgery.io.safetensors_format import read_header
+from ckptsurgery.io.streams import crcs_of_spans
+from ckptsurgery.io.ziparchive import ZipArchive
 
 # Globals that give a pickle code execution or file/process access: allowlisting one of them
 # is trusting the whole file, so the tool never suggests --allow-global for them.
@@ -130,22 +133,30 @@ def scan_file(path: PathLike) -> tuple[str, list[GlobalRef]]:
             read_header(f, p.stat().st_size, source=str(p))
         return fmt, []
     if fmt == TORCH_ZIP:
-        try:
-            with zipfile.ZipFile(p) as zf:
-                pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-                if len(pkl) != 1:
-                    raise FormatError(f"{str(p)!r}: expected one data.pkl, found {len(pkl)}")
-                data = zf.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise FormatError(
-                f"{str(p)!r}: truncated or malformed torch zip archive ({e})"
-            ) from None
-        names = pickle_globals(data, source=str(p))
+        names = pickle_globals(_checked_zip_pickle(p), source=str(p))
     else:
         # legacy: magic number, protocol version, sys info, the object, the storage keys
         names = pickle_globals(p.read_bytes(), source=str(p), max_pickles=5)
     allowed = _allowed_globals()
     return fmt, [GlobalRef(n, n in allowed) for n in names]
+
+
+def _checked_zip_pickle(p: Path) -> bytes:
+    """The archive's ``data.pkl``, after the CRC-32 of every member has been checked.
+
+    ``inspect`` and the other readers check the records they read (``data.pkl`` always, a
+    tensor's record when its bytes are copied); a security check must vouch for the whole
+    file, so every record is read here, window by window through a memory map.
+    """
+    from ckptsurgery.io.torchzip import archive_prefix
+
+    with open(p, "rb") as f:
+        zf = ZipArchive(f, base=0, length=os.fstat(f.fileno()).st_size, source=repr(str(p)))
+        prefix = archive_prefix(zf)
+        spans = [(name, zf.data_offset(name), rec.size) for name, rec in zf.records.items()]
+        for name, crc in crcs_of_spans(f, spans, what=str(p)).items():
+            zf.check_crc(name, crc)
+        return zf.read(prefix + "data.pkl")
 
 
 def _allowed_globals() -> set[str]:

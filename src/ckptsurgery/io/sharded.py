@@ -231,6 +231,19 @@ class ShardedCheckpoint(Checkpoint):
     def record_crc(self, name: str) -> int | None:
         return self._where[name].record_crc(name)
 
+    def data_crc(self, name: str) -> int:
+        return self._where[name].data_crc(name)
+
+    def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
+        by_shard: dict[int, tuple[Checkpoint, list[str]]] = {}
+        for name in names:
+            shard = self._where[name]
+            by_shard.setdefault(id(shard), (shard, []))[1].append(name)
+        out: dict[str, int] = {}
+        for shard, part in by_shard.values():
+            out.update(shard.data_crcs(part))
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._where[name].tensor(name)
 

@@ -16,7 +16,7 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
@@ -63,7 +63,7 @@ def read_range(src: BinaryIO, begin: int, length: int, *, what: str) -> bytearra
     return buf
 
 
-def crc_of_range(src: BinaryIO, begin: int, length: int, *, what: str) -> int:
+def crc_of_range(src: BinaryIO | int, begin: int, length: int, *, what: str) -> int:
     """The CRC-32 of ``length`` bytes of ``src`` from ``begin`` (through a memory map)."""
     crc = [0]
 
@@ -73,6 +73,87 @@ def crc_of_range(src: BinaryIO, begin: int, length: int, *, what: str) -> int:
     if length:
         scan_mapped(src, begin, length, update, what=what)
     return crc[0]
+
+
+def crcs_of_spans(
+    src: BinaryIO, spans: Iterable[tuple[str, int, int]], *, what: str
+) -> dict[str, int]:
+    """The CRC-32 of each ``(name, begin, length)`` byte range of ``src``, in a forward pass:
+    small ranges (most tensors of a checkpoint, by count) share one read of up to 8 MiB, a
+    bigger one is hashed in place through a memory map. A big file is split in two halves
+    hashed on two threads (zlib releases the GIL), when there are two cores to run them."""
+    ordered = sorted(spans, key=lambda s: s[1])
+    fd = src.fileno()
+    total = sum(length for _, _, length in ordered)
+    if total < _PARALLEL_BYTES or (os.cpu_count() or 1) < 2:
+        return _crcs_in_order(fd, ordered, what=what)
+    half, cut = 0, len(ordered)
+    for i, (_, _, length) in enumerate(ordered):
+        if half >= total // 2:
+            cut = i
+            break
+        half += length
+    second: dict[str, int] = {}
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            second.update(_crcs_in_order(fd, ordered[cut:], what=what))
+        except BaseException as e:  # handed to the joining thread
+            failure.append(e)
+
+    helper = threading.Thread(target=run, name="crc", daemon=True)
+    helper.start()
+    try:
+        out = _crcs_in_order(fd, ordered[:cut], what=what)
+    finally:
+        helper.join()
+    if failure:
+        raise failure[0]
+    out.update(second)
+    return out
+
+
+_PARALLEL_BYTES = 64 * 1024 * 1024  # below this, a second thread costs more than it saves
+
+
+def _crcs_in_order(fd: int, spans: list[tuple[str, int, int]], *, what: str) -> dict[str, int]:
+    # pread, not seek + read: the two halves share the descriptor
+    out: dict[str, int] = {}
+    buf = bytearray(_WINDOW)
+    view = memoryview(buf)
+    start = end = 0  # the file range now in ``buf``
+    for name, begin, length in spans:
+        if length > len(buf):
+            out[name] = crc_of_range(fd, begin, length, what=f"{what}: the data of {name!r}")
+            continue
+        if not (start <= begin and begin + length <= end):
+            start, end = begin, begin + os.preadv(fd, [view], begin)
+            if begin + length > end:
+                raise FormatError(f"{what}: the data of {name!r} is cut short (truncated file?)")
+        out[name] = zlib.crc32(view[begin - start : begin - start + length])
+    return out
+
+
+class CrcWriter:
+    """Passes writes on to ``f`` (or nowhere, when None), keeping their CRC-32 and byte count."""
+
+    def __init__(self, f: BinaryIO | None) -> None:
+        self._f = f
+        self.crc = 0
+        self.count = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        n = len(memoryview(data).cast("B"))
+        self.count += n
+        if self._f is not None:
+            self._f.write(data)
+        return n
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
 
 
 class FileWindow(io.RawIOBase):
@@ -129,13 +210,20 @@ _WINDOW = 8 * 1024 * 1024  # bytes of a file mapped at once by scan_mapped
 
 
 def scan_mapped(
-    f: BinaryIO, begin: int, length: int, update: Callable[[memoryview], None], *, what: str
+    f: BinaryIO | int,
+    begin: int,
+    length: int,
+    update: Callable[[memoryview], None],
+    *,
+    what: str,
 ) -> None:
-    """Feed ``length`` bytes of ``f`` from ``begin`` to ``update``, window by window, through
-    a memory map: a helper thread hashing a file this way costs the hash alone (no read
-    copies the bytes first), and unmapping each window keeps the pages out of the peak RSS.
+    """Feed ``length`` bytes of ``f`` (a file or a descriptor) from ``begin`` to ``update``,
+    window by window, through a memory map: a helper thread hashing a file this way costs the
+    hash alone (no read copies the bytes first), and unmapping each window keeps the pages out
+    of the peak RSS.
     """
-    if begin + length > os.fstat(f.fileno()).st_size:
+    fd = f if isinstance(f, int) else f.fileno()
+    if begin + length > os.fstat(fd).st_size:
         raise FormatError(f"{what} is cut short (truncated file?)")
     granule = mmap.ALLOCATIONGRANULARITY
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault, not thousands
@@ -143,7 +231,7 @@ def scan_mapped(
     while pos < end:
         start = pos - pos % granule
         size = min(_WINDOW, end - start)
-        with mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ, offset=start) as m:
+        with mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, offset=start) as m:
             view = memoryview(m)
             try:
                 update(view[pos - start : size])

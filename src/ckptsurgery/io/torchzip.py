@@ -23,10 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ckptsurgery.errors import StateDictSelectionError
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo, torch_dtype
-from ckptsurgery.io.streams import copy_range, crc_of_range, read_range
+from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range
 from ckptsurgery.io.torchpickle import (
     ITEMSIZE,
     StoredTensor,
@@ -37,6 +36,7 @@ from ckptsurgery.io.torchpickle import (
     ref_type_name,
 )
 from ckptsurgery.io.ziparchive import ZipArchive, ZipWriter
+from ckptsurgery.state_dict import Selector
 
 if TYPE_CHECKING:
     import torch
@@ -187,114 +187,11 @@ class ZipTensors:
             self._map = None
 
 
-# --- selecting the state dict among stand-ins, exactly as ckptsurgery.state_dict does ------
-
-
-class _Selector:
-    """``ckptsurgery.state_dict``'s search, over stand-ins instead of tensors (that module
-    needs torch to tell a tensor)."""
-
-    def __init__(self, tensor_type: type, type_name: Callable[[object], str]) -> None:
-        self.tensor_type = tensor_type
-        self.type_name = type_name
-
-    def is_state_dict(self, obj: object) -> bool:
-        if not isinstance(obj, Mapping) or not obj:
-            return False
-        return all(isinstance(k, str) and isinstance(v, self.tensor_type) for k, v in obj.items())
-
-    def other_entries(self, root: object, key: str | None) -> dict[str, str]:
-        if not isinstance(root, Mapping) or key is None:
-            return {}
-        top = key.split("/", 1)[0]
-        return {str(k): self.type_name(v) for k, v in root.items() if str(k) != top}
-
-    def candidates(self, root: object) -> list[str]:
-        found: list[str] = []
-        if not isinstance(root, Mapping):
-            return found
-        for k, v in root.items():
-            if not isinstance(k, str):
-                continue
-            if self.is_state_dict(v):
-                found.append(k)
-            elif isinstance(v, Mapping):
-                found.extend(
-                    f"{k}/{k2}"
-                    for k2, v2 in v.items()
-                    if isinstance(k2, str) and self.is_state_dict(v2)
-                )
-        return found
-
-    def select(
-        self, root: Any, key: str | None, *, source: str
-    ) -> tuple[Any, str | None, dict[str, str]]:
-        name = self.type_name
-        if key:
-            node = root
-            walked: list[str] = []
-            for part in key.strip("/").split("/"):
-                if not isinstance(node, Mapping):
-                    raise StateDictSelectionError(
-                        f"{source}: --key {key!r}: {'/'.join(walked) or 'the checkpoint'} is a "
-                        f"{name(node)}, not a mapping"
-                    )
-                if part not in node:
-                    choices = ", ".join(repr(str(k)) for k in list(node)[:20])
-                    where = "/".join(walked) or "the top level"
-                    raise StateDictSelectionError(
-                        f"{source}: --key {key!r}: no entry {part!r} at {where}; it has {choices}"
-                    )
-                node = node[part]
-                walked.append(part)
-            if not self.is_state_dict(node):
-                raise StateDictSelectionError(
-                    f"{source}: --key {key!r} is a {name(node)}, not a state dict "
-                    "(a mapping of str keys to tensors)" + self.bad_entry_hint(node)
-                )
-            path = "/".join(walked)
-            return node, path, self.other_entries(root, path)
-        if self.is_state_dict(root) or (isinstance(root, Mapping) and not root):
-            return root, None, {}
-        candidates = self.candidates(root)
-        if len(candidates) == 1:
-            node = root
-            for part in candidates[0].split("/"):
-                node = node[part]
-            return node, candidates[0], self.other_entries(root, candidates[0])
-        if not candidates:
-            what = (
-                "entries " + ", ".join(repr(str(k)) for k in list(root)[:20])
-                if isinstance(root, Mapping)
-                else f"a {name(root)}"
-            )
-            raise StateDictSelectionError(
-                f"{source}: no state dict found (looked at the top level and one level below; "
-                f"it holds {what}); pass --key PATH to point at one"
-            )
-        listing = ", ".join(candidates)
-        raise StateDictSelectionError(
-            f"{source}: several state dicts found ({listing}); choose one with --key, "
-            f"e.g. --key {candidates[0]}",
-            candidates=tuple(candidates),
-        )
-
-    def bad_entry_hint(self, node: object) -> str:
-        if not isinstance(node, Mapping):
-            return ""
-        for k, v in node.items():
-            if not isinstance(k, str):
-                return f"; key {k!r} is a {self.type_name(k)}, not a str"
-            if not isinstance(v, self.tensor_type) and not isinstance(v, Mapping):
-                return f"; entry {k!r} is a {self.type_name(v)}, not a tensor"
-        return ""
-
-
 def select_refs(
     root: Any, key: str | None, *, source: str
 ) -> tuple[Mapping[str, TensorRef], str | None, dict[str, str]]:
     """(state dict, its key path, other top-level entries), as ``select_state_dict``."""
-    return _Selector(TensorRef, ref_type_name).select(root, key, source=source)
+    return Selector(TensorRef, ref_type_name).select(root, key, source=source)
 
 
 # --- the checkpoint -------------------------------------------------------------------------
@@ -371,6 +268,26 @@ class TorchZipCheckpoint(Checkpoint):
             return None
         return self._zip.zf.records[self._zip.record_name(ref.storage.key)].crc
 
+    def data_crc(self, name: str) -> int:
+        ref = self._refs[self.canonical(name)]
+        if not (ref.whole_storage and ref.is_contiguous):
+            return super().data_crc(name)
+        # the record itself, hashed in place (the caller compares it with what it expects)
+        return crc_of_range(self._f, self._zip.begin(ref), ref.nbytes, what=self._what(name))
+
+    def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
+        spans: list[tuple[str, int, int]] = []
+        others: list[str] = []
+        for name in names:
+            ref = self._refs[self.canonical(name)]
+            if ref.whole_storage:
+                spans.append((name, self._zip.begin(ref), ref.nbytes))
+            else:
+                others.append(name)
+        out = crcs_of_spans(self._f, spans, what=str(self.path))
+        out.update(super().data_crcs(others))
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         ref = self._refs[self.canonical(name)]
         return _tensor_from_bytes(self._zip.read(ref, what=self._what(name)), self.infos[name])
@@ -389,19 +306,27 @@ def can_write_torch_zip(infos: Sequence[TensorInfo]) -> bool:
 
 
 def write_torch_zip(
-    f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]], *, force_zip64: bool = False
+    f: BinaryIO,
+    src: Checkpoint,
+    names: Sequence[tuple[str, str]],
+    *,
+    force_zip64: bool = False,
+    crcs: dict[str, int] | None = None,
 ) -> int:
     """Write ``src``'s tensors as a flat torch state dict under new names; return how many
     storages were written. Tied names share one storage; every tensor owns its storage whole.
+    ``crcs`` receives the CRC-32 of each stored tensor's record, under its new name.
     """
     keys: dict[str, str] = {}  # source canonical name -> storage key
     stored: list[tuple[str, str]] = []  # (key, source name) in order
+    stored_as: dict[str, str] = {}  # storage key -> the first new name that holds it
     entries: list[StoredTensor] = []
     for new, old in names:
         canon = src.canonical(old)
         if canon not in keys:
             keys[canon] = str(len(stored))
             stored.append((keys[canon], canon))
+            stored_as[keys[canon]] = new
         info = src.infos[old]
         entries.append(StoredTensor(new, keys[canon], info.dtype, info.shape))
     pickle_bytes = dump_state_dict(entries)
@@ -422,5 +347,8 @@ def write_torch_zip(
     # torch writes 40 decimal digits here; derived from the content, the output is reproducible
     serial = str(int.from_bytes(digest[:16], "big")).zfill(40)[:40]
     zw.add(f"{ARCHIVE}/.data/serialization_id", serial.encode())
+    if crcs is not None:
+        written = zw.crcs()
+        crcs.update((new, written[f"{ARCHIVE}/data/{key}"]) for key, new in stored_as.items())
     zw.close()
     return len(stored)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,19 @@ from ckptsurgery.io.atomic import atomic_folder, atomic_write
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.progress import Progress, ProgressWriter, wanted
-from ckptsurgery.io.reader import ALIASES_KEY
-from ckptsurgery.io.streams import in_background
+from ckptsurgery.io.reader import ALIASES_KEY, tensor_bytes
+from ckptsurgery.io.streams import CrcWriter, in_background
+from ckptsurgery.io.verify import Expected, verify_written
 
 if TYPE_CHECKING:
     import torch
 
 FORMATS = ("safetensors", "torch")
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
+
+# Called on the finished temporary output before it takes its name (a seam for tests that
+# damage the file in between).
+verify_output = verify_written
 
 
 def output_format(path: PathLike, fmt: str | None, *, sharded: bool = False) -> str:
@@ -102,6 +108,7 @@ def write_checkpoint(
     overwrite: bool = True,
     max_shard_size: int | None = None,
     progress: bool | None = None,
+    verify: bool = True,
 ) -> WriteResult:
     """Write ``src``'s tensors under new names (``names`` = (new, old) pairs) atomically.
 
@@ -110,24 +117,34 @@ def write_checkpoint(
     file that appears at ``path`` meanwhile is not replaced. With ``max_shard_size`` (bytes),
     ``path`` is a folder (or its index) receiving safetensors shards and their index.
     ``progress``: a progress line on stderr (None: for a big write on a terminal only).
+
+    With ``verify`` (the default), the CRC-32 of each tensor's bytes is kept as they are
+    written, and the finished temporary output is re-opened through the reader and checked
+    (names, shapes, dtypes, ties, those CRC-32s) before it takes its name; a difference raises
+    :class:`OutputError` and leaves no output (a previous one intact).
     """
     path = Path(path)
     plan = _Plan(src, names)
+    expected = Expected({new: src.infos[old] for new, old in names}, dict(plan.aliases))
+    crcs = expected.crcs if verify else None
     total = sum(src.infos[old].nbytes for _, old in plan.items)
     bar = Progress(total, f"writing {path.name}") if wanted(total, progress) else None
     try:
         if max_shard_size is not None:
             if fmt != "safetensors":
                 raise OutputError("--max-shard-size writes safetensors shards only")
-            return _write_sharded(path, src, plan, metadata or {}, max_shard_size, overwrite, bar)
-        with atomic_write(path, overwrite=overwrite) as raw:
+            return _write_sharded(
+                path, src, plan, metadata or {}, max_shard_size, overwrite, bar, expected, verify
+            )
+        check = (lambda tmp: verify_output(tmp, expected, out=path)) if verify else None
+        with atomic_write(path, overwrite=overwrite, check=check) as raw:
             f = cast(BinaryIO, ProgressWriter(raw, bar)) if bar is not None else raw
             checks = in_background(src.check_jobs(old for _, old in plan.items))
             finish: Callable[[], None] | None = None
             if fmt == "safetensors":
-                stored, finish = _write_safetensors(f, src, plan, metadata or {})
+                stored, finish = _write_safetensors(f, src, plan, metadata or {}, crcs)
             else:
-                stored = _write_torch(f, src, names)
+                stored = _write_torch(f, src, names, crcs)
             # The data goes to disk while the helper threads finish (the source's CRC checks,
             # a digest of it for the metadata); then the header is completed, and the
             # atomic rename commits.
@@ -169,6 +186,29 @@ class _Plan:
         return [(new, src.infos[old]) for new, old in self.items]
 
 
+def _copier(
+    src: Checkpoint, plan: _Plan, crcs: dict[str, int] | None
+) -> Callable[[str, BinaryIO], int]:
+    """``write_data(new, f)`` for :func:`stf.write_file`: copies the tensor stored as ``new``;
+    with ``crcs``, records the CRC-32 of its bytes there (the source's own, verified record
+    CRC when it has one, else computed on the way while the bytes are in cache)."""
+
+    def write_data(new: str, f: BinaryIO) -> int:
+        old = plan.old_of[new]
+        if crcs is None:
+            return src.write_data(old, f)
+        known = src.record_crc(old)
+        if known is not None:
+            crcs[new] = known
+            return src.write_data(old, f)
+        tracker = CrcWriter(f)
+        n = src.write_data(old, cast(BinaryIO, tracker))
+        crcs[new] = tracker.crc
+        return n
+
+    return write_data
+
+
 def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> dict[str, str]:
     meta = {"format": "pt", **metadata}
     if aliases:
@@ -177,19 +217,19 @@ def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> 
 
 
 def _write_safetensors(
-    f: BinaryIO, src: Checkpoint, plan: _Plan, metadata: Metadata
+    f: BinaryIO, src: Checkpoint, plan: _Plan, metadata: Metadata, crcs: dict[str, int] | None
 ) -> tuple[int, Callable[[], None]]:
     """Header (late metadata as placeholders) and data; returns the count of stored tensors
     and what completes the header once the late metadata is known."""
     items = plan.infos(src)
     start = f.tell()
     first = _shard_metadata(_placeholders(metadata), plan.aliases)
-    stf.write_file(f, items, lambda new, out: src.write_data(plan.old_of[new], out), first)
+    written = stf.write_file(f, items, _copier(src, plan, crcs), first)
 
     def finish() -> None:
         final = _shard_metadata(_resolved(metadata), plan.aliases)  # may wait for a digest
         if final != first:
-            size = len(stf.encode_header(items, first)[0])
+            size = written - sum(info.nbytes for _, info in items)  # the header's, as written
             stf.rewrite_header(f, items, final, size=size, start=start)
 
     return len(items), finish
@@ -203,6 +243,8 @@ def _write_sharded(
     max_shard_size: int,
     overwrite: bool,
     bar: Progress | None,
+    expected: Expected,
+    verify: bool,
 ) -> WriteResult:
     from ckptsurgery.io.sharded import index_json, index_layout, plan_shards, shard_names
 
@@ -222,7 +264,7 @@ def _write_sharded(
                 stf.write_file(
                     f,
                     items,
-                    lambda new, out: src.write_data(plan.old_of[new], out),
+                    _copier(src, plan, expected.crcs if verify else None),
                     _shard_metadata(_placeholders(metadata), aliases),
                 )
             weight_map.update((new, name) for new, _ in items)
@@ -247,20 +289,26 @@ def _write_sharded(
             f.flush()
             os.fsync(f.fileno())
         size += len(index)
+        if verify:
+            verify_output(tmp / index_name, expected, out=folder)
     stored_count = sum(len(items) for items in shards)
     return WriteResult(folder, "safetensors", len(plan.items) + len(plan.aliases), stored_count,
                        size, shards=len(shards))  # fmt: skip
 
 
-def _write_torch(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]]) -> int:
+def _write_torch(
+    f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]], crcs: dict[str, int] | None
+) -> int:
     from ckptsurgery.io.torchzip import can_write_torch_zip, write_torch_zip
 
     if can_write_torch_zip([src.infos[old] for _, old in names]):
-        return write_torch_zip(f, src, names)
-    return _torch_save(f, src, names)
+        return write_torch_zip(f, src, names, crcs=crcs)
+    return _torch_save(f, src, names, crcs)
 
 
-def _torch_save(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]]) -> int:
+def _torch_save(
+    f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]], crcs: dict[str, int] | None
+) -> int:
     """Through ``torch.save``, for dtypes the archive writer does not know (every tensor
     is then in memory at once)."""
     import torch
@@ -277,6 +325,8 @@ def _torch_save(f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]]) 
             if ptr and storage_dtypes.setdefault(ptr, t.dtype) != t.dtype:
                 t = t.clone()
             made[canon] = t
+            if crcs is not None:  # of the values in memory: the source is not read again
+                crcs[new] = zlib.crc32(tensor_bytes(t))
         out[new] = made[canon]
     torch.save(out, f)
     return len(made)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
-from ckptsurgery.io.streams import FileWindow
+from ckptsurgery.io.streams import CrcWriter, FileWindow
 
 ZIP64_LIMIT = 0xFFFFFFFF  # a size or offset this large is written as a zip64 field
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header, signature first
@@ -150,6 +150,7 @@ class ZipWriter:
         self.align = align
         self.force_zip64 = force_zip64
         self.start = f.tell()
+        self._pos = 0  # where the next record starts, relative to ``start`` (tell() is slow)
         self._central: list[tuple[bytes, int, int, int]] = []  # name, offset, size, crc
 
     def add(self, name: str, data: bytes) -> None:
@@ -159,18 +160,18 @@ class ZipWriter:
         self,
         name: str,
         size: int,
-        produce: Callable[[BinaryIO], object],
+        produce: Callable[[BinaryIO], int],
         *,
         crc: int | None = None,
     ) -> None:
-        """A record of ``size`` bytes that ``produce(f)`` writes.
+        """A record of ``size`` bytes that ``produce(f)`` writes (returning how many).
 
         Without ``crc``, the CRC-32 is computed from what ``produce`` writes; with it, the
         caller vouches for the bytes (a record copied unchanged from a verified source).
         """
         f = self.f
         raw_name = name.encode("utf-8")
-        offset = f.tell() - self.start
+        offset = self._pos
         zip64 = self.force_zip64 or size >= ZIP64_LIMIT
         extra = struct.pack("<HHQQ", 0x0001, 16, size, size) if zip64 else b""
         unpadded = offset + _LOCAL.size + len(raw_name) + len(extra) + 4
@@ -178,7 +179,7 @@ class ZipWriter:
         # torch's own writer pads with an extra field tagged "FB"; readers skip unknown ones
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
         size32 = 0xFFFFFFFF if zip64 else size
-        f.write(
+        header = (
             _LOCAL.pack(
                 _LOCAL_SIG,
                 45 if zip64 else 20,
@@ -195,22 +196,28 @@ class ZipWriter:
             + raw_name
             + extra
         )
-        begin = f.tell()
+        f.write(header)
+        known = crc is not None  # then already in the local header: no seek back to patch it
         if crc is None:
-            tracker = _CrcWriter(f)
+            tracker = CrcWriter(f)
             produce(tracker)  # type: ignore[arg-type]
             crc = tracker.crc
             written = tracker.count
         else:
-            produce(f)
-            written = f.tell() - begin
+            written = produce(f)
         if written != size:
             raise FormatError(f"zip record {name!r}: expected {size} bytes, got {written}")
-        end = f.tell()
-        f.seek(self.start + offset + 14)
-        f.write(struct.pack("<I", crc))
-        f.seek(end)
+        if not known:
+            end = f.tell()
+            f.seek(self.start + offset + 14)
+            f.write(struct.pack("<I", crc))
+            f.seek(end)
+        self._pos = offset + len(header) + size
         self._central.append((raw_name, offset, size, crc))
+
+    def crcs(self) -> dict[str, int]:
+        """Each record written so far: name -> the CRC-32 of its data."""
+        return {raw.decode("utf-8"): crc for raw, _, _, crc in self._central}
 
     def close(self) -> int:
         """Write the central directory and end records; return the archive's size."""
@@ -275,22 +282,3 @@ class ZipWriter:
         else:
             f.write(_EOCD.pack(0x06054B50, 0, 0, count, count, cd_size, cd_start, 0))
         return f.tell() - self.start
-
-
-class _CrcWriter:
-    """Passes writes on to ``f``, keeping their CRC-32 and byte count."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.crc = 0
-        self.count = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        n = len(memoryview(data).cast("B"))
-        self.count += n
-        self._f.write(data)
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
