@@ -522,6 +522,7 @@ def main() -> None:
             task = TASKS[name]
             print(f"preparing {name}: {task.describe}", file=sys.stderr)
             task.prepare(work, args.size)
+            os.sync()  # the inputs' own writeback must not land in the first timed runs
             approaches = task.approaches(work, args.size)
             samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in approaches}
             for _, a in _runs(approaches, args.runs):

@@ -318,3 +318,29 @@ def test_output_that_appears_while_writing_is_not_clobbered(
     out.unlink()
     cs.remap(src, out, cs.Rules(), force=True)  # forced: the late arrival is replaced
     assert_bit_exact(cs.load_state_dict(out), sample_state_dict())
+
+
+def test_early_writeback_flushes_while_writing_and_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper thread flushes a growing file to the disk as it goes, and is gone after."""
+    import threading
+    import time
+
+    from ckptsurgery.io import atomic
+
+    monkeypatch.setattr(atomic, "_WRITEBACK_STEP", 1024)
+    monkeypatch.setattr(atomic, "_WRITEBACK_POLL", 0.005)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    out = tmp_path / "out.bin"
+    chunks = [bytes([i]) * 4096 for i in range(20)]
+    with atomic.atomic_write(out) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.01)
+    assert out.read_bytes() == b"".join(chunks)
+    assert synced  # flushed part-way, not only at the end
+    assert not [t for t in threading.enumerate() if t.name == "writeback"]

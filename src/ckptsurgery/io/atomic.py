@@ -77,8 +77,9 @@ def atomic_write(
         raise OutputError(f"cannot create a file in {str(path.parent)!r}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+            with _early_writeback(f.fileno()):
+                yield f
+                f.flush()
             os.fsync(f.fileno())
         if check is not None:
             check(Path(tmp))
@@ -92,6 +93,39 @@ def atomic_write(
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+_WRITEBACK_STEP = 128 * 1024 * 1024  # bytes written between two flushes to the disk
+_WRITEBACK_POLL = 0.2  # seconds between two looks at the file's size
+
+
+@contextlib.contextmanager
+def _early_writeback(fd: int) -> Iterator[None]:
+    """While a big file is written, flush what is written so far to the disk on a helper
+    thread (``fdatasync`` every 128 MiB), so that the disk writes alongside the copy instead
+    of all at the final ``fsync``. Errors are left to that final ``fsync`` to report."""
+    import threading
+
+    done = threading.Event()
+
+    def run() -> None:
+        flushed = 0
+        while not done.wait(_WRITEBACK_POLL):
+            try:
+                size = os.fstat(fd).st_size
+                if size - flushed >= _WRITEBACK_STEP:
+                    os.fdatasync(fd)
+                    flushed = size
+            except OSError:
+                return
+
+    helper = threading.Thread(target=run, name="writeback", daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        helper.join()
 
 
 def _rename_no_clobber(tmp: str, path: Path) -> None:
