@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ckptsurgery import __version__
 from ckptsurgery._types import PathLike
-from ckptsurgery.errors import CheckpointError, IncompatibleCheckpoint, OutputError
+from ckptsurgery.errors import CheckpointError, OutputError
 from ckptsurgery.io import (
     Checkpoint,
     TensorDictSource,
@@ -711,26 +711,14 @@ def _combine(
             merged = AverageSource(ckpts, renames, weights, labels)
         report = None
         if gate is not None:
-            from ckptsurgery.match import match
-
-            report = match(
-                merged,
-                gate.model,
-                allow_missing=gate.allow_missing,
-                allow_unexpected=gate.allow_unexpected,
-                drop_mismatched=gate.drop_mismatched,
-            )
+            report = gate.check(merged)
             if report.dropped_mismatched:
                 merged = merged.without([m.key for m in report.dropped_mismatched])
         result = _result(specs, ckpts, plans, merged, conflicts, on_conflict, report, out)
         if dry_run:
             return result
-        if report is not None and not report.compatible:
-            raise IncompatibleCheckpoint(
-                f"refusing to write {str(out)!r}: the result does not fit the model "
-                f"({report.problems()})",
-                report=report,
-            )
+        if gate is not None:
+            gate.refuse(report, out)
         if not merged.infos:
             raise MergeError("the rules drop every key; there is nothing to write")
         assert out is not None and fmt is not None  # checked above

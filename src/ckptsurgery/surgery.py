@@ -31,7 +31,7 @@ from ckptsurgery.rules import KeyPlan, Rules
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ckptsurgery.match import MatchReport
+    from ckptsurgery.match import CheckpointLike, MatchReport
     from ckptsurgery.suggest import Suggestion
 
 
@@ -97,6 +97,28 @@ class Gate:
     allow_unexpected: tuple[str, ...] = ()
     drop_mismatched: bool = False  # drop keys whose shape disagrees (they become missing)
 
+    def check(self, result: CheckpointLike) -> MatchReport:
+        """The report of what is about to be written (``result``) against the model."""
+        from ckptsurgery.match import match
+
+        return match(
+            result,
+            self.model,
+            allow_missing=self.allow_missing,
+            allow_unexpected=self.allow_unexpected,
+            drop_mismatched=self.drop_mismatched,
+        )
+
+    @staticmethod
+    def refuse(report: MatchReport | None, out: PathLike | None) -> None:
+        """Raise :class:`IncompatibleCheckpoint` unless ``report`` (if any) is compatible."""
+        if report is not None and not report.compatible:
+            raise IncompatibleCheckpoint(
+                f"refusing to write {str(out)!r}: the result does not fit the model "
+                f"({report.problems()})",
+                report=report,
+            )
+
 
 @dataclass(frozen=True)
 class RemapResult:
@@ -155,28 +177,14 @@ def remap(
         plan = rules.plan(ckpt.infos)
         report = None
         if gate is not None:
-            from ckptsurgery.match import match
-
-            renamed = {new: ckpt.infos[old] for old, new in plan.renames}
-            report = match(
-                renamed,
-                gate.model,
-                allow_missing=gate.allow_missing,
-                allow_unexpected=gate.allow_unexpected,
-                drop_mismatched=gate.drop_mismatched,
-            )
+            report = gate.check({new: ckpt.infos[old] for old, new in plan.renames})
             plan = plan.without(
                 (m.key for m in report.dropped_mismatched), reason="--drop-mismatched"
             )
         result = RemapResult(plan, len(ckpt.infos), ckpt.key, ckpt.other_entries, report, None)
         if dry_run:
             return result
-        if report is not None and not report.compatible:
-            raise IncompatibleCheckpoint(
-                f"refusing to write {str(out)!r}: the result does not fit the model "
-                f"({report.problems()})",
-                report=report,
-            )
+        Gate.refuse(report, out)
         if not plan.renames:
             raise RuleError("the rules drop every key; there is nothing to write")
         assert out is not None and fmt is not None  # checked above
