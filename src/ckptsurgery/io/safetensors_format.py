@@ -59,7 +59,7 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     """Parse and validate a safetensors header; no tensor byte is read."""
 
     def bad(msg: str) -> FormatError:
-        return FormatError(f"{source}: not a valid safetensors file: {msg}")
+        return FormatError(f"{source!r}: not a valid safetensors file: {msg}")
 
     f.seek(0)
     head = f.read(8)
