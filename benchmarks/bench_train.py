@@ -41,7 +41,6 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -138,21 +137,14 @@ def plain_epochs(data: Path, epochs: int) -> list[float]:
 def linear_probe_graph() -> tuple[int, list[str]]:
     """The autograd nodes one linear-probe forward records, as the trainer sets it up."""
     from ckptsurgery.train.groups import set_trainable
+    from ckptsurgery.train.runtime import autograd_node_kinds
 
     model = build_model(MODEL, {}, device="cpu").module
     head = replace_head(model, find_head(model), CLASSES)
     set_trainable(model, head, "linear-probe")
     model.eval()
-    logits = model(torch.randn(2, 3, SIZE, SIZE))
-    seen: set[Any] = set()
-    stack = [logits.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack += [n for n, _ in node.next_functions]
-    return len(seen), sorted(type(n).__name__ for n in seen)
+    kinds = autograd_node_kinds(model(torch.randn(2, 3, SIZE, SIZE)))
+    return len(kinds), kinds
 
 
 def help_seconds(runs: int = 5) -> float:

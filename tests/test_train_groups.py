@@ -26,6 +26,7 @@ from ckptsurgery.train.groups import (
     set_trainable,
 )
 from ckptsurgery.train.heads import Head, find_head, replace_head
+from ckptsurgery.train.runtime import autograd_node_kinds
 from ckptsurgery.train.schedule import build_scheduler, lr_factor
 
 MODELS = {
@@ -243,14 +244,5 @@ def test_linear_probe_records_no_autograd_graph_through_the_backbone(which: str)
     model, _, _, _ = setup(which, "linear-probe")
     model.eval()
     size = args.get("image_size", 32)
-    logits = model(torch.randn(2, 3, size, size))
-    seen: set[object] = set()
-    stack = [logits.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack += [n for n, _ in node.next_functions]
-    kinds = sorted(type(n).__name__ for n in seen)
+    kinds = autograd_node_kinds(model(torch.randn(2, 3, size, size)))
     assert kinds == ["AccumulateGrad", "AccumulateGrad", "AddmmBackward0", "TBackward0"], spec

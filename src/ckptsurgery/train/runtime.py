@@ -154,3 +154,17 @@ class Progress:
             f"{r['val_loss']:.4f}, top1 {r['top1']:.4f}{top5}, lr {lrs}, "
             f"{r['seconds']:.1f}s{' *best*' if r['best'] else ''}"
         )
+
+
+def autograd_node_kinds(t: torch.Tensor) -> list[str]:
+    """The type names of every autograd node that ``t`` was computed through, sorted: what a
+    backward from ``t`` would visit (a linear probe's logits: the head's nodes only)."""
+    seen: set[Any] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    return sorted(type(n).__name__ for n in seen)
