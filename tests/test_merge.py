@@ -15,7 +15,8 @@ from torch import nn
 
 import ckptsurgery as cs
 from ckptsurgery.io import safetensors_format as stf
-from ckptsurgery.merge import AverageSource, MergeConflictError, MergeError, SourceSpec
+from ckptsurgery.merge import MergeConflictError, MergeError, SourceSpec
+from ckptsurgery.plan.execute import PlanSource
 
 
 class TinyNet(nn.Module):
@@ -392,8 +393,9 @@ def test_dry_run_reads_no_tensor_and_writes_nothing(tmp_path: Path, monkeypatch:
     def boom(*_: Any) -> None:
         raise AssertionError("a dry run read tensor data")
 
-    monkeypatch.setattr(AverageSource, "tensor", boom)
-    monkeypatch.setattr(AverageSource, "raw_bytes", boom)
+    monkeypatch.setattr(PlanSource, "tensor", boom)
+    monkeypatch.setattr(PlanSource, "raw_bytes", boom)
+    monkeypatch.setattr(PlanSource, "write_data", boom)
     result = cs.average_files(paths, tmp_path / "o.safetensors", dry_run=True)
     assert result.written is None and result.names == ("w",)
     assert not (tmp_path / "o.safetensors").exists()
@@ -413,9 +415,9 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
 
     log: list[tuple[str, str]] = []
     alive: list[int] = []
-    original_mean = AverageSource._mean
+    original_mean = PlanSource.tensor
 
-    def counting_mean(self: AverageSource, name: str) -> torch.Tensor:
+    def counting_mean(self: PlanSource, name: str) -> torch.Tensor:
         log.append(("compute", name))
         out = original_mean(self, name)
         alive.append(len(log))
@@ -443,7 +445,7 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
         fetched.append(name)
         return original_tensor(self, name)
 
-    monkeypatch.setattr(AverageSource, "_mean", counting_mean)
+    monkeypatch.setattr(PlanSource, "tensor", counting_mean)
     monkeypatch.setattr(cs.Checkpoint, "state_dict", no_state_dict)
     monkeypatch.setattr(stf, "write_file", logging_write)
     monkeypatch.setattr(SafetensorsCheckpoint, "tensor", counting_tensor)

@@ -154,7 +154,7 @@ def test_recipe_dry_run_writes_nothing(tmp_path: Path, nets: Any) -> None:
     done = cs.apply_recipe(write(tmp_path / "recipe.toml", RECIPE), dry_run=True)
     assert done.result.written is None
     assert done.result.report is not None and done.result.report.compatible
-    assert [len(s.plan.renames) for s in done.result.sources] == [7, 2]
+    assert [len(s.keys.renames) for s in done.result.sources] == [7, 2]
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.safetensors_format import encode_header
@@ -138,7 +139,7 @@ def test_progress_line_on_request_only(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from ckptsurgery.cli import cli
-    from ckptsurgery.io.progress import AUTO_MIN_BYTES, wanted
+    from ckptsurgery.render.progress import AUTO_MIN_BYTES, wanted
 
     src = tmp_path / "m.safetensors"
     _big_safetensors(src, tensors=2, mb_each=1)
@@ -146,7 +147,7 @@ def test_progress_line_on_request_only(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "a.pt"), "--progress"])
     assert result.exit_code == 0, result.output
     bar = [part for part in result.stderr.split("\r") if part.startswith("writing a.pt")]
-    assert bar and "100.0%" in bar[-1] and "2.1 MB / 2.1 MB" in bar[-1]
+    assert bar and "100%" in bar[-1] and "2.00M/2.00M" in bar[-1]
     assert result.stdout == ""
     result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "b.pt")])
     assert result.exit_code == 0 and "\r" not in result.stderr  # not a terminal: no bar
@@ -158,3 +159,22 @@ def test_progress_line_on_request_only(tmp_path: Path) -> None:
     assert wanted(AUTO_MIN_BYTES, None, Tty()) and not wanted(AUTO_MIN_BYTES - 1, None, Tty())
     assert not wanted(AUTO_MIN_BYTES, None, io.StringIO())
     assert wanted(1, True, io.StringIO()) and not wanted(AUTO_MIN_BYTES, False, Tty())
+
+
+def test_the_library_reports_progress_to_a_callback_and_prints_nothing(
+    tmp_path: Path, capsys: Any
+) -> None:
+    import ckptsurgery as cs
+
+    src = tmp_path / "m.safetensors"
+    _big_safetensors(src, tensors=3, mb_each=1)
+    calls: list[tuple[int, int]] = []
+    cs.remap(
+        src, tmp_path / "o.safetensors", cs.Rules(), progress=lambda d, t: calls.append((d, t))
+    )
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    total = calls[-1][1]
+    assert total == 3 * MB and calls[-1][0] == total
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and all(t == total for _, t in calls)

@@ -14,7 +14,7 @@ them into a single ``Error: ...`` line and exit code 2; library users catch the 
     ├── RuleError                   a malformed rule or rules file
     │   ├── KeyCollisionError       two keys renamed to the same name
     │   └── RecipeError             a malformed recipe, every problem listed (ckptsurgery.recipe)
-    ├── MergeError                  sources that cannot be merged or averaged (ckptsurgery.merge)
+    ├── MergeError                  sources that cannot be merged or averaged
     │   └── MergeConflictError      a key in several sources under on_conflict="error"
     ├── OutputError                 the output cannot be written (exists, is an input, ...)
     ├── ModelSpecError              a model SPEC that does not resolve (ckptsurgery.models)
@@ -64,6 +64,18 @@ class KeyCollisionError(RuleError):
     def __init__(self, message: str, *, collisions: dict[str, tuple[str, ...]]) -> None:
         super().__init__(message)
         self.collisions = collisions
+
+
+class MergeError(CheckpointError):
+    """Sources that cannot be merged or averaged as asked (key sets, shapes, weights)."""
+
+
+class MergeConflictError(MergeError):
+    """A key is in several sources and ``on_conflict="error"``; ``conflicts``: key -> sources."""
+
+    def __init__(self, message: str, *, conflicts: dict[str, tuple[str, ...]]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
 
 
 class OutputError(CheckpointError):

@@ -3,36 +3,46 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptsurgery import __version__
 from ckptsurgery._types import PathLike
-from ckptsurgery.errors import IncompatibleCheckpoint, OutputError, RuleError
+from ckptsurgery._version import __version__
 from ckptsurgery.io import (
-    Checkpoint,
-    Deferred,
-    FileDigest,
     TensorDictSource,
     WriteResult,
-    check_output_folder,
     check_output_path,
     identity_file,
     open_checkpoint,
     output_format,
-    parse_size,
     write_checkpoint,
 )
-from ckptsurgery.rules import KeyPlan, Rules
+from ckptsurgery.plan.gate import Gate
+from ckptsurgery.plan.model import SourceSpec
+from ckptsurgery.plan.run import Progress, SurgeryResult, run_surgery
+from ckptsurgery.rules import Rules
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ckptsurgery.match import CheckpointLike, MatchReport
+    from ckptsurgery.match import MatchReport
     from ckptsurgery.suggest import Suggestion
+
+__all__ = [
+    "DiffResult",
+    "Gate",
+    "RemapResult",
+    "diff",
+    "load_state_dict",
+    "remap",
+    "save_state_dict",
+    "sha256_file",
+]
+
+# remap's result is every surgery's: the plan, the gate's report, what was written.
+RemapResult = SurgeryResult
 
 
 def load_state_dict(
@@ -84,56 +94,6 @@ def sha256_file(path: PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@dataclass(frozen=True)
-class Gate:
-    """Match the result against a model before writing; refuse unless compatible.
-
-    ``model`` is an ``nn.Module`` (or a :class:`~ckptsurgery.models.BuiltModel`), or a mapping
-    of names to tensors or :class:`TensorInfo` (a reference checkpoint).
-    """
-
-    model: Any
-    allow_missing: tuple[str, ...] = ()
-    allow_unexpected: tuple[str, ...] = ()
-    drop_mismatched: bool = False  # drop keys whose shape disagrees (they become missing)
-
-    def check(self, result: CheckpointLike) -> MatchReport:
-        """The report of what is about to be written (``result``) against the model."""
-        from ckptsurgery.match import match
-
-        return match(
-            result,
-            self.model,
-            allow_missing=self.allow_missing,
-            allow_unexpected=self.allow_unexpected,
-            drop_mismatched=self.drop_mismatched,
-        )
-
-    @staticmethod
-    def refuse(report: MatchReport | None, out: PathLike | None) -> None:
-        """Raise :class:`IncompatibleCheckpoint` unless ``report`` (if any) is compatible."""
-        if report is not None and not report.compatible:
-            raise IncompatibleCheckpoint(
-                f"refusing to write {str(out)!r}: the result does not fit the model "
-                f"({report.problems()})",
-                report=report,
-            )
-
-
-@dataclass(frozen=True)
-class RemapResult:
-    plan: KeyPlan
-    source_keys: int  # keys in the source state dict
-    source_key: str | None  # where the state dict was found inside the source
-    other_entries: dict[str, str]  # the source's other top-level entries
-    report: MatchReport | None  # the gate's report, when a gate was given
-    written: WriteResult | None  # None for a dry run
-
-    @property
-    def compatible(self) -> bool:
-        return self.report is None or self.report.compatible
-
-
 def remap(
     src: PathLike,
     out: PathLike | None,
@@ -147,9 +107,11 @@ def remap(
     allow_globals: tuple[str, ...] | list[str] = (),
     unsafe_pickle: bool = False,
     max_shard_size: int | str | None = None,
-    progress: bool | None = None,
+    progress: Progress | None = None,
     verify: bool = True,
-) -> RemapResult:
+    dtype: str | None = None,
+    keep_dtype: tuple[str, ...] | list[str] = (),
+) -> SurgeryResult:
     """Apply ``rules`` to the checkpoint at ``src`` and write the result to ``out``.
 
     The output is checked (format, existence, not an input) before anything is read, so a
@@ -158,48 +120,28 @@ def remap(
     report). With ``dry_run`` only the plan (and the gate's report) is made; ``out`` may then
     be None. With ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder
     (or its ``*.safetensors.index.json``) receiving safetensors shards and their index.
+    ``dtype`` ("float32", "float16", "bfloat16") casts floating tensors, except those whose
+    new key matches a ``keep_dtype`` glob; integer and bool tensors are never cast.
     The output is read back and checked (names, shapes, dtypes, a CRC-32 of each tensor's
-    bytes) before it takes its name; ``verify=False`` skips that.
+    bytes) before it takes its name; ``verify=False`` skips that. ``progress(done, total)``
+    is called with the bytes written so far.
     """
-    fmt = None
-    if out is not None:
-        fmt = output_format(out, format, sharded=max_shard_size is not None)
-        if max_shard_size is not None:
-            parse_size(max_shard_size)
-            check_output_folder(out, inputs=[src], force=force or dry_run)
-        else:
-            check_output_path(out, inputs=[src], force=force or dry_run)
-    elif not dry_run:
-        raise OutputError("no output given; pass an output path (only a dry run may omit it)")
-    with open_checkpoint(
-        src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
-    ) as ckpt:
-        plan = rules.plan(ckpt.infos)
-        report = None
-        if gate is not None:
-            report = gate.check({new: ckpt.infos[old] for old, new in plan.renames})
-            plan = plan.without(
-                (m.key for m in report.dropped_mismatched), reason="--drop-mismatched"
-            )
-        result = RemapResult(plan, len(ckpt.infos), ckpt.key, ckpt.other_entries, report, None)
-        if dry_run:
-            return result
-        Gate.refuse(report, out)
-        if not plan.renames:
-            raise RuleError("the rules drop every key; there is nothing to write")
-        assert out is not None and fmt is not None  # checked above
-        written = write_remapped(
-            ckpt,
-            plan,
-            rules,
-            out,
-            fmt=fmt,
-            overwrite=force,
-            max_shard_size=max_shard_size,
-            progress=progress,
-            verify=verify,
-        )
-    return replace(result, written=written)
+    return run_surgery(
+        [SourceSpec(src, key, rules)],
+        out,
+        mode="remap",
+        dtype=dtype,
+        keep_dtype=keep_dtype,
+        format=format,
+        force=force,
+        dry_run=dry_run,
+        gate=gate,
+        allow_globals=allow_globals,
+        unsafe_pickle=unsafe_pickle,
+        verify=verify,
+        max_shard_size=max_shard_size,
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -253,45 +195,3 @@ def diff(
                 {k: i.shape for k, i in ckpt.infos.items()}, target_shapes, ties=target_ties
             )
         return DiffResult(report, suggestion, ckpt.key, ckpt.other_entries)
-
-
-def write_remapped(
-    ckpt: Checkpoint,
-    plan: KeyPlan,
-    rules: Rules,
-    out: PathLike,
-    *,
-    fmt: str,
-    overwrite: bool = True,
-    max_shard_size: int | str | None = None,
-    progress: bool | None = None,
-    verify: bool = True,
-) -> WriteResult:
-    """Write the tensors ``plan`` keeps, under their new names, with provenance metadata.
-
-    Pass ``overwrite=False`` unless the user forced it: a file that appears at ``out`` after
-    :func:`check_output_path` looked is then left alone.
-    """
-    names = [(new, old) for old, new in plan.renames]
-    options: dict[str, Any] = {
-        "overwrite": overwrite,
-        "progress": progress,
-        "max_shard_size": None if max_shard_size is None else parse_size(max_shard_size),
-        "verify": verify,
-    }
-    if fmt != "safetensors":  # a torch output is a flat state dict: no room for metadata
-        return write_checkpoint(out, ckpt, names, fmt=fmt, **options)
-    # The source is hashed on a helper thread while the tensors are copied; the header is
-    # written with a placeholder of the digest's length and completed at the end.
-    digest = FileDigest(identity_file(ckpt.path))
-
-    def sources(sha256: str) -> str:
-        entry = {"name": ckpt.path.name, "sha256": sha256, "key": ckpt.key}
-        return json.dumps([entry], separators=(",", ":"))
-
-    metadata: dict[str, str | Deferred] = {
-        "ckptsurgery.version": __version__,
-        "ckptsurgery.sources": Deferred(sources("0" * 64), lambda: sources(digest.hexdigest())),
-        "ckptsurgery.rules": rules.to_json(),
-    }
-    return write_checkpoint(out, ckpt, names, fmt=fmt, metadata=metadata, **options)

@@ -28,7 +28,7 @@ def shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
+def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], *, fmt: str = "simple") -> str:
     """Rows under a header and a dashed rule, columns left-aligned and two spaces apart.
 
     The layout of tabulate's "simple" format with number parsing off (every cell is shown as
@@ -91,7 +91,7 @@ def plan_table(plan: KeyPlan) -> str:
     return table(rows, ("key", "", "new key"))
 
 
-def rule_counts_table(plan: KeyPlan) -> str:
+def rule_counts_table(plan: KeyPlan, *, fmt: str = "simple") -> str:
     return table(((rule, f"{n:,}") for rule, n in plan.rule_counts), ("rule", "keys"))
 
 

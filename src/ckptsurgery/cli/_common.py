@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ckptsurgery.errors import CheckpointError
 from ckptsurgery.io import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -147,3 +148,25 @@ def note(message: str) -> None:
 
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2))
+
+
+@contextlib.contextmanager
+def refusals(*, as_json: bool, fmt: str = "simple", **context: Any) -> Iterator[None]:
+    """Every refusal of the command inside, rendered one way (see
+    :mod:`ckptsurgery.plan.gate`): with ``--json`` its JSON object on stdout, else the match
+    report (if any) as a table; then the ``Error:`` line on stderr. A gate that refused
+    exits 1; any other refusal goes on to the CLI's handler (exit 2)."""
+    try:
+        yield
+    except CheckpointError as e:
+        from ckptsurgery.plan.gate import refusal
+
+        r = refusal(e, **context)
+        if as_json:
+            echo_json(r.to_json())
+        elif r.report is not None:
+            click.echo(r.text(fmt=fmt))
+        if r.exit_code == 1:
+            note(r.error_line())
+            raise click.exceptions.Exit(1) from None
+        raise

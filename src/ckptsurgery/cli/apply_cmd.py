@@ -5,13 +5,14 @@ import click
 from ckptsurgery.cli._common import (
     max_shard_size_option,
     note,
+    refusals,
     source_options,
     verify_option,
     warnings_as_notes,
 )
-from ckptsurgery.cli.merge_cmd import refused, render
-from ckptsurgery.errors import IncompatibleCheckpoint
+from ckptsurgery.cli._surgery import fmt_option, progress_option, render
 from ckptsurgery.recipe import apply_recipe
+from ckptsurgery.render.progress import byte_progress
 
 
 @click.command("apply")
@@ -25,6 +26,8 @@ from ckptsurgery.recipe import apply_recipe
     help="Print every source's plan, the merge and the gate report; write nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@fmt_option
+@progress_option
 @source_options
 def apply_cmd(
     recipe: str,
@@ -33,6 +36,8 @@ def apply_cmd(
     no_verify: bool,
     dry_run: bool,
     as_json: bool,
+    table_fmt: str,
+    progress: bool | None,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -64,21 +69,22 @@ def apply_cmd(
       [output]
       path = "resnet50_moco.safetensors"
     """
-    try:
-        with warnings_as_notes():
-            done = apply_recipe(
-                recipe,
-                dry_run=dry_run,
-                force=force,
-                key=key,
-                allow_globals=allow_globals,
-                unsafe_pickle=unsafe_pickle,
-                verify=not no_verify,
-                max_shard_size=max_shard_size,
-            )
-    except IncompatibleCheckpoint as e:
-        refused(e, as_json=as_json, payload={"recipe": recipe})
-        raise click.exceptions.Exit(1) from None
+    with (
+        refusals(as_json=as_json, fmt=table_fmt, command="apply", recipe=recipe),
+        warnings_as_notes(),
+        byte_progress("writing", progress) as on_progress,
+    ):
+        done = apply_recipe(
+            recipe,
+            dry_run=dry_run,
+            force=force,
+            key=key,
+            allow_globals=allow_globals,
+            unsafe_pickle=unsafe_pickle,
+            verify=not no_verify,
+            max_shard_size=max_shard_size,
+        )
+        del on_progress  # recipes report no progress yet
     if done.model_note:
         note(f"note: {done.model_note}")
     render(
@@ -86,6 +92,7 @@ def apply_cmd(
         given_key=key,
         dry_run=dry_run,
         as_json=as_json,
+        fmt=table_fmt,
         plans=True,
         payload={"recipe": recipe},
     )

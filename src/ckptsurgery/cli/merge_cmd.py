@@ -10,20 +10,28 @@ import click
 from ckptsurgery.cli._common import (
     allow_options,
     build_target,
-    echo_json,
     max_shard_size_option,
     model_options,
-    note,
+    refusals,
     source_options,
     verify_option,
     warnings_as_notes,
 )
-from ckptsurgery.errors import IncompatibleCheckpoint
-from ckptsurgery.keygroups import group_keys
-from ckptsurgery.merge import MergeResult, average_files, merge_files
+from ckptsurgery.cli._surgery import (
+    check_dtype_flags,
+    check_recipe_path,
+    dtype_options,
+    emit_recipe_option,
+    fmt_option,
+    progress_option,
+    render,
+    write_recipe,
+)
+from ckptsurgery.merge import average_files, merge_files
 from ckptsurgery.models import parse_model_args
-from ckptsurgery.surgery import Gate
-from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
+from ckptsurgery.plan.gate import Gate
+from ckptsurgery.render.progress import byte_progress
+from ckptsurgery.rules import Rules
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -110,11 +118,20 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     default=None,
     help="Output format, when the extension does not say.",
 )
+@dtype_options
 @max_shard_size_option
+@progress_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @verify_option
-@click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (every output tensor, its operation and bytes), the sources and the "
+    "gate's report; write nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@fmt_option
+@emit_recipe_option
 @model_options
 @allow_options
 @click.option(
@@ -130,11 +147,16 @@ def merge_cmd(
     average: bool,
     weights_text: tuple[str, ...],
     fmt: str | None,
+    dtype: str | None,
+    keep_dtype: tuple[str, ...],
     max_shard_size: str | None,
+    progress: bool | None,
     force: bool,
     no_verify: bool,
     dry_run: bool,
     as_json: bool,
+    table_fmt: str,
+    emit_recipe: str | None,
     model_spec: str | None,
     model_args: tuple[str, ...],
     allow_missing: tuple[str, ...],
@@ -170,6 +192,10 @@ def merge_cmd(
         raise click.UsageError("--weights needs --average")
     if average and on_conflict is not None:
         raise click.UsageError("--on-conflict does not apply with --average")
+    if emit_recipe is not None and out is None:
+        raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
+    check_dtype_flags(dtype, keep_dtype)
+    check_recipe_path(emit_recipe, inputs=list(sources), force=force)
     gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
     if gate_flags and model_spec is None:
         raise click.UsageError(
@@ -202,150 +228,44 @@ def merge_cmd(
         "unsafe_pickle": unsafe_pickle,
         "verify": not no_verify,
         "max_shard_size": max_shard_size,
+        "dtype": dtype,
+        "keep_dtype": keep_dtype,
     }
-    try:
-        with warnings_as_notes():
-            if average:
-                result = average_files(list(sources), out, weights=weights, **common)
-            else:
-                result = merge_files(
-                    list(sources), out, on_conflict=on_conflict or "error", **common
-                )
-    except IncompatibleCheckpoint as e:
-        refused(e, as_json=as_json, payload={"output": out})
-        raise click.exceptions.Exit(1) from None
-    render(result, given_key=key, dry_run=dry_run, as_json=as_json)
-
-
-def refused(e: IncompatibleCheckpoint, *, as_json: bool, payload: dict[str, Any]) -> None:
-    """The gate refused to write: its report, then why on stderr."""
-    if as_json:
-        echo_json({**payload, "written": False, "report": e.report.to_json()})
-    else:
-        click.echo(e.report.table())
-    note(f"{e}; nothing written")
-
-
-def render(
-    result: MergeResult,
-    *,
-    given_key: str | None,
-    dry_run: bool,
-    as_json: bool,
-    plans: bool = False,
-    payload: dict[str, Any] | None = None,
-) -> None:
-    """Print a merge (stdout: tables or JSON; stderr: notes and the summary line); exit 1 when
-    a dry run does not fit the model. ``plans``: show every source's rename plan too."""
-    for i, s in enumerate(result.sources):
-        if s.key and not given_key:
-            others = ", ".join(s.other_entries) or "none"
-            note(f"{s.path}: using the state dict at '{s.key}' (other entries: {others})")
-        for rule in s.plan.unused_rules:
-            note(f"note: source {i + 1} ({s.path}): {rule} matched no key")
-    if result.conflicts:
-        which = "first" if result.on_conflict == "first" else "last"
-        keys = group_keys(c.key for c in result.conflicts)
-        note(
-            f"note: {count(len(result.conflicts), 'key')} in several sources, each taken from "
-            f"the {which} source that has it: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+    with (
+        refusals(
+            as_json=as_json, fmt=table_fmt, command="merge", sources=list(sources), output=out
+        ),
+        warnings_as_notes(),
+        byte_progress(f"writing {Path(out or '').name}", progress) as on_progress,
+    ):
+        if average:
+            result = average_files(
+                list(sources), out, weights=weights, progress=on_progress, **common
+            )
+        else:
+            result = merge_files(
+                list(sources),
+                out,
+                on_conflict=on_conflict or "error",
+                progress=on_progress,
+                **common,
+            )
+    if emit_recipe is not None:
+        assert out is not None  # checked above
+        write_recipe(
+            emit_recipe,
+            [(src, key, Rules()) for src in sources],
+            out,
+            model_spec=model_spec,
+            model_args=model_args,
+            gate=gate,
+            on_conflict=on_conflict or "error",
+            average=average,
+            weights=weights or (),
+            dtype=dtype,
+            keep_dtype=keep_dtype,
+            fmt=fmt,
+            max_shard_size=max_shard_size,
+            force=force,
         )
-    for message in result.notes:
-        note(f"note: {message}")
-    report = result.report
-    if report is not None:
-        for glob in report.unused_allow():
-            note(f"note: allow glob {glob} matched no key")
-
-    if as_json:
-        echo_json({**(payload or {}), **result.to_dict()})
-    else:
-        if dry_run:
-            click.echo(tables(result, plans=plans))
-        if report is not None:
-            if dry_run:
-                click.echo()
-            click.echo(report.table())
-    note(summary(result, dry_run=dry_run))
-    if dry_run and not result.compatible:
-        raise click.exceptions.Exit(1)
-
-
-def tables(result: MergeResult, *, plans: bool) -> str:
-    """A dry run's tables: the sources (and their plans), then conflicts or what is copied."""
-    parts: list[str] = []
-    if plans:
-        for i, s in enumerate(result.sources):
-            head = f"source {i + 1}: {s.path}" + (f" (key {s.key})" if s.key else "")
-            body = plan_table(s.plan) if s.plan.renames else "(no key kept)"
-            parts.append(f"{head}\n{body}")
-            if s.plan.dropped:
-                parts.append(table(((k,) for k in group_keys(s.plan.dropped)), ("dropped",)))
-            if s.plan.rule_counts:
-                parts.append(rule_counts_table(s.plan))
-    headers = ["#", "source", "key", "tensors", "kept", "taken"]
-    rows: list[list[str]] = [
-        [
-            str(i + 1),
-            s.path,
-            s.key or "",
-            f"{s.tensors:,}",
-            f"{len(s.plan.renames):,}",
-            f"{s.taken:,}",
-        ]
-        for i, s in enumerate(result.sources)
-    ]
-    if result.mode == "average":
-        headers[-1] = "weight"
-        for row, w in zip(rows, result.weights or (), strict=True):
-            row[-1] = f"{w:.4g}"
-    parts.append(table(rows, headers))
-    labels = [f"{i + 1} ({Path(s.path).name})" for i, s in enumerate(result.sources)]
-    if result.conflicts:
-        grouped: dict[tuple[tuple[int, ...], int], list[str]] = {}
-        for c in result.conflicts:
-            grouped.setdefault((c.sources, c.taken_from), []).append(c.key)
-        conflict_rows = [
-            (g, ", ".join(labels[i] for i in srcs), labels[taken])
-            for (srcs, taken), keys in grouped.items()
-            for g in group_keys(keys)
-        ]
-        parts.append(table(conflict_rows, ("key in several sources", "sources", "taken from")))
-    if result.copied:
-        rows2 = ((g,) for g in group_keys(result.copied))
-        parts.append(table(rows2, (f"integer / bool, copied from source {labels[0]}",)))
-    return "\n\n".join(parts)
-
-
-def summary(result: MergeResult, *, dry_run: bool) -> str:
-    n = len(result.sources)
-    if result.mode == "average":
-        weights = ", ".join(f"{w:.4g}" for w in result.weights or ())
-        copied = len(result.copied)
-        what = (
-            f"average of {n} sources (weights {weights}): "
-            f"{count(len(result.names) - copied, 'tensor')} averaged"
-            + (f", {copied} copied from the first" if copied else "")
-        )
-    else:
-        taken = ", ".join(f"{Path(s.path).name} {s.taken:,}" for s in result.sources)
-        what = f"union of {n} source{'s' if n != 1 else ''}: {count(len(result.names), 'tensor')} ({taken})"
-        if result.conflicts:
-            what += f", {count(len(result.conflicts), 'conflict')} resolved ({result.on_conflict})"
-    report = result.report
-    verdict = (
-        ""
-        if report is None
-        else "; fits the model"
-        if report.compatible
-        else "; does NOT fit the model"
-    )
-    if dry_run:
-        return f"dry run: {what}{verdict}; nothing written"
-    assert result.written is not None
-    written = result.written
-    shards = f" in {written.shards} shards" if written.path.is_dir() else ""
-    return (
-        f"{what}{verdict}; wrote {count(written.tensors, 'tensor')}, "
-        f"{human_bytes(written.bytes)}{shards} to {result.output}"
-    )
+    render(result, given_key=key, dry_run=dry_run, as_json=as_json, fmt=table_fmt)

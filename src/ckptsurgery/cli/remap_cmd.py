@@ -1,25 +1,34 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ckptsurgery.cli._common import (
     F,
     allow_options,
     build_target,
-    echo_json,
     max_shard_size_option,
     model_options,
-    note,
-    selection_note,
+    refusals,
     source_options,
     verify_option,
     warnings_as_notes,
 )
-from ckptsurgery.errors import IncompatibleCheckpoint
-from ckptsurgery.match import MatchReport
+from ckptsurgery.cli._surgery import (
+    check_dtype_flags,
+    check_recipe_path,
+    dtype_options,
+    emit_recipe_option,
+    fmt_option,
+    progress_option,
+    render,
+    write_recipe,
+)
+from ckptsurgery.plan.gate import Gate
+from ckptsurgery.render.progress import byte_progress
 from ckptsurgery.rules import Rules
-from ckptsurgery.surgery import Gate, remap
-from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
+from ckptsurgery.surgery import remap
 
 
 def rule_options(f: F) -> F:
@@ -112,16 +121,20 @@ def build_rules(
     default=None,
     help="Output format, when the extension does not say.",
 )
+@dtype_options
 @max_shard_size_option
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="A progress line on stderr while writing (default: for big writes on a terminal).",
-)
+@progress_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @verify_option
-@click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (every output tensor, its operation and "
+    "bytes) and the gate's report; write nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON.")
+@fmt_option
+@emit_recipe_option
 @model_options
 @allow_options
 @click.option(
@@ -141,12 +154,16 @@ def remap_cmd(
     add_prefix: str,
     rules_file: str | None,
     fmt: str | None,
+    dtype: str | None,
+    keep_dtype: tuple[str, ...],
     max_shard_size: str | None,
     progress: bool | None,
     force: bool,
     no_verify: bool,
     dry_run: bool,
     as_json: bool,
+    table_fmt: str,
+    emit_recipe: str | None,
     model_spec: str | None,
     model_args: tuple[str, ...],
     allow_missing: tuple[str, ...],
@@ -159,8 +176,9 @@ def remap_cmd(
     """Filter and rename the keys of SRC and write the result to OUT.
 
     Rules apply in this order: --keep, --drop, --strip-prefix, --replace, --regex,
-    --add-prefix. Tensors are copied bit-exactly; OUT is written atomically and SRC is never
-    modified.
+    --add-prefix. Tensors are copied bit-exactly, or cast with --dtype (integer and bool
+    tensors never are; --keep-dtype spares more); OUT is written atomically and SRC is never
+    modified. --dry-run prints the plan: every output tensor, its operation and bytes.
 
     With --model, the renamed keys are first matched against the model (as `diff` does): the
     report is printed and nothing is written (exit 1) unless they fit, allowing the keys given
@@ -176,6 +194,11 @@ def remap_cmd(
     \b
     Example (a sharded Hugging Face checkpoint, resharded into 5 GB safetensors shards):
       ckptsurgery remap llama-7b/ -o llama-7b-st/ --max-shard-size 5GB
+
+    \b
+    Example (bfloat16, BatchNorm statistics kept in float32, saved as a recipe too):
+      ckptsurgery remap resnet50.pth -o resnet50-bf16.safetensors --dtype bfloat16 \\
+          --keep-dtype '*.running_*' --emit-recipe resnet50-bf16.toml
     """
     rules, file_key = build_rules(
         keep=keep,
@@ -188,6 +211,10 @@ def remap_cmd(
     )
     if out is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
+    if emit_recipe is not None and out is None:
+        raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
+    check_dtype_flags(dtype, keep_dtype)
+    check_recipe_path(emit_recipe, inputs=[src], force=force)
     gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
     if gate_flags and model_spec is None:
         raise click.UsageError(
@@ -201,96 +228,59 @@ def remap_cmd(
             allow_unexpected=allow_unexpected,
             drop_mismatched=drop_mismatched,
         )
-    try:
-        with warnings_as_notes():
-            result = remap(
-                src,
-                out,
-                rules,
-                key=key or file_key,
-                format=fmt,
-                force=force,
-                dry_run=dry_run,
-                gate=gate,
-                allow_globals=allow_globals,
-                unsafe_pickle=unsafe_pickle,
-                max_shard_size=max_shard_size,
-                progress=progress,
-                verify=not no_verify,
-            )
-    except IncompatibleCheckpoint as e:
-        _unused_allow_notes(e.report)
-        if as_json:
-            echo_json(
-                {"source": src, "output": out, "written": False, "report": e.report.to_json()}
-            )
-        else:
-            click.echo(e.report.table())
-        note(f"{e}; nothing written")
-        raise click.exceptions.Exit(1) from None
-    selection_note(result.source_key, key or file_key, result.other_entries)
-    plan = result.plan
-    for rule in plan.unused_rules:
-        note(f"note: {rule} matched no key")
-    report = result.report
-    if report is not None:
-        _unused_allow_notes(report)
-
-    if as_json:
-        payload = {
-            "source": src,
-            "key": result.source_key,
-            "output": out,
-            "rules": rules.to_dict(),
-            **plan.to_dict(),
-        }
-        if report is not None:
-            payload["report"] = report.to_json()
-        if result.written is not None:
-            payload.update(
-                written=True,
-                format=result.written.format,
-                tensors=result.written.tensors,
-                bytes=result.written.bytes,
-            )
-        echo_json(payload)
-    elif dry_run:
-        click.echo(plan_table(plan) if plan.renames else "(no key kept)")
-        if plan.dropped:
-            click.echo()
-            click.echo(table(((k,) for k in plan.dropped), ("dropped",)))
-        if plan.rule_counts:
-            click.echo()
-            click.echo(rule_counts_table(plan))
-    if report is not None and not as_json:
-        if dry_run:
-            click.echo()
-        click.echo(report.table())
-
-    counts = (
-        f"{len(plan.renames)} of {result.source_keys} keys ({len(plan.renamed)} renamed), "
-        f"{'drop' if dry_run else 'dropped'} {len(plan.dropped)}"
-    )
-    if dry_run:
-        verdict = (
-            ""
-            if report is None
-            else "; fits the model"
-            if report.compatible
-            else ("; does NOT fit the model")
+    src_key = key or file_key
+    with (
+        refusals(as_json=as_json, fmt=table_fmt, command="remap", source=src, output=out),
+        warnings_as_notes(),
+        byte_progress(f"writing {Path(out or '').name}", progress) as on_progress,
+    ):
+        result = remap(
+            src,
+            out,
+            rules,
+            key=src_key,
+            format=fmt,
+            force=force,
+            dry_run=dry_run,
+            gate=gate,
+            allow_globals=allow_globals,
+            unsafe_pickle=unsafe_pickle,
+            max_shard_size=max_shard_size,
+            progress=on_progress,
+            verify=not no_verify,
+            dtype=dtype,
+            keep_dtype=keep_dtype,
         )
-        note(f"dry run: would keep {counts}{verdict}; nothing written")
-        if not result.compatible:
-            raise click.exceptions.Exit(1)
-        return
-    assert result.written is not None
-    shards = f" in {result.written.shards} shards" if max_shard_size is not None else ""
-    note(
-        f"kept {counts}; wrote {count(result.written.tensors, 'tensor')}, "
-        f"{human_bytes(result.written.bytes)}{shards} to {out}"
+    if emit_recipe is not None:
+        assert out is not None  # checked above
+        write_recipe(
+            emit_recipe,
+            [(src, src_key, rules)],
+            out,
+            model_spec=model_spec,
+            model_args=model_args,
+            gate=gate,
+            dtype=dtype,
+            keep_dtype=keep_dtype,
+            fmt=fmt,
+            max_shard_size=max_shard_size,
+            force=force,
+        )
+    s0 = result.plan.sources[0]
+    payload = {
+        "source": src,
+        "key": result.plan.sources[0].key,
+        "output": out,
+        "rules": rules.to_dict(),
+        **s0.keys.to_dict(),
+    }
+    if result.written is not None:
+        payload.update(tensors=result.written.tensors)
+    render(
+        result,
+        given_key=src_key,
+        dry_run=dry_run,
+        as_json=as_json,
+        fmt=table_fmt,
+        payload=payload,
     )
-
-
-def _unused_allow_notes(report: MatchReport) -> None:
-    for glob in report.unused_allow():
-        note(f"note: allow glob {glob} matched no key")

@@ -1,81 +1,31 @@
-"""A progress line for long writes: bytes written, on stderr, redrawn in place with ``\\r``.
+"""Progress of a long write, reported to a callback: ``progress(bytes_done, bytes_total)``.
 
-Shown for writes of at least :data:`AUTO_MIN_BYTES` when stderr is a terminal, or whenever
-asked for (``--progress``); never otherwise, so that logs and pipes stay clean.
+The library never draws anything: the command line turns the callback into a progress bar
+(:mod:`ckptsurgery.render.progress`), only when stderr is a terminal or when asked.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import BinaryIO, TextIO
+from collections.abc import Callable
+from typing import BinaryIO
 
-AUTO_MIN_BYTES = 256 * 1024 * 1024
-_INTERVAL = 0.2  # seconds between redraws
-
-
-def wanted(total: int, progress: bool | None, stream: TextIO | None = None) -> bool:
-    """``progress`` True/False forces it; None shows it for a big write on a terminal."""
-    if progress is not None:
-        return progress
-    stream = stream or sys.stderr
-    return total >= AUTO_MIN_BYTES and bool(getattr(stream, "isatty", lambda: False)())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class Progress:
-    """Counts bytes as they are written and redraws one line at most every 0.2 s."""
-
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
-        self.total = max(total, 1)
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= _INTERVAL:
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        frac = min(self.done / self.total, 1.0)
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        rate = self.done / max(now - self.start, 1e-9)
-        self.stream.write(
-            f"\r{self.label} [{bar}] {frac:6.1%} {_human(self.done)} / {_human(self.total)} "
-            f"{_human(rate)}/s "
-        )
-        self.stream.flush()
-
-    def finish(self) -> None:
-        self._draw(time.monotonic())
-        self.stream.write("\n")
-        self.stream.flush()
+ProgressCallback = Callable[[int, int], None]
 
 
 class ProgressWriter:
-    """A file wrapper that reports every write to a :class:`Progress`; seeks pass through
-    (a zip record's CRC or a late safetensors header is patched in place)."""
+    """A file wrapper that reports the bytes written so far to ``callback``; seeks pass
+    through (a zip record's CRC or a late safetensors header is patched in place)."""
 
-    def __init__(self, f: BinaryIO, progress: Progress) -> None:
+    def __init__(self, f: BinaryIO, callback: ProgressCallback, total: int) -> None:
         self._f = f
-        self._progress = progress
+        self._callback = callback
+        self.total = total
+        self.done = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self._f.write(data)
-        self._progress.advance(len(memoryview(data).cast("B")))
+        self.done += len(memoryview(data).cast("B"))
+        self._callback(min(self.done, self.total), self.total)
         return n
 
     def tell(self) -> int:

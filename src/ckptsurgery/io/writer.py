@@ -24,7 +24,7 @@ from ckptsurgery.io import safetensors_format as stf
 from ckptsurgery.io.atomic import atomic_folder, atomic_write
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.progress import Progress, ProgressWriter, wanted
+from ckptsurgery.io.progress import ProgressCallback, ProgressWriter
 from ckptsurgery.io.reader import ALIASES_KEY, tensor_bytes
 from ckptsurgery.io.streams import CrcWriter, in_background
 from ckptsurgery.io.verify import Expected, verify_written
@@ -107,7 +107,7 @@ def write_checkpoint(
     metadata: Metadata | None = None,
     overwrite: bool = True,
     max_shard_size: int | None = None,
-    progress: bool | None = None,
+    progress: ProgressCallback | None = None,
     verify: bool = True,
 ) -> WriteResult:
     """Write ``src``'s tensors under new names (``names`` = (new, old) pairs) atomically.
@@ -116,7 +116,8 @@ def write_checkpoint(
     :func:`check_output_folder` for shards); this only writes. With ``overwrite=False``, a
     file that appears at ``path`` meanwhile is not replaced. With ``max_shard_size`` (bytes),
     ``path`` is a folder (or its index) receiving safetensors shards and their index.
-    ``progress``: a progress line on stderr (None: for a big write on a terminal only).
+    ``progress(done, total)`` is called with the bytes written so far (of the tensors' data;
+    headers aside) as they are written.
 
     With ``verify`` (the default), the CRC-32 of each tensor's bytes is kept as they are
     written, and the finished temporary output is re-opened through the reader and checked
@@ -128,17 +129,17 @@ def write_checkpoint(
     expected = Expected({new: src.infos[old] for new, old in names}, dict(plan.aliases))
     crcs = expected.crcs if verify else None
     total = sum(src.infos[old].nbytes for _, old in plan.items)
-    bar = Progress(total, f"writing {path.name}") if wanted(total, progress) else None
     try:
         if max_shard_size is not None:
             if fmt != "safetensors":
                 raise OutputError("--max-shard-size writes safetensors shards only")
             return _write_sharded(
-                path, src, plan, metadata or {}, max_shard_size, overwrite, bar, expected, verify
-            )
+                path, src, plan, metadata or {}, max_shard_size, overwrite, progress, total,
+                expected, verify,
+            )  # fmt: skip
         check = (lambda tmp: verify_output(tmp, expected, out=path)) if verify else None
         with atomic_write(path, overwrite=overwrite, check=check) as raw:
-            f = cast(BinaryIO, ProgressWriter(raw, bar)) if bar is not None else raw
+            f = _tracked(raw, progress, total)
             checks = in_background(src.check_jobs(old for _, old in plan.items))
             finish: Callable[[], None] | None = None
             if fmt == "safetensors":
@@ -156,9 +157,6 @@ def write_checkpoint(
             size = raw.seek(0, os.SEEK_END)
     except OSError as e:
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    finally:
-        if bar is not None:
-            bar.finish()
     return WriteResult(path, fmt, len(names), stored, size)
 
 
@@ -209,6 +207,10 @@ def _copier(
     return write_data
 
 
+def _tracked(f: BinaryIO, progress: ProgressCallback | None, total: int) -> BinaryIO:
+    return f if progress is None else cast(BinaryIO, ProgressWriter(f, progress, total))
+
+
 def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> dict[str, str]:
     meta = {"format": "pt", **metadata}
     if aliases:
@@ -242,7 +244,8 @@ def _write_sharded(
     metadata: Metadata,
     max_shard_size: int,
     overwrite: bool,
-    bar: Progress | None,
+    progress: ProgressCallback | None,
+    total: int,
     expected: Expected,
     verify: bool,
 ) -> WriteResult:
@@ -253,6 +256,7 @@ def _write_sharded(
     files = shard_names(index_name, len(shards))
     weight_map: dict[str, str] = {}
     shard_aliases: list[dict[str, str]] = []
+    counter: ProgressWriter | None = None
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         checks = in_background(src.check_jobs(old for _, old in plan.items))
         for items, name in zip(shards, files, strict=True):
@@ -260,7 +264,12 @@ def _write_sharded(
             aliases = {a: c for a, c in plan.aliases.items() if c in stored}
             shard_aliases.append(aliases)
             with open(tmp / name, "xb") as raw:
-                f = cast(BinaryIO, ProgressWriter(raw, bar)) if bar is not None else raw
+                f: BinaryIO = raw
+                if progress is not None:  # one count across the shards
+                    done = counter.done if counter is not None else 0
+                    counter = ProgressWriter(raw, progress, total)
+                    counter.done = done
+                    f = cast(BinaryIO, counter)
                 stf.write_file(
                     f,
                     items,

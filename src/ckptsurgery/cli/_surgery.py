@@ -1,0 +1,346 @@
+"""What remap, merge and apply share: the options of a surgery that writes, and the rendering
+of its plan and result (tables or JSON on stdout, notes and the summary on stderr)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ckptsurgery.cli._common import F, echo_json, note
+from ckptsurgery.keygroups import group_keys
+
+if TYPE_CHECKING:
+    from ckptsurgery.plan.gate import Gate
+    from ckptsurgery.plan.model import Entry, Plan
+    from ckptsurgery.plan.run import SurgeryResult
+    from ckptsurgery.rules import Rules
+
+DTYPES = ("float32", "float16", "bfloat16")  # ckptsurgery.plan.ops.CAST_DTYPES, torch-free
+
+
+def dtype_options(f: F) -> F:
+    """``--dtype`` and ``--keep-dtype``: every command that writes tensors."""
+    f = click.option(
+        "--keep-dtype",
+        multiple=True,
+        metavar="GLOB",
+        help="With --dtype: leave keys matching a glob (on the output key) in their source "
+        "dtype, e.g. '*.running_*' or '*norm*'. Repeatable.",
+    )(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(DTYPES),
+        default=None,
+        help="Cast floating tensors to this dtype (bits exactly as torch's .to(dtype)); "
+        "integer and bool tensors are never cast.",
+    )(f)
+    return f
+
+
+def emit_recipe_option(f: F) -> F:
+    """``--emit-recipe FILE``: the run as a recipe that `apply` reproduces."""
+    return click.option(
+        "--emit-recipe",
+        metavar="FILE.toml",
+        default=None,
+        help="Also write this run as a recipe (`ckptsurgery apply FILE.toml` reproduces it); "
+        "with --dry-run, only the recipe is written.",
+    )(f)
+
+
+def progress_option(f: F) -> F:
+    return click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="A progress bar on stderr while writing (default: for big writes on a terminal).",
+    )(f)
+
+
+def fmt_option(f: F) -> F:
+    """``--fmt``: the layout of the tables printed (tabulate's formats)."""
+    return click.option(
+        "--fmt",
+        "table_fmt",
+        default="simple",
+        metavar="FORMAT",
+        show_default=True,
+        help="Table format: simple, github, grid, plain, pipe, rst, ... (tabulate's).",
+    )(f)
+
+
+def check_recipe_path(path: str | None, *, inputs: Sequence[str], force: bool) -> None:
+    """Refuse an --emit-recipe path that exists (without --force) or is an input, before any
+    work is done."""
+    if path is not None:
+        from ckptsurgery.io import check_output_path
+
+        check_output_path(path, inputs=list(inputs), force=force)
+
+
+def write_recipe(
+    path: str,
+    sources: Sequence[tuple[str, str | None, Rules]],
+    output: str,
+    *,
+    model_spec: str | None,
+    model_args: tuple[str, ...],
+    gate: Gate | None,
+    force: bool,
+    on_conflict: str = "error",
+    average: bool = False,
+    weights: Sequence[float] = (),
+    dtype: str | None = None,
+    keep_dtype: Sequence[str] = (),
+    fmt: str | None = None,
+    max_shard_size: str | None = None,
+) -> None:
+    """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
+    are written relative to the recipe's folder, as ``apply`` reads them."""
+    from ckptsurgery.io import atomic_write
+    from ckptsurgery.models import parse_model_args
+    from ckptsurgery.recipe import Target, recipe_toml
+
+    target = None
+    if model_spec is not None and gate is not None:
+        target = Target(
+            model_spec,
+            parse_model_args(model_args),
+            allow_missing=tuple(gate.allow_missing),
+            allow_unexpected=tuple(gate.allow_unexpected),
+            drop_mismatched=gate.drop_mismatched,
+        )
+    text = recipe_toml(
+        list(sources),
+        target,
+        output,
+        recipe_dir=Path(path).resolve().parent,
+        on_conflict=on_conflict,
+        average=average,
+        weights=list(weights),
+        dtype=dtype,
+        keep_dtype=list(keep_dtype),
+        format=fmt,
+        max_shard_size=max_shard_size,
+    )
+    with atomic_write(path, overwrite=force) as f:
+        f.write(text.encode("utf-8"))
+    note(f"wrote the recipe to {path}; run: ckptsurgery apply {path}")
+
+
+def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
+    if keep_dtype and dtype is None:
+        raise click.UsageError("--keep-dtype needs --dtype")
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def plan_table(plan: Plan, *, fmt: str = "simple") -> str:
+    """One row per output tensor: where it comes from, the operation, and what it will be."""
+    from ckptsurgery.tables import human_bytes, shape_str, table
+
+    rows = []
+    for e in plan.entries:
+        src = _from(plan, e)
+        arrow = "==" if src == e.name else "->"
+        size = f"tied to {plan.ties[e.name]}" if e.name in plan.ties else human_bytes(e.info.nbytes)
+        rows.append(
+            (src, arrow, e.name, e.op.describe(), shape_str(e.info.shape), e.info.dtype, size)
+        )
+    return table(rows, ("key", "", "new key", "op", "shape", "dtype", "bytes"), fmt=fmt)
+
+
+def _from(plan: Plan, e: Entry) -> str:
+    refs = e.inputs
+    if len(plan.sources) == 1:
+        return refs[0].key
+    if len(refs) > 1 and len({r.key for r in refs}) == 1:
+        return f"#{refs[0].source + 1}..#{refs[-1].source + 1} {refs[0].key}"
+    return ", ".join(plan.label(r) for r in refs)
+
+
+def plan_summary(plan: Plan) -> str:
+    """``7 tensors, 9.2 MiB to write; 5 cast to bfloat16 (4.6 MiB saved)``."""
+    from ckptsurgery.tables import count, human_bytes
+
+    text = f"{count(len(plan.entries), 'tensor')}, {human_bytes(plan.total_bytes)} to write"
+    cast = plan.cast
+    if cast:
+        saved = plan.bytes_saved
+        what = "saved" if saved >= 0 else "added"
+        text += (
+            f"; {count(len(cast), 'tensor')} cast to {plan.dtype} "
+            f"({human_bytes(abs(saved))} {what})"
+        )
+    return text
+
+
+def render(
+    result: SurgeryResult,
+    *,
+    given_key: str | None,
+    dry_run: bool,
+    as_json: bool,
+    fmt: str = "simple",
+    plans: bool = False,
+    payload: dict[str, Any] | None = None,
+) -> None:
+    """Print a surgery (stdout: tables or JSON; stderr: notes and the summary line); exit 1
+    when a dry run does not fit the model. ``plans``: show every source's renames too."""
+    plan = result.plan
+    several = len(plan.sources) > 1
+    for i, s in enumerate(plan.sources):
+        if s.key and not given_key:
+            others = ", ".join(s.other_entries) or "none"
+            where = f"{s.path}: using" if several else "using"
+            note(f"{where} the state dict at '{s.key}' (other entries: {others})")
+        for rule in s.keys.unused_rules:
+            note(
+                f"note: source {i + 1} ({s.path}): {rule} matched no key"
+                if several
+                else f"note: {rule} matched no key"
+            )
+    if plan.conflicts:
+        which = "first" if plan.on_conflict == "first" else "last"
+        keys = group_keys(c.key for c in plan.conflicts)
+        note(
+            f"note: {len(plan.conflicts):,} key{'s' if len(plan.conflicts) != 1 else ''} in several "
+            f"sources, each taken from the {which} source that has it: "
+            f"{', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+        )
+    for message in result.notes:
+        note(f"note: {message}")
+    report = result.report
+    if report is not None:
+        for glob in report.unused_allow():
+            note(f"note: allow glob {glob} matched no key")
+
+    if as_json:
+        echo_json({**(payload or {}), **result.to_dict()})
+    elif dry_run:
+        click.echo(tables(result, plans=plans, fmt=fmt))
+    if report is not None and not as_json:
+        if dry_run:
+            click.echo()
+        click.echo(report.table())
+    note(summary(result, dry_run=dry_run))
+    if dry_run and not result.compatible:
+        raise click.exceptions.Exit(1)
+
+
+def tables(result: SurgeryResult, *, plans: bool, fmt: str = "simple") -> str:
+    """A dry run's tables: the plan, what each source's rules did, then for merges the sources
+    and conflicts."""
+    from ckptsurgery.tables import rule_counts_table, table
+
+    plan = result.plan
+    parts: list[str] = [plan_table(plan, fmt=fmt) if plan.entries else "(no key kept)"]
+    for i, s in enumerate(plan.sources):
+        if plans or len(plan.sources) == 1:
+            head = f"source {i + 1}: {s.path}" + (f" (key {s.key})" if s.key else "")
+            if s.keys.dropped:
+                dropped = s.keys.dropped if len(plan.sources) == 1 else group_keys(s.keys.dropped)
+                parts.append(table(((k,) for k in dropped), ("dropped",), fmt=fmt))
+            if s.keys.rule_counts:
+                text = rule_counts_table(s.keys, fmt=fmt)
+                parts.append(text if len(plan.sources) == 1 else f"{head}\n{text}")
+    if plan.mode != "remap":
+        parts.append(_sources_table(result, fmt=fmt))
+        parts += _merge_tables(result, fmt=fmt)
+    parts.append(plan_summary(plan))
+    return "\n\n".join(parts)
+
+
+def _sources_table(result: SurgeryResult, *, fmt: str) -> str:
+    from ckptsurgery.tables import table
+
+    plan = result.plan
+    headers = ["#", "source", "key", "tensors", "kept", "taken"]
+    rows: list[list[str]] = [
+        [
+            str(i + 1),
+            s.path,
+            s.key or "",
+            f"{s.tensors:,}",
+            f"{len(s.keys.renames):,}",
+            f"{s.taken:,}",
+        ]
+        for i, s in enumerate(plan.sources)
+    ]
+    if plan.mode == "average":
+        headers[-1] = "weight"
+        for row, w in zip(rows, plan.weights or (), strict=True):
+            row[-1] = f"{w:.4g}"
+    return table(rows, headers, fmt=fmt)
+
+
+def _merge_tables(result: SurgeryResult, *, fmt: str) -> list[str]:
+    from ckptsurgery.tables import table
+
+    plan = result.plan
+    parts = []
+    labels = [f"{i + 1} ({Path(s.path).name})" for i, s in enumerate(plan.sources)]
+    if plan.conflicts:
+        grouped: dict[tuple[tuple[int, ...], int], list[str]] = {}
+        for c in plan.conflicts:
+            grouped.setdefault((c.sources, c.taken_from), []).append(c.key)
+        rows = [
+            (g, ", ".join(labels[i] for i in srcs), labels[taken])
+            for (srcs, taken), keys in grouped.items()
+            for g in group_keys(keys)
+        ]
+        parts.append(table(rows, ("key in several sources", "sources", "taken from"), fmt=fmt))
+    if result.copied:
+        rows2 = ((g,) for g in group_keys(result.copied))
+        parts.append(table(rows2, (f"integer / bool, copied from source {labels[0]}",), fmt=fmt))
+    return parts
+
+
+def summary(result: SurgeryResult, *, dry_run: bool) -> str:
+    """The one line on stderr that says what was (or would be) done."""
+    from ckptsurgery.tables import count, human_bytes
+
+    plan = result.plan
+    n = len(plan.sources)
+    if plan.mode == "remap":
+        s = plan.sources[0]
+        renamed = sum(1 for o, new in s.keys.renames if o != new)
+        what = (
+            f"{'would keep' if dry_run else 'kept'} {len(s.keys.renames)} of {s.tensors} keys "
+            f"({renamed} renamed), {'drop' if dry_run else 'dropped'} {len(s.keys.dropped)}"
+        )
+    elif plan.mode == "average":
+        weights = ", ".join(f"{w:.4g}" for w in plan.weights or ())
+        copied = len(result.copied)
+        what = (
+            f"average of {n} sources (weights {weights}): "
+            f"{count(len(plan.entries) - copied, 'tensor')} averaged"
+            + (f", {copied} copied from the first" if copied else "")
+        )
+    else:
+        taken = ", ".join(f"{Path(s.path).name} {s.taken:,}" for s in plan.sources)
+        what = f"union of {n} source{'s' if n != 1 else ''}: {count(len(plan.entries), 'tensor')} ({taken})"
+        if plan.conflicts:
+            what += f", {count(len(plan.conflicts), 'conflict')} resolved ({plan.on_conflict})"
+    if plan.cast:
+        what += f", {count(len(plan.cast), 'tensor')} cast to {plan.dtype}"
+    report = result.report
+    verdict = (
+        ""
+        if report is None
+        else "; fits the model"
+        if report.compatible
+        else "; does NOT fit the model"
+    )
+    if dry_run:
+        return f"dry run: {what}{verdict}; nothing written"
+    assert result.written is not None
+    written = result.written
+    shards = f" in {written.shards} shards" if written.path.is_dir() else ""
+    return (
+        f"{what}{verdict}; wrote {count(written.tensors, 'tensor')}, "
+        f"{human_bytes(written.bytes)}{shards} to {result.output}"
+    )

@@ -1,0 +1,126 @@
+"""What a safetensors output records about how it was made, in ``ckptsurgery.*`` metadata.
+
+Deterministic (no time, no host), so that the same surgery on the same inputs writes the same
+bytes. Every key holds a string (JSON for structures):
+
+- ``ckptsurgery.version``;
+- ``ckptsurgery.sources``: per source its file name, SHA-256 (of the file, or of a folder's
+  index or DCP metadata; hashed on a helper thread while the tensors are written), nested
+  state dict key and, for merges, its rules;
+- ``ckptsurgery.plan``: the mode and the operations, each with its parameters, count and key
+  groups (``{"op": "cast", "dtype": "bfloat16", "from": "float32", "count": 52, ...}``);
+- ``ckptsurgery.rules`` (remap) or ``ckptsurgery.merge`` and ``ckptsurgery.origin``
+  (merges): the renames, and where each output tensor comes from;
+- ``ckptsurgery.target`` (with a gate) and whatever the caller adds (``ckptsurgery.recipe``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ckptsurgery._version import __version__
+from ckptsurgery.io import Checkpoint, Deferred, FileDigest, identity_file
+from ckptsurgery.keygroups import group_keys
+from ckptsurgery.plan.model import Plan
+
+__all__ = ["origin_groups", "provenance"]
+
+
+def provenance(
+    plan: Plan,
+    ckpts: Sequence[Checkpoint],
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str | Deferred]:
+    """The ``ckptsurgery.*`` metadata of ``plan`` carried out over ``ckpts``."""
+    digests = [FileDigest(identity_file(c.path)) for c in ckpts]
+
+    def sources(hashes: Sequence[str]) -> str:
+        entries = []
+        for part, c, sha in zip(plan.sources, ckpts, hashes, strict=True):
+            entry: dict[str, Any] = {"name": c.path.name, "sha256": sha, "key": c.key}
+            if plan.mode != "remap" and part.rules:
+                entry["rules"] = part.rules.to_dict()
+            entries.append(entry)
+        return _json(entries)
+
+    meta: dict[str, str | Deferred] = {
+        "ckptsurgery.version": __version__,
+        "ckptsurgery.sources": Deferred(
+            sources(["0" * 64] * len(ckpts)), lambda: sources([d.hexdigest() for d in digests])
+        ),
+        "ckptsurgery.plan": _json(
+            {
+                "mode": plan.mode,
+                "dtype": plan.dtype,
+                "keep_dtype": list(plan.keep_dtype),
+                "ops": plan.op_groups(),
+            }
+        ),
+    }
+    if plan.mode == "remap":
+        meta["ckptsurgery.rules"] = plan.sources[0].rules.to_json()
+    else:
+        extra = dict(extra or {})
+        how: dict[str, Any]
+        if plan.mode == "union":
+            how = {"mode": "union", "on_conflict": plan.on_conflict}
+            if plan.conflicts:
+                how["conflicts"] = group_keys(c.key for c in plan.conflicts)
+        else:
+            how = {"mode": "average", "weights": list(plan.weights or ())}
+            if "weights_given" in extra:
+                how["weights_given"] = extra.pop("weights_given")
+        meta["ckptsurgery.merge"] = _json(how)
+        meta["ckptsurgery.origin"] = _json(origin_groups(plan))
+    for k, v in (extra or {}).items():
+        meta[f"ckptsurgery.{k}"] = v if isinstance(v, str) else _json(v)
+    return meta
+
+
+def origin_groups(plan: Plan) -> list[dict[str, Any]]:
+    """Where the output's tensors come from, compactly: per source a count and key groups."""
+    if plan.mode == "average":
+        averaged = [e.name for e in plan.entries if not e.op.is_copy]
+        copied = [e.name for e in plan.entries if e.op.is_copy]
+        out: list[dict[str, Any]] = []
+        if averaged:
+            out.append(
+                {
+                    "source": "all",
+                    "how": "weighted mean",
+                    "count": len(averaged),
+                    "keys": group_keys(averaged),
+                }
+            )
+        if copied:
+            out.append(
+                {
+                    "source": 0,
+                    "name": Path(plan.sources[0].path).name,
+                    "how": "copied from the first source (integer or bool)",
+                    "count": len(copied),
+                    "keys": group_keys(copied),
+                }
+            )
+        return out
+    groups = []
+    for i, part in enumerate(plan.sources):
+        keys = [e.name for e in plan.entries if e.inputs[0].source == i]
+        if keys:
+            groups.append(
+                {
+                    "source": i,
+                    "name": Path(part.path).name,
+                    "count": len(keys),
+                    "keys": group_keys(keys),
+                }
+            )
+    return groups
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=repr)

@@ -1,0 +1,215 @@
+"""The one surgery pipeline, used by remap, merge, average and apply alike::
+
+    check the output -> open the sources (headers) -> build the Plan -> gate -> execute
+
+The output is checked before anything is read, so a mistake costs nothing; the plan and the
+gate need no tensor data, so a dry run stops before any is read; the executor writes one
+output tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptsurgery._types import PathLike
+from ckptsurgery.errors import MergeError, OutputError, RuleError
+from ckptsurgery.io import (
+    WriteResult,
+    check_output_folder,
+    check_output_path,
+    open_checkpoint,
+    output_format,
+    parse_size,
+)
+from ckptsurgery.plan.build import build_plan
+from ckptsurgery.plan.execute import PlanSource, execute
+from ckptsurgery.plan.gate import Gate
+from ckptsurgery.plan.model import Conflict, Plan, SourcePart, SourceSpec
+from ckptsurgery.plan.provenance import origin_groups, provenance
+
+if TYPE_CHECKING:
+    from ckptsurgery.match import MatchReport
+
+__all__ = ["SurgeryResult", "run_surgery"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SurgeryResult:
+    """A surgery: its plan, the gate's report, and what was written (None for a dry run)."""
+
+    plan: Plan
+    report: MatchReport | None = None
+    output: str | None = None
+    written: WriteResult | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def compatible(self) -> bool:
+        return self.report is None or self.report.compatible
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode
+
+    @property
+    def sources(self) -> tuple[SourcePart, ...]:
+        return self.plan.sources
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.plan.names
+
+    @property
+    def conflicts(self) -> tuple[Conflict, ...]:
+        return self.plan.conflicts
+
+    @property
+    def weights(self) -> tuple[float, ...] | None:
+        return self.plan.weights
+
+    @property
+    def copied(self) -> tuple[str, ...]:
+        """An average's integer and bool tensors, copied from the first source."""
+        if self.plan.mode != "average":
+            return ()
+        return tuple(e.name for e in self.plan.entries if e.op.is_copy)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of every surgery command: sources and their renames, the plan, the gate's
+        report, what was written."""
+        plan = self.plan
+        out: dict[str, Any] = {
+            "mode": plan.mode,
+            "output": self.output,
+            "written": self.written is not None,
+            "sources": [
+                {
+                    "path": s.path,
+                    "key": s.key,
+                    "tensors": s.tensors,
+                    "kept": len(s.keys.renames),
+                    "taken": s.taken,
+                    "rules": s.rules.to_dict(),
+                    **s.keys.to_dict(),
+                }
+                for s in plan.sources
+            ],
+            "tensors": len(plan.entries),
+            "plan": plan.to_json(),
+            "origin": origin_groups(plan),
+            "notes": list(self.notes),
+        }
+        if plan.mode == "union":
+            labels = [s.path for s in plan.sources]
+            out["on_conflict"] = plan.on_conflict
+            out["conflicts"] = [
+                {
+                    "key": c.key,
+                    "sources": [labels[i] for i in c.sources],
+                    "taken_from": labels[c.taken_from],
+                }
+                for c in plan.conflicts
+            ]
+        elif plan.mode == "average":
+            out["weights"] = list(plan.weights or ())
+            out["copied_from_first"] = list(self.copied)
+        if self.report is not None:
+            out["report"] = self.report.to_json()
+        if self.written is not None:
+            out.update(
+                format=self.written.format, bytes=self.written.bytes, stored=self.written.stored
+            )
+        return out
+
+
+def run_surgery(
+    specs: Sequence[SourceSpec],
+    out: PathLike | None,
+    *,
+    mode: str,
+    on_conflict: str = "error",
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    keep_dtype: Sequence[str] = (),
+    format: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    gate: Gate | None = None,
+    allow_globals: tuple[str, ...] | list[str] = (),
+    unsafe_pickle: bool = False,
+    provenance_extra: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    max_shard_size: int | str | None = None,
+    progress: Progress | None = None,
+) -> SurgeryResult:
+    """Plan the surgery of ``specs`` (``mode``: remap, union or average), gate it, and unless
+    ``dry_run`` write it to ``out``; see :func:`~ckptsurgery.plan.build.build_plan` for the
+    plan and :func:`~ckptsurgery.plan.execute.execute` for the writing."""
+    fmt = None
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    if out is not None:
+        fmt = output_format(out, format, sharded=shard_bytes is not None)
+        inputs = [s.path for s in specs]
+        check = check_output_folder if shard_bytes is not None else check_output_path
+        check(out, inputs=inputs, force=force or dry_run)
+    elif not dry_run:
+        raise OutputError("no output given; pass an output path (only a dry run may omit it)")
+    with contextlib.ExitStack() as stack:
+        ckpts = [
+            stack.enter_context(
+                open_checkpoint(
+                    s.path, key=s.key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+                )
+            )
+            for s in specs
+        ]
+        plan = build_plan(
+            ckpts,
+            [s.rules for s in specs],
+            mode=mode,
+            labels=[str(s.path) for s in specs],
+            on_conflict=on_conflict,
+            weights=weights,
+            dtype=dtype,
+            keep_dtype=keep_dtype,
+        )
+        report = None
+        if gate is not None:
+            report = gate.check(PlanSource(plan, ckpts))
+            plan = plan.without(
+                (m.key for m in report.dropped_mismatched), reason="--drop-mismatched"
+            )
+        result = SurgeryResult(
+            plan, report, None if out is None else str(out), notes=tuple(plan.notes)
+        )
+        if dry_run:
+            return result
+        Gate.refuse(report, out)
+        if not plan.entries:
+            error = RuleError if mode == "remap" else MergeError
+            raise error("the rules drop every key; there is nothing to write")
+        assert out is not None and fmt is not None  # checked above
+        metadata = None
+        if fmt == "safetensors":  # a torch output is a flat state dict: no room for metadata
+            extra = dict(provenance_extra or {})
+            if gate is not None and mode != "remap":
+                extra.setdefault("target", gate.to_dict())
+            metadata = provenance(plan, ckpts, extra=extra)
+        written, notes = execute(
+            plan,
+            ckpts,
+            Path(out),
+            fmt=fmt,
+            metadata=metadata,
+            overwrite=force,
+            max_shard_size=shard_bytes,
+            progress=progress,
+            verify=verify,
+        )
+    return replace(result, written=written, notes=result.notes + tuple(notes))

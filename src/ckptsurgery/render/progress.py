@@ -1,0 +1,71 @@
+"""Progress bars for the command line: the library reports ``(bytes done, bytes total)`` to a
+callback, and this draws it with tqdm on stderr.
+
+A bar is drawn when asked (``--progress``), or for a write of at least
+:data:`AUTO_MIN_BYTES` when stderr is a terminal; never otherwise, so that logs and pipes
+stay clean. tqdm is imported only when a bar is drawn.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+AUTO_MIN_BYTES = 256 * 1024 * 1024
+
+__all__ = ["AUTO_MIN_BYTES", "byte_progress", "wanted"]
+
+
+def wanted(total: int | None, progress: bool | None, stream: TextIO | None = None) -> bool:
+    """``progress`` True/False forces it; None shows it for a big write on a terminal."""
+    if progress is not None:
+        return progress
+    stream = stream or sys.stderr
+    big = total is None or total >= AUTO_MIN_BYTES
+    return big and bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextmanager
+def byte_progress(
+    label: str, progress: bool | None, *, total: int | None = None, stream: TextIO | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``callback(done, total)`` drawing a bar of bytes on stderr, or None when no bar is
+    wanted (see :func:`wanted`); the bar is closed on the way out.
+
+    ``total``, when known beforehand, decides whether a bar is worth drawing; otherwise the
+    first call decides.
+    """
+    if progress is False or (total is not None and not wanted(total, progress, stream)):
+        yield None
+        return
+    bar: Any = None
+    decided = False
+
+    def update(done: int, total_now: int) -> None:
+        nonlocal bar, decided
+        if not decided:
+            decided = True
+            if not wanted(total_now, progress, stream):
+                return
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=total_now,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=stream or sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
+            )
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
