@@ -15,6 +15,7 @@ from ckptsurgery.cli._common import (
 )
 from ckptsurgery.cli.remap_cmd import build_rules, rule_options
 from ckptsurgery.errors import IncompatibleCheckpoint
+from ckptsurgery.plan.gate import refusal
 
 
 def transform_options(f: F) -> F:
@@ -344,13 +345,14 @@ def train_cmd(
             result: TrainResult = train(config, log=note, show=show)
     except IncompatibleCheckpoint as e:
         # Under torchrun every process refuses the same weights; rank 0 shows the report.
-        if e.report is not None and os.environ.get("RANK", "0") == "0":
+        r = refusal(e, command="train", weights=weights)
+        if os.environ.get("RANK", "0") == "0":
             if as_json:
-                echo_json({"compatible": False, "report": e.report.to_json()})
+                echo_json(r.to_json())
             else:
-                click.echo(e.report.table())
-        note(f"Error: {' '.join(str(e).split())}")
-        raise click.exceptions.Exit(1) from None
+                click.echo(r.text())
+        note(r.error_line())
+        raise click.exceptions.Exit(r.exit_code) from None
 
     if result.rank != 0:  # under torchrun, rank 0 prints for every process
         return

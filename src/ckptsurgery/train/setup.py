@@ -106,7 +106,7 @@ def prepare(config: TrainConfig, *, log: Log, show: Log, dist: Dist | None = Non
         if loaded.source_key and not config.key:
             others = ", ".join(loaded.other_entries) or "none"
             log(f"using the state dict at '{loaded.source_key}' (other entries: {others})")
-        for rule in loaded.plan.unused_rules:
+        for rule in loaded.keys.unused_rules:
             log(f"note: {rule} matched no key")
         show(loaded.report.table())
         for key in loaded.dropped_head:
