@@ -17,7 +17,8 @@ from conftest import assert_bit_exact, sample_state_dict
 import ckptsurgery as cs
 from ckptsurgery.errors import FormatError, OutputError
 from ckptsurgery.io import safetensors_format
-from ckptsurgery.io.reader import Checkpoint, SafetensorsCheckpoint
+from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
 from ckptsurgery.io.torchzip import TorchZipCheckpoint
 
 FORMATS = {"safetensors": ".safetensors", "torch": ".pt"}

@@ -436,7 +436,7 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
 
         return original_write(f, items, logged, metadata)
 
-    from ckptsurgery.io.reader import SafetensorsCheckpoint
+    from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
 
     fetched: list[str] = []
     original_tensor = SafetensorsCheckpoint.tensor

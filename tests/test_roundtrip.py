@@ -21,7 +21,7 @@ from conftest import (
 
 import ckptsurgery as cs
 from ckptsurgery.io import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format
-from ckptsurgery.io.reader import ALIASES_KEY
+from ckptsurgery.io.safetensors_format import ALIASES_KEY
 
 EXT = {"safetensors": ".safetensors", "torch": ".pt"}
 

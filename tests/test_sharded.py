@@ -18,7 +18,7 @@ from ckptsurgery.cli import cli
 from ckptsurgery.errors import FormatError, OutputError, SourceError, StateDictSelectionError
 from ckptsurgery.io import parse_size
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.reader import ALIASES_KEY
+from ckptsurgery.io.safetensors_format import ALIASES_KEY
 from ckptsurgery.io.sharded import plan_shards
 
 SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
@@ -377,7 +377,7 @@ def test_output_folder_holding_the_input_is_refused(tmp_path: Path) -> None:
 def test_failure_mid_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
 ) -> None:
-    from ckptsurgery.io.reader import SafetensorsCheckpoint
+    from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
 
     src = tmp_path / "src.safetensors"
     cs.save_state_dict(_sample(), src)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import ckptsurgery as cs
 from ckptsurgery.describe import describe
 from ckptsurgery.errors import CheckpointError, FormatError
-from ckptsurgery.io.reader import TorchCheckpoint
+from ckptsurgery.io.torchfile import TorchCheckpoint
 from ckptsurgery.io.torchpickle import Unsupported, load_refs
 from ckptsurgery.io.torchzip import TorchZipCheckpoint, write_torch_zip
 

@@ -16,8 +16,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgery._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from ckptsurgery._version import __version__
 
 if TYPE_CHECKING:
     from ckptsurgery.errors import (

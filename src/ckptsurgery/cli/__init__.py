@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptsurgery import __version__
+from ckptsurgery._version import __version__
 from ckptsurgery.errors import CheckpointError
 
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
         detect_format,
     )
     from ckptsurgery.io.dtypes import TensorInfo
-    from ckptsurgery.io.reader import TensorDictSource, identity_file, open_checkpoint
+    from ckptsurgery.io.memory import TensorDictSource
+    from ckptsurgery.io.reader import identity_file, open_checkpoint
     from ckptsurgery.io.sharded import parse_size
     from ckptsurgery.io.streams import FileDigest
     from ckptsurgery.io.writer import Deferred, WriteResult, output_format, write_checkpoint
@@ -38,9 +39,8 @@ _EXPORTS: dict[str, str] = {
         "ckptsurgery.io.detect",
     ),
     "TensorInfo": "ckptsurgery.io.dtypes",
-    **dict.fromkeys(
-        ["TensorDictSource", "identity_file", "open_checkpoint"], "ckptsurgery.io.reader"
-    ),
+    "TensorDictSource": "ckptsurgery.io.memory",
+    **dict.fromkeys(["identity_file", "open_checkpoint"], "ckptsurgery.io.reader"),
     "parse_size": "ckptsurgery.io.sharded",
     "FileDigest": "ckptsurgery.io.streams",
     **dict.fromkeys(

@@ -31,12 +31,17 @@ def check_output_path(out: PathLike, *, inputs: Iterable[PathLike] = (), force: 
         raise OutputError(f"output {str(out)!r} is a directory; give a file name")
     if out.exists() and not force:
         raise OutputError(f"output {str(out)!r} already exists; pass --force to replace it")
+    _check_parent(out)
+    return out
+
+
+def _check_parent(out: Path) -> None:
+    """Refuse an output whose folder does not exist or cannot take a new entry."""
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"output folder {str(parent)!r} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(parent)!r} is not writable")
-    return out
 
 
 def _input_files(src: Path) -> list[Path]:
@@ -207,11 +212,7 @@ def check_output_folder(folder: PathLike, *, inputs: Iterable[PathLike] = (), fo
         for name in entries:
             if (folder / name).is_dir():
                 raise OutputError(f"output folder {str(folder)!r} holds a folder {name!r}")
-    parent = folder.parent
-    if not parent.is_dir():
-        raise OutputError(f"output folder {str(parent)!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {str(parent)!r} is not writable")
+    _check_parent(folder)
     return folder
 
 

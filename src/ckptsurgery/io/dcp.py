@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptsurgery.errors import FormatError, SourceError
 from ckptsurgery.io.base import Checkpoint
-from ckptsurgery.io.detect import DCP
+from ckptsurgery.io.detect import DCP, unsafe_file_name
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.torchpickle import ITEMSIZE, TensorRef, Unsupported, ref_type_name
 from ckptsurgery.io.torchzip import ZipTensors, _tensor_from_bytes
@@ -272,15 +272,13 @@ class DcpCheckpoint(Checkpoint):
         return DcpTensor(fqn, info, parts)
 
     def _location(self, stored: _Record, source: str, fqn: str) -> tuple[str, int, int]:
-        from ckptsurgery.io.sharded import _unsafe_shard_name
-
         file, begin, length = (stored.field(n) for n in ("relative_path", "offset", "length"))
         if stored.field("transform_descriptors"):
             raise FormatError(
                 f"{source}: {fqn!r} is stored through transforms (compression?), which "
                 "ckptsurgery does not read"
             )
-        if not isinstance(file, str) or _unsafe_shard_name(file):
+        if not isinstance(file, str) or unsafe_file_name(file):
             raise FormatError(f"{source}: {fqn!r} is stored in {file!r}, not a file of the folder")
         if type(begin) is not int or type(length) is not int or begin < 0 or length < 0:
             raise FormatError(f"{source}: {fqn!r} has a malformed storage offset")

@@ -1,4 +1,5 @@
-"""Recognise a checkpoint's format from its first bytes, never from its extension alone."""
+"""Recognise a checkpoint's format from its first bytes, never from its extension alone, and
+check the paths a source gives or names before anything is opened."""
 
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ def check_source_path(path: PathLike) -> Path:
     if not os.access(p, os.R_OK):
         raise SourceError(f"{str(p)!r} is not readable (permission denied)")
     return p
+
+
+def unsafe_file_name(name: str) -> str | None:
+    """Why ``name``, a file name a checkpoint gives (a shard, a DCP data file), is not a plain
+    name of a file in its folder; None when it is."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "holds a NUL byte"
+    if "/" in name or "\\" in name:
+        return "is a path, not a file name"
+    if name in (".", ".."):
+        return "names a folder"
+    if os.path.isabs(name) or (len(name) >= 2 and name[1] == ":"):
+        return "is an absolute path"
+    return None
 
 
 def detect_format(path: Path) -> str:

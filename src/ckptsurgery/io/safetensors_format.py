@@ -4,19 +4,29 @@ A file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then t
 section. The JSON maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
 (offsets relative to the data section) plus an optional ``"__metadata__"`` of str -> str.
 The reference reader is not a validator, so every rule of the format is checked here.
+:class:`SafetensorsCheckpoint` reads a file through the validated header; only its
+``tensor`` imports torch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptsurgery.errors import FormatError, OutputError
-from ckptsurgery.io.dtypes import SAFETENSORS_DTYPES, TensorInfo, safetensors_code
+from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.detect import SAFETENSORS
+from ckptsurgery.io.dtypes import SAFETENSORS_DTYPES, TensorInfo, safetensors_code, torch_dtype
+from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 ALIGN = 8  # the header is padded with spaces so that the data section starts 8-aligned
@@ -151,6 +161,94 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     if cursor != file_size:
         raise bad(f"{file_size - cursor} bytes after the last tensor's data")
     return Header(dict(entries), metadata, data_start)
+
+
+# Written by ckptsurgery into safetensors metadata: tied names -> the name actually stored.
+ALIASES_KEY = "ckptsurgery.aliases"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A safetensors file: its validated header, and each tensor's byte range read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.format = SAFETENSORS
+        self.other_entries = {}
+        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            header = read_header(self._f, os.fstat(self._f.fileno()).st_size, source=str(path))
+            self.metadata = header.metadata
+            self._entries = header.entries
+            self.aliases = _parse_aliases(header.metadata, header.entries, source=str(path))
+        except BaseException:
+            self._f.close()
+            raise
+        self.infos = {}
+        by_canonical: dict[str, list[str]] = {}
+        for alias, canon in self.aliases.items():
+            by_canonical.setdefault(canon, []).append(alias)
+        for name, entry in self._entries.items():
+            self.infos[name] = entry.info
+            for alias in by_canonical.get(name, ()):
+                self.infos[alias] = entry.info
+
+    def _what(self, name: str) -> str:
+        return f"{self.path}: the data of {name!r}"
+
+    def raw_bytes(self, name: str) -> bytes | memoryview:
+        entry = self._entries[self.canonical(name)]
+        return memoryview(
+            read_range(self._f, entry.begin, entry.end - entry.begin, what=self._what(name))
+        )
+
+    def write_data(self, name: str, f: BinaryIO) -> int:
+        # A rename changes no tensor byte: copy the byte range through a bounded buffer
+        # (a plain read/write loop keeps pace with cp; copy_file_range from an offset did not).
+        entry = self._entries[self.canonical(name)]
+        copy_range(self._f, entry.begin, entry.end - entry.begin, f, what=self._what(name))
+        return entry.end - entry.begin
+
+    def data_crc(self, name: str) -> int:
+        entry = self._entries[self.canonical(name)]
+        return crc_of_range(self._f, entry.begin, entry.end - entry.begin, what=self._what(name))
+
+    def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
+        spans = []
+        for name in names:
+            entry = self._entries[self.canonical(name)]
+            spans.append((name, entry.begin, entry.end - entry.begin))
+        return crcs_of_spans(self._f, spans, what=str(self.path))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        info = self.infos[name]
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        data = self.raw_bytes(name)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _parse_aliases(
+    metadata: dict[str, str], entries: dict[str, Entry], *, source: str
+) -> dict[str, str]:
+    raw = metadata.get(ALIASES_KEY)
+    if not raw:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(a, str) and isinstance(c, str) and c in entries and a not in entries
+        for a, c in aliases.items()
+    ):
+        raise FormatError(f"{source}: metadata {ALIASES_KEY!r} does not name stored tensors")
+    return aliases
 
 
 def data_layout(items: Iterable[tuple[str, TensorInfo]]) -> list[tuple[str, TensorInfo]]:

@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptsurgery.errors import FormatError, OutputError, SourceError, StateDictSelectionError
 from ckptsurgery.io.base import Checkpoint
-from ckptsurgery.io.detect import DCP, SHARDED_INDEX, check_source_path, detect_format
+from ckptsurgery.io.detect import (
+    DCP,
+    SHARDED_INDEX,
+    check_source_path,
+    detect_format,
+    unsafe_file_name,
+)
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.io.files import open_file
+from ckptsurgery.io.safetensors_format import ALIASES_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -38,36 +46,6 @@ if TYPE_CHECKING:
 MAX_INDEX = 100 * 1024 * 1024  # bytes of JSON an index may take (a 1T-parameter index is ~50 MB)
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
-
-
-def open_folder(
-    folder: Path, *, key: str | None, allow_globals: tuple[str, ...], unsafe_pickle: bool
-) -> Checkpoint:
-    """The checkpoint a folder holds: a DCP checkpoint, a sharded index, or one model file."""
-    from ckptsurgery.io.reader import open_file
-
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise SourceError(f"{str(folder)!r} is not readable (permission denied)")
-    if (folder / ".metadata").is_file():
-        from ckptsurgery.io.dcp import DcpCheckpoint
-
-        return DcpCheckpoint(folder, key=key)
-    trust = {"key": key, "allow_globals": allow_globals, "unsafe_pickle": unsafe_pickle}
-    for name in INDEX_NAMES:
-        if (folder / name).exists():
-            return ShardedCheckpoint(check_source_path(folder / name), **trust)  # type: ignore[arg-type]
-    indexes = sorted(p.name for p in folder.glob("*.index.json"))
-    if len(indexes) == 1:
-        return ShardedCheckpoint(check_source_path(folder / indexes[0]), **trust)  # type: ignore[arg-type]
-    for name in SINGLE_NAMES:
-        if (folder / name).exists():
-            p = check_source_path(folder / name)
-            return open_file(p, detect_format(p), **trust)  # type: ignore[arg-type]
-    found = f" (it holds {', '.join(indexes)}: give one)" if indexes else ""
-    raise SourceError(
-        f"{str(folder)!r} is a directory without a checkpoint: expected {', '.join(INDEX_NAMES)}, "
-        f"{', '.join(SINGLE_NAMES)} or a torch.distributed.checkpoint .metadata{found}"
-    )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -113,24 +91,10 @@ def read_index(path: Path) -> dict[str, str]:
     ):
         raise bad('"weight_map" must map tensor names to shard file names')
     for shard in dict.fromkeys(weight_map.values()):
-        problem = _unsafe_shard_name(shard)
+        problem = unsafe_file_name(shard)
         if problem:
             raise bad(f"shard name {shard!r} {problem}; it must be a file name in the folder")
     return weight_map
-
-
-def _unsafe_shard_name(name: str) -> str | None:
-    if not name:
-        return "is empty"
-    if "\x00" in name:
-        return "holds a NUL byte"
-    if "/" in name or "\\" in name:
-        return "is a path, not a file name"
-    if name in (".", ".."):
-        return "names a folder"
-    if os.path.isabs(name) or (len(name) >= 2 and name[1] == ":"):
-        return "is an absolute path"
-    return None
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -144,8 +108,6 @@ class ShardedCheckpoint(Checkpoint):
         allow_globals: tuple[str, ...] = (),
         unsafe_pickle: bool = False,
     ) -> None:
-        from ckptsurgery.io.reader import open_file
-
         if key:
             raise StateDictSelectionError(
                 f"{str(path)!r} is a sharded checkpoint, which holds one flat state dict; "
@@ -190,7 +152,7 @@ class ShardedCheckpoint(Checkpoint):
         self.format = "sharded-" + "+".join(formats) if formats else "sharded"
         first = next(iter(self.shards.values()), None)
         self.metadata = dict(first.metadata) if first is not None else {}
-        self.metadata.pop("ckptsurgery.aliases", None)
+        self.metadata.pop(ALIASES_KEY, None)
 
     def _index(self, weight_map: Mapping[str, str]) -> None:
         source = repr(str(self.path))

@@ -4,6 +4,7 @@ Everything goes through ``torch.load(weights_only=True)``: torch's restricted un
 builds tensors and plain containers and refuses any other global. A refusal becomes an
 :class:`UnsafePickleError` naming the globals and the two ways out (``--allow-global`` for one
 trusted class, ``--unsafe-pickle`` for a trusted file). Nothing falls back to unsafe loading.
+:class:`TorchCheckpoint` is the state dict of a file loaded that way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 from ckptsurgery.errors import CheckpointError, FormatError, SourceError, UnsafePickleError
 from ckptsurgery.io.detect import TORCH_ZIP
+from ckptsurgery.io.memory import TensorDictSource
+from ckptsurgery.state_dict import select_state_dict
 
 MIN_TORCH = (2, 10)  # weights_only escapes (CVE-2025-32434, CVE-2026-24747) fixed
 
@@ -146,6 +149,28 @@ def load_torch(path: Path, fmt: str, *, allow_globals: tuple[str, ...], unsafe_p
             f"{str(path)!r}: truncated or malformed torch file ({type(e).__name__}: "
             f"{_first_line(str(e))})"
         ) from None
+
+
+class TorchCheckpoint(TensorDictSource):
+    """A torch file's state dict, loaded by :func:`load_torch` and selected by ``key``."""
+
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        *,
+        key: str | None,
+        allow_globals: tuple[str, ...],
+        unsafe_pickle: bool,
+    ) -> None:
+        self.path = path
+        self.format = fmt
+        self.metadata = {}
+        obj = load_torch(path, fmt, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        sel = select_state_dict(obj, key, source=str(path))
+        self.key = sel.key
+        self.other_entries = sel.other_entries
+        self._init_tensors(sel.state_dict, source=str(path))
 
 
 def _refusal(path: Path, names: list[str]) -> str:

@@ -24,8 +24,8 @@ from ckptsurgery.io import safetensors_format as stf
 from ckptsurgery.io.atomic import atomic_folder, atomic_write
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.io.memory import tensor_bytes
 from ckptsurgery.io.progress import ProgressCallback, ProgressWriter
-from ckptsurgery.io.reader import ALIASES_KEY, tensor_bytes
 from ckptsurgery.io.streams import CrcWriter, in_background
 from ckptsurgery.io.verify import Expected, verify_written
 
@@ -214,7 +214,7 @@ def _tracked(f: BinaryIO, progress: ProgressCallback | None, total: int) -> Bina
 def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> dict[str, str]:
     meta = {"format": "pt", **metadata}
     if aliases:
-        meta[ALIASES_KEY] = json.dumps(dict(aliases), separators=(",", ":"))
+        meta[stf.ALIASES_KEY] = json.dumps(dict(aliases), separators=(",", ":"))
     return meta
 
 

@@ -64,7 +64,7 @@ class PlanSource(Checkpoint):
             self._compare(e)
             ref = e.inputs[0]
             return self.sources[ref.source].raw_bytes(ref.key)
-        from ckptsurgery.io.reader import tensor_bytes
+        from ckptsurgery.io.memory import tensor_bytes
 
         return tensor_bytes(self.tensor(name))
 

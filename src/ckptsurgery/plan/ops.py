@@ -170,7 +170,7 @@ class CastWriter:
     def _flush(self) -> None:
         import torch
 
-        from ckptsurgery.io.reader import tensor_bytes
+        from ckptsurgery.io.memory import tensor_bytes
 
         whole = self._used - self._used % self._item
         if not whole:

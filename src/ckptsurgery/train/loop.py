@@ -97,7 +97,7 @@ def _run(s: Setup, result: TrainResult, dist: Dist, *, log: Log) -> None:
     from torch.utils.data import Subset
     from torch.utils.data.distributed import DistributedSampler
 
-    from ckptsurgery import __version__
+    from ckptsurgery._version import __version__
     from ckptsurgery.train import distributed, outputs
     from ckptsurgery.train.bn import recalibrate_bn, train_mode, verify_frozen
     from ckptsurgery.train.data import build_transform, default_workers, image_folder, make_loader
