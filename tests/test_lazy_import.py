@@ -133,15 +133,20 @@ def test_exports_resolve() -> None:
 
 
 def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
-    """``ckptsurgery inspect`` loads neither the other commands nor the writing side."""
+    """``ckptsurgery inspect`` loads neither the other commands nor the writing side; tabulate
+    only when it prints a table (not for ``--json``)."""
     write_safetensors(tmp_path / "m.safetensors")
     run_without_torch(
         """
-        cli("inspect", "m.safetensors")
         unwanted = ("ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
                     "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
                     "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
-                    "ckptsurgery.cli.train_cmd", "tabulate", "numpy")
+                    "ckptsurgery.cli.train_cmd", "numpy")
+        cli("inspect", "m.safetensors", "--json")
+        loaded = sorted(m for m in sys.modules if m.startswith((*unwanted, "tabulate")))
+        assert not loaded, loaded
+        cli("inspect", "m.safetensors")
+        assert "tabulate" in sys.modules
         loaded = sorted(m for m in sys.modules if m.startswith(unwanted))
         assert not loaded, loaded
         """,
@@ -149,8 +154,18 @@ def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
     )
 
 
-def test_help_does_not_import_torch(tmp_path: Path) -> None:
-    proc = run_without_torch('cli("--help")\ncli("remap", "--help")\n', tmp_path)
+def test_help_does_not_import_torch_or_tabulate(tmp_path: Path) -> None:
+    proc = run_without_torch(
+        """
+        cli("--help")
+        cli("remap", "--help")
+        cli("inspect", "--help")
+        cli("diff", "--help")
+        loaded = sorted(m for m in sys.modules if m.startswith(("tabulate", "numpy")))
+        assert not loaded, loaded
+        """,
+        tmp_path,
+    )
     assert "Usage:" in proc.stdout
 
 

@@ -173,7 +173,7 @@ class MatchReport:
         ``matched=True`` lists the matched keys first (``diff`` does; the remap gate does not).
         The text depends on the report alone.
         """
-        from ckptsurgery.tables import shape_str, table
+        from ckptsurgery.render.tables import shape_str, table
 
         sections: list[str] = []
 

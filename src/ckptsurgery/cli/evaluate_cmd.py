@@ -67,7 +67,7 @@ def evaluate_cmd(
           --data digits --image-size 32 --json
     """
     from ckptsurgery.models import parse_model_args
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
     from ckptsurgery.train.evaluation import evaluate
 
     if batch_size < 1:

@@ -6,7 +6,7 @@ import click
 
 from ckptsurgery.cli._common import echo_json, open_source, source_options
 from ckptsurgery.describe import describe
-from ckptsurgery.tables import count, groups_table, human_bytes, mapping_table, tensors_table
+from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_table, tensors_table
 
 
 @click.command("inspect")

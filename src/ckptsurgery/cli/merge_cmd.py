@@ -22,8 +22,8 @@ from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.merge import MergeResult, average_files, merge_files
 from ckptsurgery.models import parse_model_args
+from ckptsurgery.render.tables import count, human_bytes, plan_table, rule_counts_table, table
 from ckptsurgery.surgery import Gate
-from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 

@@ -17,9 +17,9 @@ from ckptsurgery.cli._common import (
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.match import MatchReport
+from ckptsurgery.render.tables import count, human_bytes, plan_table, rule_counts_table, table
 from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import Gate, remap
-from ckptsurgery.tables import count, human_bytes, plan_table, rule_counts_table, table
 
 
 def rule_options(f: F) -> F:

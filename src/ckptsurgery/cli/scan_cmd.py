@@ -4,7 +4,7 @@ import click
 
 from ckptsurgery.cli._common import echo_json
 from ckptsurgery.io.scan import scan_file
-from ckptsurgery.tables import count, table
+from ckptsurgery.render.tables import count, table
 
 
 @click.command("scan")

@@ -384,7 +384,7 @@ def train_cmd(
 
 
 def epochs_table(metrics: list[dict[str, Any]]) -> str:
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"

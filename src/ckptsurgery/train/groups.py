@@ -248,7 +248,7 @@ def group_rows(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 
 def group_table(optimizer: torch.optim.Optimizer) -> str:
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
 
     rows = group_rows(optimizer)
     cells = [
