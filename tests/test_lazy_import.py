@@ -166,7 +166,7 @@ def test_help_does_not_import_torch_or_tabulate(tmp_path: Path) -> None:
         """,
         tmp_path,
     )
-    assert "Usage:" in proc.stdout
+    assert "Usage:" in proc.stdout and "--fmt FORMAT" in proc.stdout
 
 
 @pytest.mark.parametrize("extra", [[], ["--json"], ["--depth", "1"]])

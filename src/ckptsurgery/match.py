@@ -165,13 +165,13 @@ class MatchReport:
             f"{', '.join(counts)} -> {verdict}"
         )
 
-    def table(self, *, matched: bool = False) -> str:
+    def table(self, *, matched: bool = False, fmt: str = "simple") -> str:
         """The human report: one section per kind of key, then the summary line.
 
         Key lists are indented lines of grouped keys (``layer1.{0, 1}.bn1.{bias, weight}``),
         allowed ones marked; shape and dtype differences are small tables with both sides.
         ``matched=True`` lists the matched keys first (``diff`` does; the remap gate does not).
-        The text depends on the report alone.
+        ``fmt`` is the tabulate format of those tables. The text depends on the report alone.
         """
         from ckptsurgery.render.tables import shape_str, table
 
@@ -191,7 +191,7 @@ class MatchReport:
             rows = [
                 (g, show(c), show(m)) for (c, m), keys in _by_pair(pairs) for g in group_keys(keys)
             ]
-            return table(rows, ("key", "checkpoint", "model"))
+            return table(rows, ("key", "checkpoint", "model"), fmt=fmt)
 
         if matched:
             section("matched", len(self.matched), group_keys(self.matched))

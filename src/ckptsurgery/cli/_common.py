@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ckptsurgery.io import Checkpoint, open_checkpoint
+from ckptsurgery.render.tables import TABLE_FORMATS
 
 if TYPE_CHECKING:
     from ckptsurgery.models import BuiltModel
@@ -39,6 +40,20 @@ def source_options(f: F) -> F:
         help="Slash-separated path of the nested state dict to use (e.g. state_dict, model/ema).",
     )(f)
     return f
+
+
+def fmt_option(f: F) -> F:
+    """``--fmt FORMAT``: every command that prints tables (``fmt`` in the command)."""
+    return click.option(
+        "--fmt",
+        "fmt",
+        type=click.Choice(TABLE_FORMATS),
+        metavar="FORMAT",
+        default="simple",
+        show_default=True,
+        help=f"Layout of the tables, one of tabulate's formats: {', '.join(TABLE_FORMATS)} "
+        "(github and pipe are Markdown tables). --json is not affected.",
+    )(f)
 
 
 def verify_option(f: F) -> F:
