@@ -90,8 +90,8 @@ def test_import_is_lazy() -> None:
 
         heavy = ("torch", "click", "numpy", "safetensors", "tabulate", "ckptsurgery.cli",
                  "ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
-                 "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
-                 "ckptsurgery.io")
+                 "ckptsurgery.match", "ckptsurgery.loading", "ckptsurgery.models",
+                 "ckptsurgery.surgery", "ckptsurgery.io", "ckptsurgery.render")
         loaded = sorted(m for m in sys.modules if m.startswith(heavy))
         assert not loaded, loaded
         print("LAZY")
@@ -139,8 +139,8 @@ def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
     run_without_torch(
         """
         unwanted = ("ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
-                    "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
-                    "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
+                    "ckptsurgery.match", "ckptsurgery.loading", "ckptsurgery.models",
+                    "ckptsurgery.surgery", "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
                     "ckptsurgery.cli.train_cmd", "numpy")
         cli("inspect", "m.safetensors", "--json")
         loaded = sorted(m for m in sys.modules if m.startswith((*unwanted, "tabulate")))

@@ -10,7 +10,7 @@ does), then matched against the model whose head has already been replaced
   checkpoint with :class:`~ckptsurgery.errors.IncompatibleCheckpoint` carrying the report;
 - a head that fits the new one (same class count) is loaded.
 
-Then :func:`~ckptsurgery.match.load_into` loads the matched keys and checks that they landed.
+Then :func:`~ckptsurgery.loading.load_into` loads the matched keys and checks that they landed.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def load_weights(
     not fit. With ``dry_run`` the report is made and nothing is loaded.
     """
     from ckptsurgery.io import open_checkpoint
-    from ckptsurgery.match import load_into
+    from ckptsurgery.loading import load_into
 
     with open_checkpoint(
         path, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
