@@ -97,3 +97,15 @@ def test_bad_inputs_exit_2(folder: Path) -> None:
     no_data = invoke("--weights", str(weights), "--data", "nowhere")
     assert no_data.exit_code == 2
     assert no_data.stderr.strip() == "Error: data folder 'nowhere' does not exist"
+
+
+def test_fmt_lays_out_the_metrics_and_the_report(folder: Path) -> None:
+    make_images(folder / "data", classes=3, per_class={"val": 1})
+    result = invoke("--weights", str(checkpoint(folder, 3)), "--data", "data", "--fmt", "github")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["|", "metric", "|", "value", "|"]
+    assert lines[1].startswith("|---") and lines[-1].startswith("| samples ")
+    result = invoke("--weights", str(checkpoint(folder, 10)), "--data", "data", "--fmt", "grid")
+    assert result.exit_code == 1, result.output
+    assert "shape mismatch (2):\n  +---" in result.stdout  # the refused report's table

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import ckptsurgery as cs
 from ckptsurgery.cli import cli
-from ckptsurgery.match import MatchReport, load_into
+from ckptsurgery.loading import load_into
+from ckptsurgery.match import MatchReport
 from ckptsurgery.models import build_model
 from ckptsurgery.surgery import Gate
 

@@ -90,8 +90,8 @@ def test_import_is_lazy() -> None:
 
         heavy = ("torch", "click", "numpy", "safetensors", "tabulate", "ckptsurgery.cli",
                  "ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
-                 "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
-                 "ckptsurgery.io")
+                 "ckptsurgery.match", "ckptsurgery.loading", "ckptsurgery.models",
+                 "ckptsurgery.surgery", "ckptsurgery.io", "ckptsurgery.render")
         loaded = sorted(m for m in sys.modules if m.startswith(heavy))
         assert not loaded, loaded
         print("LAZY")
@@ -133,15 +133,20 @@ def test_exports_resolve() -> None:
 
 
 def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
-    """``ckptsurgery inspect`` loads neither the other commands nor the writing side."""
+    """``ckptsurgery inspect`` loads neither the other commands nor the writing side; tabulate
+    only when it prints a table (not for ``--json``)."""
     write_safetensors(tmp_path / "m.safetensors")
     run_without_torch(
         """
-        cli("inspect", "m.safetensors")
         unwanted = ("ckptsurgery.merge", "ckptsurgery.recipe", "ckptsurgery.train",
-                    "ckptsurgery.match", "ckptsurgery.models", "ckptsurgery.surgery",
-                    "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
-                    "ckptsurgery.cli.train_cmd", "tabulate", "numpy")
+                    "ckptsurgery.match", "ckptsurgery.loading", "ckptsurgery.models",
+                    "ckptsurgery.surgery", "ckptsurgery.io.writer", "ckptsurgery.io.atomic", "ckptsurgery.cli.merge_cmd",
+                    "ckptsurgery.cli.train_cmd", "numpy")
+        cli("inspect", "m.safetensors", "--json")
+        loaded = sorted(m for m in sys.modules if m.startswith((*unwanted, "tabulate")))
+        assert not loaded, loaded
+        cli("inspect", "m.safetensors")
+        assert "tabulate" in sys.modules
         loaded = sorted(m for m in sys.modules if m.startswith(unwanted))
         assert not loaded, loaded
         """,
@@ -149,9 +154,19 @@ def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
     )
 
 
-def test_help_does_not_import_torch(tmp_path: Path) -> None:
-    proc = run_without_torch('cli("--help")\ncli("remap", "--help")\n', tmp_path)
-    assert "Usage:" in proc.stdout
+def test_help_does_not_import_torch_or_tabulate(tmp_path: Path) -> None:
+    proc = run_without_torch(
+        """
+        cli("--help")
+        cli("remap", "--help")
+        cli("inspect", "--help")
+        cli("diff", "--help")
+        loaded = sorted(m for m in sys.modules if m.startswith(("tabulate", "numpy")))
+        assert not loaded, loaded
+        """,
+        tmp_path,
+    )
+    assert "Usage:" in proc.stdout and "--fmt FORMAT" in proc.stdout
 
 
 @pytest.mark.parametrize("extra", [[], ["--json"], ["--depth", "1"]])

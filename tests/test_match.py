@@ -17,7 +17,8 @@ from torchvision.models import resnet18
 from ckptsurgery.errors import CheckpointError, FormatError, IncompatibleCheckpoint
 from ckptsurgery.io import TensorInfo, open_checkpoint
 from ckptsurgery.io.dtypes import info_of
-from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, load_into, match
+from ckptsurgery.loading import load_into
+from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, match
 from ckptsurgery.models import build_model
 from ckptsurgery.surgery import save_state_dict
 

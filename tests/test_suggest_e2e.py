@@ -421,7 +421,8 @@ def test_against_a_reference_checkpoint(tmp_path: Path, r18: dict[str, torch.Ten
 def test_a_tied_alias_is_not_promised_missing() -> None:
     from torch import nn
 
-    from ckptsurgery.match import match, tie_groups
+    from ckptsurgery.loading import tie_groups
+    from ckptsurgery.match import match
     from ckptsurgery.suggest import suggest
 
     class TiedLM(nn.Module):

@@ -198,3 +198,26 @@ def test_output_is_required_except_for_a_dry_run(folder: Path) -> None:
     assert result.exit_code == 2
     assert "--output" in one_line_error(result)
     assert invoke(*BASE, "--mode", "full", "--dry-run").exit_code == 0
+
+
+def test_fmt_lays_out_the_report_and_the_group_table(folder: Path) -> None:
+    weights = pretrained(folder)
+    args = ("-o", "run", "--mode", "discriminative", "--weights", str(weights), "--dry-run")
+    result = invoke(*BASE, *args, "--fmt", "github")
+    assert result.exit_code == 0, result.output
+    assert "dropped for their shape (now missing) (2):\n  | key " in result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| group ") for line in lines)
+    assert any(line.startswith("| backbone ") for line in lines)
+
+
+def test_epochs_table_formats() -> None:
+    from ckptsurgery.cli.train_cmd import epochs_table
+
+    row = {"epoch": 1, "train_loss": 0.5, "val_loss": None, "top1": 0.25, "top5": None}
+    metrics = [{**row, "seconds": 1.25, "best": True}]
+    cells = ["1", "0.5000", "-", "0.2500", "-", "1.2", "*"]
+    assert epochs_table(metrics).splitlines()[2].split() == cells
+    github = epochs_table(metrics, fmt="github").splitlines()
+    assert github[0].startswith("| epoch ") and github[1].startswith("|-")
+    assert [c.strip() for c in github[2].split("|")[1:-1]] == cells

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ckptsurgery.io import Checkpoint, TensorInfo, open_checkpoint
     from ckptsurgery.io.torchfile import UnsafePickleWarning
     from ckptsurgery.keygroups import group_keys
-    from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, load_into, match
+    from ckptsurgery.loading import load_into
+    from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, match
     from ckptsurgery.merge import (
         MergeConflictError,
         MergeError,
@@ -78,9 +79,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Checkpoint", "TensorInfo", "open_checkpoint"], "ckptsurgery.io"),
     "UnsafePickleWarning": "ckptsurgery.io.torchfile",
     "group_keys": "ckptsurgery.keygroups",
+    "load_into": "ckptsurgery.loading",
     **dict.fromkeys(
-        ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match"],
-        "ckptsurgery.match",
+        ["DtypeMismatch", "MatchReport", "ShapeMismatch", "match"], "ckptsurgery.match"
     ),
     **dict.fromkeys(
         [

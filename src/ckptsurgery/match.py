@@ -1,4 +1,4 @@
-"""Dry-run matching of a checkpoint against a model, and loading that never loads silently.
+"""Dry-run matching of a checkpoint against a model (loading: :mod:`ckptsurgery.loading`).
 
 :func:`match` compares key names, shapes and dtypes only: a :class:`~ckptsurgery.io.Checkpoint`
 is matched from its header (no tensor byte is read) and the model can live on the meta device.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from ckptsurgery.errors import CheckpointError, FormatError, IncompatibleCheckpoint
+from ckptsurgery.errors import CheckpointError, FormatError
 from ckptsurgery.io import Checkpoint
 from ckptsurgery.io.dtypes import TensorInfo, dtype_name, info_of
 from ckptsurgery.keygroups import group_keys
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     CheckpointLike: TypeAlias = Mapping[str, torch.Tensor] | Mapping[str, TensorInfo] | Checkpoint
 
-__all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "load_into", "match", "tie_groups"]
+__all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "match"]
 
 _MAX_IN_MESSAGE = 3  # key groups named in an exception message before "..."
 _INDENT = "  "  # the lines of a report section
@@ -165,15 +165,15 @@ class MatchReport:
             f"{', '.join(counts)} -> {verdict}"
         )
 
-    def table(self, *, matched: bool = False) -> str:
+    def table(self, *, matched: bool = False, fmt: str = "simple") -> str:
         """The human report: one section per kind of key, then the summary line.
 
         Key lists are indented lines of grouped keys (``layer1.{0, 1}.bn1.{bias, weight}``),
         allowed ones marked; shape and dtype differences are small tables with both sides.
         ``matched=True`` lists the matched keys first (``diff`` does; the remap gate does not).
-        The text depends on the report alone.
+        ``fmt`` is the tabulate format of those tables. The text depends on the report alone.
         """
-        from ckptsurgery.tables import shape_str, table
+        from ckptsurgery.render.tables import shape_str, table
 
         sections: list[str] = []
 
@@ -191,7 +191,7 @@ class MatchReport:
             rows = [
                 (g, show(c), show(m)) for (c, m), keys in _by_pair(pairs) for g in group_keys(keys)
             ]
-            return table(rows, ("key", "checkpoint", "model"))
+            return table(rows, ("key", "checkpoint", "model"), fmt=fmt)
 
         if matched:
             section("matched", len(self.matched), group_keys(self.matched))
@@ -348,113 +348,6 @@ def match(
     )
 
 
-def load_into(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor] | Checkpoint,
-    *,
-    allow_missing: Iterable[str] | str = (),
-    allow_unexpected: Iterable[str] | str = (),
-    drop_mismatched: bool = False,
-) -> MatchReport:
-    """Load ``state_dict`` into ``model`` after a :func:`match`, or raise and load nothing.
-
-    Raises :class:`IncompatibleCheckpoint` (with ``.report``) and leaves the model untouched
-    when the match is not compatible, or when the model ties names to which the checkpoint gives
-    different values. Otherwise loads the matched keys only (``strict=False``), then checks
-    bit by bit that every one of them landed (after the cast to the model's dtype). The
-    caller's mapping is never modified. Returns the report.
-    """
-    import torch
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load_into needs an nn.Module, got {type(model).__name__}")
-    report = match(
-        state_dict,
-        model,
-        allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected,
-        drop_mismatched=drop_mismatched,
-    )
-    if not report.compatible:
-        raise IncompatibleCheckpoint(
-            f"the checkpoint does not fit the model: {report.problems()}. Nothing was loaded. "
-            f"{report.fixes()}",
-            report=report,
-        )
-
-    targets = model.state_dict(keep_vars=True)
-    on_meta = [k for k in report.matched if targets[k].is_meta]
-    if on_meta:
-        raise CheckpointError(
-            f"the model's {_named(on_meta, 'tensor')} are on the meta device and cannot hold data; "
-            "build the model with device='cpu' (build_model(spec, device='cpu'))"
-        )
-
-    values: dict[str, torch.Tensor] = {}
-    for key in report.matched:
-        value = state_dict.tensor(key) if isinstance(state_dict, Checkpoint) else state_dict[key]
-        if not isinstance(value, torch.Tensor):
-            raise FormatError(f"load_into needs tensors; {key!r} is a {type(value).__name__}")
-        values[key] = value
-
-    to_load: dict[str, torch.Tensor] = {}
-    loaded_from: dict[str, str] = {}  # tie group -> key whose value is loaded for it
-    group = _tie_groups(targets)
-    for key, value in values.items():
-        first = loaded_from.get(group[key])
-        if first is None:
-            loaded_from[group[key]] = key
-            to_load[key] = value
-        elif not _same_bits(value, to_load[first]):
-            raise IncompatibleCheckpoint(
-                f"the model ties {first!r} and {key!r} (one tensor), but the checkpoint holds "
-                "different values for them; drop one of them from the checkpoint first; "
-                "nothing was loaded",
-                report=report,
-            )
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        # Modules read their state-dict version from here (e.g. BatchNorm's counters).
-        to_load = _with_metadata(to_load, metadata)
-
-    try:
-        result = model.load_state_dict(to_load, strict=False)
-    except RuntimeError as e:
-        raise IncompatibleCheckpoint(
-            f"loading failed and the model may be partly loaded: {e}", report=report
-        ) from e
-    if result.unexpected_keys:
-        raise IncompatibleCheckpoint(
-            f"the model did not take {_named(list(result.unexpected_keys))}, which its "
-            "state_dict() lists; the model may be partly loaded",
-            report=report,
-        )
-
-    after = model.state_dict()
-    not_landed = [
-        k
-        for k in report.matched
-        if not _same_bits(after[k], values[k].to(device=after[k].device, dtype=after[k].dtype))
-    ]
-    if not_landed:
-        raise IncompatibleCheckpoint(
-            f"after loading, {_named(not_landed)} do not hold the checkpoint's values "
-            "(a load hook or a tied tensor overwrote them?); the model is partly loaded",
-            report=report,
-        )
-    return report
-
-
-def tie_groups(model: nn.Module | BuiltModel | CheckpointLike) -> dict[str, str]:
-    """Every state-dict key of ``model`` -> the first key of its tie group (itself when untied).
-
-    Ties are seen as :func:`match` sees them; ``suggest(..., ties=tie_groups(model))`` then
-    counts a tied alias as filled by its partner, as :func:`match` does.
-    """
-    return dict(_side(model, what="model").group)
-
-
 # --- the two sides --------------------------------------------------------------------------
 
 
@@ -592,24 +485,3 @@ def _by_pair(
     for key, in_checkpoint, in_model in mismatches:
         grouped.setdefault((in_checkpoint, in_model), []).append(key)
     return list(grouped.items())
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (NaN equals itself, -0.0 differs from 0.0), as a uint8 view."""
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.numel() == 0:
-        return True
-    a_bytes = a.detach().contiguous().reshape(-1).view(torch.uint8)
-    b_bytes = b.detach().to(a.device).contiguous().reshape(-1).view(torch.uint8)
-    return bool(torch.equal(a_bytes, b_bytes))
-
-
-def _with_metadata(state: dict[str, torch.Tensor], metadata: object) -> dict[str, torch.Tensor]:
-    from collections import OrderedDict
-
-    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
-    out._metadata = metadata  # type: ignore[attr-defined]
-    return out

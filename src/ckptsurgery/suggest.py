@@ -133,7 +133,7 @@ def suggest(
     """The rules that make the most ``model`` keys match ``checkpoint`` keys by name and shape.
 
     Both arguments map key names to shapes. ``ties`` maps a model key to the first key of its
-    tie group (one tensor under several names, as :func:`ckptsurgery.match.tie_groups` gives):
+    tie group (one tensor under several names, as :func:`ckptsurgery.loading.tie_groups` gives):
     a tied name whose partner matches is not counted as missing, as :func:`match` does not.
     """
     ckpt = {k: tuple(v) for k, v in checkpoint.items()}

@@ -170,7 +170,8 @@ def diff(
     checkpoint (``target_key`` selects its state dict). With ``suggest``, also infer the rules
     that would make the most keys match.
     """
-    from ckptsurgery.match import match, tie_groups
+    from ckptsurgery.loading import tie_groups
+    from ckptsurgery.match import match
     from ckptsurgery.suggest import suggest as suggest_rules
 
     trust = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}

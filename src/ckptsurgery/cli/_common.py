@@ -12,6 +12,7 @@ import click
 
 from ckptsurgery.errors import CheckpointError
 from ckptsurgery.io import Checkpoint, open_checkpoint
+from ckptsurgery.render.tables import TABLE_FORMATS
 
 if TYPE_CHECKING:
     from ckptsurgery.models import BuiltModel
@@ -40,6 +41,26 @@ def source_options(f: F) -> F:
         help="Slash-separated path of the nested state dict to use (e.g. state_dict, model/ema).",
     )(f)
     return f
+
+
+def fmt_option(f: F, *, dest: str = "fmt") -> F:
+    """``--fmt FORMAT``: every command that prints tables (``fmt`` in the command, or
+    ``dest`` where ``fmt`` names something else)."""
+    return click.option(
+        "--fmt",
+        dest,
+        type=click.Choice(TABLE_FORMATS),
+        metavar="FORMAT",
+        default="simple",
+        show_default=True,
+        help=f"Layout of the tables, one of tabulate's formats: {', '.join(TABLE_FORMATS)} "
+        "(github and pipe are Markdown tables). --json is not affected.",
+    )(f)
+
+
+def table_fmt_option(f: F) -> F:
+    """``--fmt FORMAT`` as ``table_fmt``, for commands whose ``--format`` is the file's."""
+    return fmt_option(f, dest="table_fmt")
 
 
 def verify_option(f: F) -> F:

@@ -59,18 +59,6 @@ def progress_option(f: F) -> F:
     )(f)
 
 
-def fmt_option(f: F) -> F:
-    """``--fmt``: the layout of the tables printed (tabulate's formats)."""
-    return click.option(
-        "--fmt",
-        "table_fmt",
-        default="simple",
-        metavar="FORMAT",
-        show_default=True,
-        help="Table format: simple, github, grid, plain, pipe, rst, ... (tabulate's).",
-    )(f)
-
-
 def check_recipe_path(path: str | None, *, inputs: Sequence[str], force: bool) -> None:
     """Refuse an --emit-recipe path that exists (without --force) or is an input, before any
     work is done."""
@@ -140,7 +128,7 @@ def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
 
 def plan_table(plan: Plan, *, fmt: str = "simple") -> str:
     """One row per output tensor: where it comes from, the operation, and what it will be."""
-    from ckptsurgery.tables import human_bytes, shape_str, table
+    from ckptsurgery.render.tables import human_bytes, shape_str, table
 
     rows = []
     for e in plan.entries:
@@ -164,7 +152,7 @@ def _from(plan: Plan, e: Entry) -> str:
 
 def plan_summary(plan: Plan) -> str:
     """``7 tensors, 9.2 MiB to write; 5 cast to bfloat16 (4.6 MiB saved)``."""
-    from ckptsurgery.tables import count, human_bytes
+    from ckptsurgery.render.tables import count, human_bytes
 
     text = f"{count(len(plan.entries), 'tensor')}, {human_bytes(plan.total_bytes)} to write"
     cast = plan.cast
@@ -225,7 +213,7 @@ def render(
     if report is not None and not as_json:
         if dry_run:
             click.echo()
-        click.echo(report.table())
+        click.echo(report.table(fmt=fmt))
     note(summary(result, dry_run=dry_run))
     if dry_run and not result.compatible:
         raise click.exceptions.Exit(1)
@@ -234,7 +222,7 @@ def render(
 def tables(result: SurgeryResult, *, plans: bool, fmt: str = "simple") -> str:
     """A dry run's tables: the plan, what each source's rules did, then for merges the sources
     and conflicts."""
-    from ckptsurgery.tables import rule_counts_table, table
+    from ckptsurgery.render.tables import rule_counts_table, table
 
     plan = result.plan
     parts: list[str] = [plan_table(plan, fmt=fmt) if plan.entries else "(no key kept)"]
@@ -255,7 +243,7 @@ def tables(result: SurgeryResult, *, plans: bool, fmt: str = "simple") -> str:
 
 
 def _sources_table(result: SurgeryResult, *, fmt: str) -> str:
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
 
     plan = result.plan
     headers = ["#", "source", "key", "tensors", "kept", "taken"]
@@ -278,7 +266,7 @@ def _sources_table(result: SurgeryResult, *, fmt: str) -> str:
 
 
 def _merge_tables(result: SurgeryResult, *, fmt: str) -> list[str]:
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
 
     plan = result.plan
     parts = []
@@ -301,7 +289,7 @@ def _merge_tables(result: SurgeryResult, *, fmt: str) -> list[str]:
 
 def summary(result: SurgeryResult, *, dry_run: bool) -> str:
     """The one line on stderr that says what was (or would be) done."""
-    from ckptsurgery.tables import count, human_bytes
+    from ckptsurgery.render.tables import count, human_bytes
 
     plan = result.plan
     n = len(plan.sources)

@@ -7,10 +7,11 @@ from ckptsurgery.cli._common import (
     note,
     refusals,
     source_options,
+    table_fmt_option,
     verify_option,
     warnings_as_notes,
 )
-from ckptsurgery.cli._surgery import fmt_option, progress_option, render
+from ckptsurgery.cli._surgery import progress_option, render
 from ckptsurgery.recipe import apply_recipe
 from ckptsurgery.render.progress import byte_progress
 
@@ -26,7 +27,7 @@ from ckptsurgery.render.progress import byte_progress
     help="Print every source's plan, the merge and the gate report; write nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@fmt_option
+@table_fmt_option
 @progress_option
 @source_options
 def apply_cmd(

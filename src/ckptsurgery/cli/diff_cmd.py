@@ -11,6 +11,7 @@ from ckptsurgery.cli._common import (
     allow_options,
     build_target,
     echo_json,
+    fmt_option,
     model_options,
     note,
     selection_note,
@@ -53,6 +54,7 @@ OUT_PLACEHOLDER = "OUT.safetensors"
 )
 @click.option("--force", is_flag=True, help="Replace an existing --emit-recipe FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@fmt_option
 @source_options
 def diff_cmd(
     src: str,
@@ -66,6 +68,7 @@ def diff_cmd(
     emit_recipe: str | None,
     force: bool,
     as_json: bool,
+    fmt: str,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -137,7 +140,7 @@ def diff_cmd(
             }
         echo_json(payload)
     else:
-        click.echo(report.table(matched=True))
+        click.echo(report.table(matched=True, fmt=fmt))
         if suggestion is not None:
             click.echo()
             click.echo(render_suggestion(suggestion, command, gated=model_spec is not None))

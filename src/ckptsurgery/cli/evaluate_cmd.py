@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import echo_json, note, source_options, warnings_as_notes
+from ckptsurgery.cli._common import (
+    echo_json,
+    fmt_option,
+    note,
+    source_options,
+    warnings_as_notes,
+)
 from ckptsurgery.cli.train_cmd import parse_transform, runtime_options, transform_options
 from ckptsurgery.errors import IncompatibleCheckpoint
 
@@ -35,6 +41,7 @@ from ckptsurgery.errors import IncompatibleCheckpoint
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"loss", "top1", "top5", "samples"}.')
+@fmt_option
 def evaluate_cmd(
     model_spec: str,
     model_args: tuple[str, ...],
@@ -54,6 +61,7 @@ def evaluate_cmd(
     threads: int | None,
     workers: int | None,
     as_json: bool,
+    fmt: str,
 ) -> None:
     """Loss and accuracy of a checkpoint on an ImageFolder split.
 
@@ -67,7 +75,7 @@ def evaluate_cmd(
           --data digits --image-size 32 --json
     """
     from ckptsurgery.models import parse_model_args
-    from ckptsurgery.tables import table
+    from ckptsurgery.render.tables import table
     from ckptsurgery.train.evaluation import evaluate
 
     if batch_size < 1:
@@ -93,7 +101,7 @@ def evaluate_cmd(
             )
     except IncompatibleCheckpoint as e:
         if e.report is not None and not as_json:
-            click.echo(e.report.table())
+            click.echo(e.report.table(fmt=fmt))
         note(f"Error: {' '.join(str(e).split())}")
         raise click.exceptions.Exit(1) from None
     for line in result.notes:
@@ -105,5 +113,5 @@ def evaluate_cmd(
     top5 = "-" if m.top5 is None else f"{m.top5:.4f}"
     rows = [("loss", f"{m.loss:.4f}"), ("top1", f"{m.top1:.4f}"), ("top5", top5)]
     rows.append(("samples", f"{m.samples:,}"))
-    click.echo(table(rows, ("metric", "value")))
+    click.echo(table(rows, ("metric", "value"), fmt=fmt))
     note(f"evaluated on {result.folder} ({len(result.classes)} classes)")

@@ -4,14 +4,15 @@ import json
 
 import click
 
-from ckptsurgery.cli._common import echo_json, open_source, source_options
+from ckptsurgery.cli._common import echo_json, fmt_option, open_source, source_options
 from ckptsurgery.describe import describe
-from ckptsurgery.tables import count, groups_table, human_bytes, mapping_table, tensors_table
+from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_table, tensors_table
 
 
 @click.command("inspect")
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@fmt_option
 @click.option(
     "--depth",
     type=click.IntRange(min=1),
@@ -22,6 +23,7 @@ from ckptsurgery.tables import count, groups_table, human_bytes, mapping_table, 
 def inspect_cmd(
     src: str,
     as_json: bool,
+    fmt: str,
     depth: int | None,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -37,6 +39,7 @@ def inspect_cmd(
     Example:
       ckptsurgery inspect moco_v2.pth.tar
       ckptsurgery inspect model.safetensors --depth 1 --json
+      ckptsurgery inspect model.safetensors --fmt github
     """
     with open_source(
         src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
@@ -51,9 +54,9 @@ def inspect_cmd(
     )
     click.echo()
     if depth is not None:
-        click.echo(groups_table(report["groups"]))
+        click.echo(groups_table(report["groups"], fmt=fmt))
     else:
-        click.echo(tensors_table(ckpt.infos, ckpt.aliases))
+        click.echo(tensors_table(ckpt.infos, ckpt.aliases, fmt=fmt))
     click.echo()
     tied = f", {len(report['tied'])} tied" if report["tied"] else ""
     click.echo(
@@ -62,7 +65,7 @@ def inspect_cmd(
     )
     if report["other_entries"]:
         click.echo()
-        click.echo(mapping_table(report["other_entries"], ("other entry", "type")))
+        click.echo(mapping_table(report["other_entries"], ("other entry", "type"), fmt=fmt))
     if report["provenance"]:
         click.echo()
         click.echo("provenance:")

@@ -14,6 +14,7 @@ from ckptsurgery.cli._common import (
     model_options,
     refusals,
     source_options,
+    table_fmt_option,
     verify_option,
     warnings_as_notes,
 )
@@ -22,7 +23,6 @@ from ckptsurgery.cli._surgery import (
     check_recipe_path,
     dtype_options,
     emit_recipe_option,
-    fmt_option,
     progress_option,
     render,
     write_recipe,
@@ -130,7 +130,7 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     "gate's report; write nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@fmt_option
+@table_fmt_option
 @emit_recipe_option
 @model_options
 @allow_options

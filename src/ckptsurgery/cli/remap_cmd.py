@@ -12,6 +12,7 @@ from ckptsurgery.cli._common import (
     model_options,
     refusals,
     source_options,
+    table_fmt_option,
     verify_option,
     warnings_as_notes,
 )
@@ -20,7 +21,6 @@ from ckptsurgery.cli._surgery import (
     check_recipe_path,
     dtype_options,
     emit_recipe_option,
-    fmt_option,
     progress_option,
     render,
     write_recipe,
@@ -133,7 +133,7 @@ def build_rules(
     "bytes) and the gate's report; write nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON.")
-@fmt_option
+@table_fmt_option
 @emit_recipe_option
 @model_options
 @allow_options

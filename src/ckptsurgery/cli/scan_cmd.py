@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import echo_json
+from ckptsurgery.cli._common import echo_json, fmt_option
 from ckptsurgery.io.scan import scan_file
-from ckptsurgery.tables import count, table
+from ckptsurgery.render.tables import count, table
 
 
 @click.command("scan")
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def scan_cmd(src: str, as_json: bool) -> None:
+@fmt_option
+def scan_cmd(src: str, as_json: bool, fmt: str) -> None:
     """List the pickle globals a torch file references, and which are safe to load.
 
     Nothing is unpickled and no tensor is loaded: the pickle is disassembled as data. Each
@@ -23,13 +24,13 @@ def scan_cmd(src: str, as_json: bool) -> None:
     Example:
       ckptsurgery scan downloaded.pth --json
     """
-    fmt, refs = scan_file(src)
+    file_format, refs = scan_file(src)
     unsafe = [r.name for r in refs if not r.safe]
     if as_json:
         echo_json(
             {
                 "source": src,
-                "format": fmt,
+                "format": file_format,
                 "globals": [
                     {"name": r.name, "safe": r.safe, "dangerous": r.dangerous} for r in refs
                 ],
@@ -37,10 +38,10 @@ def scan_cmd(src: str, as_json: bool) -> None:
             }
         )
     elif not refs:
-        click.echo(f"{src}: {fmt}, no pickle globals")
+        click.echo(f"{src}: {file_format}, no pickle globals")
     else:
         rows = ((r.name, r.verdict) for r in refs)
-        click.echo(table(rows, ("global", "verdict")))
+        click.echo(table(rows, ("global", "verdict"), fmt=fmt))
         click.echo()
         click.echo(
             f"{count(len(refs), 'global')}, {len(unsafe)} unsafe"

@@ -9,6 +9,7 @@ from ckptsurgery.cli._common import (
     F,
     allow_options,
     echo_json,
+    fmt_option,
     note,
     source_options,
     warnings_as_notes,
@@ -249,6 +250,7 @@ def parse_transform(
 @click.option("--force", is_flag=True, help="Replace an earlier run's files in OUTDIR.")
 @click.option("--dry-run", is_flag=True, help="Print the loading report and the group table; stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@fmt_option
 def train_cmd(
     model_spec: str,
     model_args: tuple[str, ...],
@@ -275,6 +277,7 @@ def train_cmd(
     std: str | None,
     augment: bool,
     as_json: bool,
+    fmt: str,
     **options: Any,
 ) -> None:
     """Fine-tune a model on an ImageFolder tree (DIR/train, DIR/val or DIR/test).
@@ -342,7 +345,7 @@ def train_cmd(
         with warnings_as_notes():
             # With --json, stdout holds the JSON object only; the tables go to stderr.
             show = note if as_json else click.echo
-            result: TrainResult = train(config, log=note, show=show)
+            result: TrainResult = train(config, log=note, show=show, fmt=fmt)
     except IncompatibleCheckpoint as e:
         # Under torchrun every process refuses the same weights; rank 0 shows the report.
         r = refusal(e, command="train", weights=weights)
@@ -350,7 +353,7 @@ def train_cmd(
             if as_json:
                 echo_json(r.to_json())
             else:
-                click.echo(r.text())
+                click.echo(r.text(fmt=fmt))
         note(r.error_line())
         raise click.exceptions.Exit(r.exit_code) from None
 
@@ -375,7 +378,7 @@ def train_cmd(
         return
     if result.dry_run:
         return
-    click.echo(epochs_table(result.metrics))
+    click.echo(epochs_table(result.metrics, fmt=fmt))
     best = result.best
     if best is not None:
         note(
@@ -385,22 +388,24 @@ def train_cmd(
         )
 
 
-def epochs_table(metrics: list[dict[str, Any]]) -> str:
-    from ckptsurgery.tables import table
+def epochs_table(metrics: list[dict[str, Any]], *, fmt: str = "simple") -> str:
+    from ckptsurgery.render.tables import table
 
-    def fmt(v: float | None) -> str:
+    def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
     rows = [
         (
             m["epoch"],
-            fmt(m["train_loss"]),
-            fmt(m["val_loss"]),
-            fmt(m["top1"]),
-            fmt(m["top5"]),
+            num(m["train_loss"]),
+            num(m["val_loss"]),
+            num(m["top1"]),
+            num(m["top5"]),
             f"{m['seconds']:.1f}",
             "*" if m["best"] else "",
         )
         for m in metrics
     ]
-    return table(rows, ("epoch", "train loss", "val loss", "top1", "top5", "seconds", "best"))
+    return table(
+        rows, ("epoch", "train loss", "val loss", "top1", "top5", "seconds", "best"), fmt=fmt
+    )

@@ -114,10 +114,7 @@ class Refusal:
         ``Error:`` on stderr says the rest)."""
         if self.report is None:
             return ""
-        try:
-            return str(self.report.table(fmt=fmt))  # type: ignore[call-arg]
-        except TypeError:  # a report whose table takes no format
-            return str(self.report.table())
+        return self.report.table(fmt=fmt)
 
     def error_line(self) -> str:
         """The one line for stderr, without the ``Error:`` prefix."""

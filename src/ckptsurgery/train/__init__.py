@@ -58,11 +58,12 @@ def train(
     *,
     log: Callable[[str], None] | None = None,
     show: Callable[[str], None] | None = None,
+    fmt: str = "simple",
 ) -> TrainResult:
     """Run ``config``; see :func:`ckptsurgery.train.loop.train`."""
     from ckptsurgery.train.loop import train as run
 
-    return run(config, log=log, show=show)
+    return run(config, log=log, show=show, fmt=fmt)
 
 
 def evaluate(

@@ -126,7 +126,7 @@ def evaluate(
     """
     import torch
 
-    from ckptsurgery.match import load_into
+    from ckptsurgery.loading import load_into
     from ckptsurgery.models import build_model
     from ckptsurgery.surgery import load_state_dict
     from ckptsurgery.train.data import (

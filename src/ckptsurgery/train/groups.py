@@ -247,8 +247,8 @@ def group_rows(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     ]
 
 
-def group_table(optimizer: torch.optim.Optimizer) -> str:
-    from ckptsurgery.tables import table
+def group_table(optimizer: torch.optim.Optimizer, *, fmt: str = "simple") -> str:
+    from ckptsurgery.render.tables import table
 
     rows = group_rows(optimizer)
     cells = [
@@ -263,4 +263,4 @@ def group_table(optimizer: torch.optim.Optimizer) -> str:
     ]
     total = sum(r["parameters"] for r in rows)
     cells.append(("total", f"{sum(r['tensors'] for r in rows):,}", f"{total:,}", "", ""))
-    return table(cells, ("group", "tensors", "parameters", "lr", "weight decay"))
+    return table(cells, ("group", "tensors", "parameters", "lr", "weight decay"), fmt=fmt)

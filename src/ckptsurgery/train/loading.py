@@ -13,7 +13,7 @@ replaced. The gate is ``remap --model``'s, with the head allowed:
 - a head that fits the new one (same class count) is loaded.
 
 Only then is the plan executed, into memory (:func:`~ckptsurgery.plan.execute.materialize`),
-and :func:`~ckptsurgery.match.load_into` loads the result and checks that it landed. A dry
+and :func:`~ckptsurgery.loading.load_into` loads the result and checks that it landed. A dry
 run reads no tensor data.
 """
 
@@ -112,7 +112,7 @@ def load_weights(
     not fit. With ``dry_run`` the report is made and nothing is read or loaded.
     """
     from ckptsurgery.io import open_checkpoint
-    from ckptsurgery.match import load_into
+    from ckptsurgery.loading import load_into
     from ckptsurgery.plan.build import build_plan
     from ckptsurgery.plan.execute import materialize
 

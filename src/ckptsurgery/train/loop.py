@@ -55,12 +55,18 @@ class TrainResult:
         return next((m for m in self.metrics if m["epoch"] == self.best_epoch), None)
 
 
-def train(config: TrainConfig, *, log: Log | None = None, show: Log | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    log: Log | None = None,
+    show: Log | None = None,
+    fmt: str = "simple",
+) -> TrainResult:
     """Fine-tune as ``config`` says and write OUTDIR; see the module docstring.
 
     ``log`` receives notes and progress (default: stderr), ``show`` the tables (default:
-    stdout); under torchrun only rank 0 prints. With ``config.dry_run`` it stops after the
-    loading report and the group table.
+    stdout) in the tabulate format ``fmt``; under torchrun only rank 0 prints. With
+    ``config.dry_run`` it stops after the loading report and the group table.
     """
     from ckptsurgery.train import distributed, outputs
     from ckptsurgery.train.groups import group_rows
@@ -74,7 +80,7 @@ def train(config: TrainConfig, *, log: Log | None = None, show: Log | None = Non
         outputs.prepare_outdir(
             config.out, resume=config.resume, force=config.force, check_only=True
         )
-    s = prepare(config, log=log, show=show, dist=dist)
+    s = prepare(config, log=log, show=show, dist=dist, fmt=fmt)
     report = s.loaded.report if s.loaded is not None else None
     result = TrainResult(None, s.head, s.splits.classes, group_rows(s.optimizer), report)
     result.world_size, result.rank = dist.world, dist.rank

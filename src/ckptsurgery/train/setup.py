@@ -43,11 +43,18 @@ class Setup:
     device: torch.device
 
 
-def prepare(config: TrainConfig, *, log: Log, show: Log, dist: Dist | None = None) -> Setup:
+def prepare(
+    config: TrainConfig,
+    *,
+    log: Log,
+    show: Log,
+    dist: Dist | None = None,
+    fmt: str = "simple",
+) -> Setup:
     """Build the model, replace its head, load the weights, build and check the groups.
 
-    Prints the head found and the loading report (``log``), and the group table (``show``).
-    Nothing is written. Under torchrun (``dist``) a CUDA device is the process's own GPU.
+    Prints the head found and the loading report (``log``), and the group table (``show``, in
+    the table format ``fmt``). Nothing is written. Under torchrun (``dist``) a CUDA device is the process's own GPU.
     """
     import torch
 
@@ -108,7 +115,7 @@ def prepare(config: TrainConfig, *, log: Log, show: Log, dist: Dist | None = Non
             log(f"using the state dict at '{loaded.source_key}' (other entries: {others})")
         for rule in loaded.keys.unused_rules:
             log(f"note: {rule} matched no key")
-        show(loaded.report.table())
+        show(loaded.report.table(fmt=fmt))
         for key in loaded.dropped_head:
             log(f"dropped {key} from the checkpoint: its shape is the old head's")
         if loaded.loaded_head:
@@ -121,7 +128,7 @@ def prepare(config: TrainConfig, *, log: Log, show: Log, dist: Dist | None = Non
     model.to(device)
     optimizer = build_optimizer(model, plan_groups(model, head, config), config)
     check_groups(optimizer, model, head, config.mode)
-    show(group_table(optimizer))
+    show(group_table(optimizer, fmt=fmt))
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         log(
