@@ -13,7 +13,7 @@ them into a single ``Error: ...`` line and exit code 2; library users catch the 
     ├── StateDictSelectionError     no, several, or the wrong nested state dict (--key)
     ├── RuleError                   a malformed rule or rules file
     │   ├── KeyCollisionError       two keys renamed to the same name
-    │   └── RecipeError             a malformed recipe, every problem listed (ckptsurgery.recipe)
+    │   └── RecipeError             a malformed recipe, every problem listed (ckptsurgery.recipe.model)
     ├── MergeError                  sources that cannot be merged or averaged (ckptsurgery.merge)
     │   └── MergeConflictError      a key in several sources under on_conflict="error"
     ├── OutputError                 the output cannot be written (exists, is an input, ...)
