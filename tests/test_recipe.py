@@ -453,9 +453,12 @@ def test_recipe_toml_paths_relative_to_the_recipe(
     assert recipe.sources[0].path.resolve() == (tmp_path / "ckpts" / "a.safetensors").resolve()
 
 
-def test_recipe_toml_refuses_none_model_args() -> None:
-    with pytest.raises(RecipeError, match="weights=None cannot be written in TOML"):
-        recipe_toml([("a.pt", None, cs.Rules())], Target("m:f", {"weights": None}), "o.pt")
+@pytest.mark.parametrize("value", [None, object(), [1, None], {"a": None}])
+def test_recipe_toml_refuses_model_args_toml_cannot_hold(value: object) -> None:
+    with pytest.raises(
+        RecipeError, match=r"model argument w=.* cannot be written in TOML \(no None"
+    ):
+        recipe_toml([("a.pt", None, cs.Rules())], Target("m:f", {"w": value}), "o.pt")
 
 
 @given(st.lists(st.text(min_size=1), min_size=1, max_size=4), st.text())

@@ -4,6 +4,7 @@ that phrase them."""
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ckptsurgery.recipe.model import RecipeError
-from ckptsurgery.recipe.write import _toml_value, _tomlable
 
 
 class Problems:
@@ -67,6 +67,10 @@ def resolve(base: Path, path: str) -> Path:
 
 
 def show(value: Any) -> str:
+    """What a wrong value is, and the value on one line: ``an array ([1])``.
+
+    The value is spelled as JSON, which TOML's strings, numbers, booleans and arrays share.
+    """
     kind = {
         bool: "a boolean",
         int: "an integer",
@@ -75,5 +79,8 @@ def show(value: Any) -> str:
         list: "an array",
         dict: "a table",
     }.get(type(value), type(value).__name__)
-    text = _toml_value(value) if _tomlable(value) else repr(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # a date or time
+        text = str(value)
     return f"{kind} ({text})"

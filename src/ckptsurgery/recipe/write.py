@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,85 +33,46 @@ def recipe_toml(
         return os.path.relpath(os.path.abspath(p), os.path.abspath(recipe_dir))
 
     first = os.path.basename(str(sources[0][0])) if sources else "SRC"
-    lines = [f"# ckptsurgery apply RECIPE.toml   (made for {first})", ""]
+    chunks = [f"# ckptsurgery apply RECIPE.toml   (made for {first})\n"]
     for path, key, rules in sources:
-        lines.append("[[source]]")
-        lines.append(f"path = {_toml_value(where(path))}")
+        source: dict[str, Any] = {"path": where(path)}
         if key:
-            lines.append(f"key = {_toml_value(key)}")
-        for name, value in rules.to_dict().items():
-            lines.append(f"{name} = {_toml_value(value)}")
-        lines.append("")
+            source["key"] = key
+        source.update(rules.to_dict())
+        # Each source on its own: tomli-w would write short ones as one inline array.
+        chunks.append("[[source]]\n" + _dumps(source))
+    tables: dict[str, Any] = {}
     if on_conflict != "error":
-        lines += ["[merge]", f"on_conflict = {_toml_value(on_conflict)}", ""]
+        tables["merge"] = {"on_conflict": on_conflict}
     if target is not None:
-        lines.append("[target]")
-        lines.append(f"model = {_toml_value(target.model)}")
-        if target.model_args:
-            for k, v in target.model_args.items():
-                if not _tomlable(v):
-                    raise RecipeError(
-                        f"model argument {k}={v!r} cannot be written in TOML (no None, no "
-                        "objects); leave it out or set it in the recipe by hand"
-                    )
-            lines.append(f"model_args = {_toml_value(dict(target.model_args))}")
-        lines.append(f"allow_missing = {_toml_value(list(target.allow_missing))}")
-        lines.append(f"allow_unexpected = {_toml_value(list(target.allow_unexpected))}")
-        lines.append(f"drop_mismatched = {_toml_value(target.drop_mismatched)}")
-        lines.append("")
-    lines += ["[output]", f"path = {_toml_value(where(output))}", ""]
-    return "\n".join(lines)
+        tables["target"] = _target_table(target)
+    tables["output"] = {"path": where(output)}
+    chunks.append(_dumps(tables))
+    return "\n".join(chunks)
 
 
-def _tomlable(value: Any) -> bool:
-    if isinstance(value, bool | int | str):
-        return True
-    if isinstance(value, float):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_tomlable(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _tomlable(v) for k, v in value.items())
-    return False
+def _target_table(target: Target) -> dict[str, Any]:
+    table: dict[str, Any] = {"model": target.model}
+    if target.model_args:
+        for k, v in target.model_args.items():
+            try:
+                _dumps({k: v})
+            except RecipeError:
+                raise RecipeError(
+                    f"model argument {k}={v!r} cannot be written in TOML (no None, no "
+                    "objects); leave it out or set it in the recipe by hand"
+                ) from None
+        table["model_args"] = dict(target.model_args)
+    table["allow_missing"] = list(target.allow_missing)
+    table["allow_unexpected"] = list(target.allow_unexpected)
+    table["drop_mismatched"] = target.drop_mismatched
+    return table
 
 
-def _toml_value(value: Any) -> str:
-    """``value`` as a TOML value (inline tables and arrays); see :func:`_tomlable`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+def _dumps(table: Mapping[str, Any]) -> str:
+    import tomli_w
 
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    try:
+        return tomli_w.dumps(table)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"the recipe cannot be written in TOML: {e}") from None
