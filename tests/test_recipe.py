@@ -344,6 +344,16 @@ GOOD_OUTPUT = '[output]\npath = "out.safetensors"\n'
             GOOD_SOURCE + "[output]\npath = 'o'\nformat = 'torch'\nmax_shard_size = 5\n",
             ["line 6", "[output] max_shard_size: writes safetensors shards", 'format = "torch"'],
         ),
+        (  # an array's elements on lines of their own are not taken for table headers
+            GOOD_SOURCE
+            + 'replace = [\n  ["bn", "norm"],\n  ["x", "y"]\n]\nadd_prefix = 1\n'
+            + GOOD_OUTPUT,
+            ["line 7", "[[source]] #1 add_prefix: must be a string"],
+        ),
+        (  # a sub-table's header is its field's line (recipe_toml writes model_args so)
+            GOOD_SOURCE + GOOD_OUTPUT + "[target]\nmodel = 'm:f'\n[target.model_args]\n'a b' = 1\n",
+            ["line 7", "[target] model_args: 'a b' is not a Python argument name"],
+        ),
         (GOOD_SOURCE + "[output\n", ["not valid TOML", "line 3"]),
     ],
 )

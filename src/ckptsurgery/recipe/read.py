@@ -90,9 +90,19 @@ class _Checker(Problems):
         )
 
 
-_TABLE_HEADER = re.compile(r"^\[\s*([^\[\]]+?)\s*\]")
-_ARRAY_HEADER = re.compile(r"^\[\[\s*([^\[\]]+?)\s*\]\]")
-_KEY = re.compile(r"""^("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+# A key is bare, "basic" (with escapes) or 'literal'; a header holds a dotted path of keys and
+# nothing after it but a comment, so an array's element on its own line (["bn", "norm"],) is
+# not taken for one.
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_KEY_PATH = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_ARRAY_HEADER = re.compile(rf"^\[\[\s*({_KEY_PATH})\s*\]\]\s*(?:#.*)?$")
+_TABLE_HEADER = re.compile(rf"^\[\s*({_KEY_PATH})\s*\]\s*(?:#.*)?$")
+_KEY = re.compile(rf"^({_KEY_PART})\s*=")
+
+
+def _key_path(text: str) -> list[str]:
+    """The keys of a dotted header, unquoted (escapes left as written: a lookup key only)."""
+    return [k[1:-1] if k[0] in "\"'" else k for k in re.findall(_KEY_PART, text)]
 
 
 def _field_lines(text: str) -> dict[tuple[str, int | None, str], int]:
@@ -100,6 +110,7 @@ def _field_lines(text: str) -> dict[tuple[str, int | None, str], int]:
 
     tomllib gives no positions for values, so the lines are found by reading the text: good
     for the plain layout recipes use; a field it cannot place is reported without a line.
+    A sub-table's header (``[target.model_args]``) is the line of that field of its table.
     """
     lines: dict[tuple[str, int | None, str], int] = {}
     counts: dict[str, int] = {}
@@ -107,16 +118,19 @@ def _field_lines(text: str) -> dict[tuple[str, int | None, str], int]:
     for number, raw in enumerate(text.splitlines(), 1):
         s = raw.strip()
         if m := _ARRAY_HEADER.match(s):
-            table = m[1].strip("\"'")
+            table = ".".join(_key_path(m[1]))
             counts[table] = counts.get(table, -1) + 1
             index = counts[table]
             lines.setdefault((table, index, ""), number)
             lines.setdefault((table, None, ""), number)
         elif m := _TABLE_HEADER.match(s):
-            table, index = m[1].strip("\"'"), None
+            path = _key_path(m[1])
+            table, index = ".".join(path), None
             lines.setdefault((table, None, ""), number)
+            if len(path) > 1:
+                lines.setdefault((path[0], None, path[1]), number)
         elif m := _KEY.match(s):
-            key = m[1].strip("\"'")
+            key = _key_path(m[1])[0]
             if table:
                 lines.setdefault((table, index, key), number)
             else:  # a top-level key: it is its own "table" in messages
