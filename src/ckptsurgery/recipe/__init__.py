@@ -30,14 +30,21 @@
     format = "safetensors"        # optional; else from the extension
     # max_shard_size = "5GB"      # optional: path is then a folder of safetensors shards
                                   # and model.safetensors.index.json
+    # dtype = "bfloat16"          # optional: float32 | float16 | bfloat16
+    # keep_dtype = ["*.running_*"]  # optional, only with dtype: tensors that keep their dtype
 
 A recipe is checked whole before any checkpoint is read: every malformed field gets its own
 message, naming the field, its line and the allowed values, and they are reported together.
 Trust (``--allow-global``, ``--unsafe-pickle``) is never read from a recipe, only given on the
 command line: a recipe is a file people share.
 
+``dtype`` and ``keep_dtype`` are read and checked, and kept on :class:`Recipe`;
+:func:`apply_recipe` does not cast yet.
+
 The package's modules: :mod:`.model` (the parsed recipe), :mod:`.read` (TOML to a checked
-:class:`Recipe`), :mod:`.run` (:func:`apply_recipe`) and :mod:`.write` (:func:`recipe_toml`).
+:class:`Recipe`; :mod:`.check_in` checks ``[[source]]`` and ``[merge]``, :mod:`.check_out`
+``[target]`` and ``[output]``, and :mod:`.problems` collects what they find), :mod:`.run`
+(:func:`apply_recipe`) and :mod:`.write` (:func:`recipe_toml`).
 The names below are imported on first use, so ``import ckptsurgery.recipe`` costs nothing.
 """
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckptsurgery.errors import CheckpointError
-from ckptsurgery.recipe.model import FORMATS, OUTPUT_FIELDS, TARGET_FIELDS, Target
+from ckptsurgery.recipe.model import DTYPES, FORMATS, OUTPUT_FIELDS, TARGET_FIELDS, Target
 from ckptsurgery.recipe.problems import Problems, resolve, show
 
 
@@ -72,13 +73,23 @@ def check_target(c: Problems, value: Any) -> Target | None:
     )
 
 
-def check_output(c: Problems, value: Any, base: Path) -> tuple[Path | None, str | None, int | None]:
+class Output(NamedTuple):
+    """A checked ``[output]``: the :class:`~ckptsurgery.recipe.Recipe` fields it gives."""
+
+    output: Path
+    format: str | None
+    max_shard_size: int | None
+    dtype: str | None
+    keep_dtype: tuple[str, ...]
+
+
+def check_output(c: Problems, value: Any, base: Path) -> Output | None:
     if value is None:
         c.problem("output", None, "", 'missing: add [output] with path = "OUT.safetensors"')
-        return None, None, None
+        return None
     if not isinstance(value, dict):
         c.problem("output", None, "", "must be a table: [output] on a line of its own")
-        return None, None, None
+        return None
     bad = len(c.problems)
     c.unknown("output", None, value, OUTPUT_FIELDS)
     fmt = value.get("format")
@@ -91,6 +102,7 @@ def check_output(c: Problems, value: Any, base: Path) -> tuple[Path | None, str 
         )
         fmt = None
     max_shard_size = _shard_size(c, value.get("max_shard_size"), fmt)
+    dtype, keep_dtype = _dtype(c, value)
     path = value.get("path")
     if path is None:
         c.problem(
@@ -115,8 +127,8 @@ def check_output(c: Problems, value: Any, base: Path) -> tuple[Path | None, str 
                 'name, or add format = "safetensors" or "torch"',
             )
     if len(c.problems) > bad or not isinstance(path, str):
-        return None, None, None
-    return resolve(base, path), fmt, max_shard_size
+        return None
+    return Output(resolve(base, path), fmt, max_shard_size, dtype, keep_dtype)
 
 
 def _shard_size(c: Problems, value: Any, fmt: str | None) -> int | None:
@@ -140,3 +152,26 @@ def _shard_size(c: Problems, value: Any, fmt: str | None) -> int | None:
         c.problem("output", None, "max_shard_size", message)
         return None
     return size
+
+
+def _dtype(c: Problems, value: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """``[output] dtype``, the dtype to write the tensors in, and ``keep_dtype``, the globs of
+    the tensors that keep their own (only with dtype)."""
+    allowed = ", ".join(map(repr, DTYPES))
+    dtype = value.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        c.problem("output", None, "dtype", f"{show(dtype)} is not allowed; use one of {allowed}")
+        dtype = None
+    raw = value.get("keep_dtype")
+    if raw is None:
+        return dtype, ()
+    globs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+        message = f'must be a list of globs such as ["*.running_*"], got {show(raw)}'
+        c.problem("output", None, "keep_dtype", message)
+        return dtype, ()
+    if "dtype" not in value:
+        message = f"applies only with dtype (one of {allowed}); add dtype or remove keep_dtype"
+        c.problem("output", None, "keep_dtype", message)
+        return None, ()
+    return dtype, tuple(globs)

@@ -17,8 +17,9 @@ TABLES = ("source", "merge", "target", "output")
 SOURCE_FIELDS = ("path", "key", *RULE_FIELDS)
 MERGE_FIELDS = ("on_conflict", "average", "weights")
 TARGET_FIELDS = ("model", "model_args", "allow_missing", "allow_unexpected", "drop_mismatched")
-OUTPUT_FIELDS = ("path", "format", "max_shard_size")
+OUTPUT_FIELDS = ("path", "format", "max_shard_size", "dtype", "keep_dtype")
 FORMATS = ("safetensors", "torch")
+DTYPES = ("float32", "float16", "bfloat16")  # [output] dtype
 
 
 class RecipeError(RuleError):
@@ -63,6 +64,8 @@ class Recipe:
     target: Target | None = None
     sha256: str = ""  # of the recipe file's bytes
     max_shard_size: int | None = None  # bytes; the output is then a folder of shards
+    dtype: str | None = None  # one of DTYPES: the dtype to write the tensors in
+    keep_dtype: tuple[str, ...] = ()  # globs of the tensors that keep their dtype
 
 
 @dataclass(frozen=True)

@@ -73,20 +73,22 @@ class _Checker(Problems):
         n_sources = len(raw_sources) if isinstance(raw_sources, list) else None
         merge = check_merge(self, data.get("merge"), n_sources)
         target = check_target(self, data.get("target"))
-        output, fmt, max_shard_size = check_output(self, data.get("output"), base)
-        if self.problems or sources is None or output is None or merge is None:
+        out = check_output(self, data.get("output"), base)
+        if self.problems or sources is None or out is None or merge is None:
             return None
         on_conflict, average, weights = merge
         return Recipe(
             path=Path(self.name),
             sources=tuple(sources),
-            output=output,
-            format=fmt,
+            output=out.output,
+            format=out.format,
             on_conflict=on_conflict,
             average=average,
             weights=weights,
             target=target,
-            max_shard_size=max_shard_size,
+            max_shard_size=out.max_shard_size,
+            dtype=out.dtype,
+            keep_dtype=out.keep_dtype,
         )
 
 
