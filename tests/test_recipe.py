@@ -384,6 +384,10 @@ DTYPE_NAMES = "one of 'float32', 'float16', 'bfloat16'"
             GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtyp = 'float16'\n",
             ["line 5", "[output] dtyp: unknown field (did you mean 'dtype'?)", "dtype, keep_dtype"],
         ),
+        (  # lines are TOML's: split at "\n" only, not at a line separator in a string
+            GOOD_SOURCE + 'key = "a\u2028b"\nkeep = 3\n' + GOOD_OUTPUT,
+            ["line 4", "[[source]] #1 keep: must be a list of strings"],
+        ),
         (GOOD_SOURCE + "[output\n", ["not valid TOML", "line 3"]),
     ],
 )

@@ -117,7 +117,7 @@ def _field_lines(text: str) -> dict[tuple[str, int | None, str], int]:
     lines: dict[tuple[str, int | None, str], int] = {}
     counts: dict[str, int] = {}
     table, index = "", None
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):
         s = raw.strip()
         if m := _ARRAY_HEADER.match(s):
             table = ".".join(_key_path(m[1]))
