@@ -154,6 +154,25 @@ def test_inspect_imports_only_what_it_needs(tmp_path: Path) -> None:
     )
 
 
+def test_recipes_read_and_write_without_torch(tmp_path: Path) -> None:
+    """``ckptsurgery.recipe`` imports its names on first use; reading and writing a recipe
+    needs no torch (running one does)."""
+    write_safetensors(tmp_path / "m.safetensors")
+    run_without_torch(
+        """
+        import ckptsurgery.recipe
+        assert "ckptsurgery.recipe.read" not in sys.modules, sorted(sys.modules)
+        from ckptsurgery import Rules
+        from ckptsurgery.recipe import Target, parse_recipe, recipe_toml
+
+        rules = Rules(strip_prefix=["module."])
+        text = recipe_toml([("m.safetensors", None, rules)], Target("m:f"), "out.safetensors")
+        assert parse_recipe(text).sources[0].rules == rules
+        """,
+        tmp_path,
+    )
+
+
 def test_help_does_not_import_torch_or_tabulate(tmp_path: Path) -> None:
     proc = run_without_torch(
         """

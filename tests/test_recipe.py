@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+import tempfile
 import textwrap
 import tomllib
 from collections.abc import Iterator
@@ -12,12 +14,15 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import ckptsurgery as cs
+from ckptsurgery.io import parse_size
+from ckptsurgery.merge import ON_CONFLICT
 from ckptsurgery.recipe import RecipeError, Target, parse_recipe, recipe_toml
+from ckptsurgery.recipe.model import DTYPES
 
 NETS = """
 from torch import nn
@@ -206,6 +211,7 @@ def test_recipe_key_default_from_the_caller(tmp_path: Path) -> None:
 
 GOOD_SOURCE = '[[source]]\npath = "a.safetensors"\n'
 GOOD_OUTPUT = '[output]\npath = "out.safetensors"\n'
+DTYPE_NAMES = "one of 'float32', 'float16', 'bfloat16'"
 
 
 @pytest.mark.parametrize(
@@ -344,6 +350,44 @@ GOOD_OUTPUT = '[output]\npath = "out.safetensors"\n'
             GOOD_SOURCE + "[output]\npath = 'o'\nformat = 'torch'\nmax_shard_size = 5\n",
             ["line 6", "[output] max_shard_size: writes safetensors shards", 'format = "torch"'],
         ),
+        (  # an array's elements on lines of their own are not taken for table headers
+            GOOD_SOURCE
+            + 'replace = [\n  ["bn", "norm"],\n  ["x", "y"]\n]\nadd_prefix = 1\n'
+            + GOOD_OUTPUT,
+            ["line 7", "[[source]] #1 add_prefix: must be a string"],
+        ),
+        (  # a sub-table's header is its field's line (recipe_toml writes model_args so)
+            GOOD_SOURCE + GOOD_OUTPUT + "[target]\nmodel = 'm:f'\n[target.model_args]\n'a b' = 1\n",
+            ["line 7", "[target] model_args: 'a b' is not a Python argument name"],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtype = 'fp16'\n",
+            ["line 5", '[output] dtype: a string ("fp16") is not allowed', DTYPE_NAMES],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtype = 16\n",
+            ["line 5", "[output] dtype: an integer (16) is not allowed", DTYPE_NAMES],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtype = 'float16'\nkeep_dtype = [1]\n",
+            ["line 6", "[output] keep_dtype: must be a list of globs", "an array ([1])"],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtype = 'float16'\nkeep_dtype = ['']\n",
+            ["line 6", "[output] keep_dtype: must be a list of globs", 'an array ([""])'],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\nkeep_dtype = ['*.running_*']\n",
+            ["line 5", "[output] keep_dtype: applies only with dtype", DTYPE_NAMES],
+        ),
+        (
+            GOOD_SOURCE + "[output]\npath = 'o.pt'\ndtyp = 'float16'\n",
+            ["line 5", "[output] dtyp: unknown field (did you mean 'dtype'?)", "dtype, keep_dtype"],
+        ),
+        (  # lines are TOML's: split at "\n" only, not at a line separator in a string
+            GOOD_SOURCE + 'key = "a\u2028b"\nkeep = 3\n' + GOOD_OUTPUT,
+            ["line 4", "[[source]] #1 keep: must be a list of strings"],
+        ),
         (GOOD_SOURCE + "[output\n", ["not valid TOML", "line 3"]),
     ],
 )
@@ -394,6 +438,33 @@ def test_trust_is_not_read_from_a_recipe(tmp_path: Path) -> None:
     text = GOOD_SOURCE + "unsafe_pickle = true\n" + GOOD_OUTPUT
     with pytest.raises(RecipeError, match="unsafe_pickle: unknown field"):
         cs.load_recipe(write(tmp_path / "r.toml", text))
+
+
+def test_recipe_output_dtype(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
+    text = GOOD_SOURCE + GOOD_OUTPUT
+    recipe = parse_recipe(text, base=tmp_path)
+    assert recipe.dtype is None and recipe.keep_dtype == ()
+    for dtype in ("float32", "float16", "bfloat16"):
+        recipe = parse_recipe(text + f'dtype = "{dtype}"\n', base=tmp_path)
+        assert recipe.dtype == dtype and recipe.keep_dtype == ()
+    keep = 'keep_dtype = ["*.running_*", "*.num_batches_tracked"]\n'
+    recipe = parse_recipe(text + 'dtype = "bfloat16"\n' + keep, base=tmp_path)
+    assert recipe.dtype == "bfloat16"
+    assert recipe.keep_dtype == ("*.running_*", "*.num_batches_tracked")
+    # one glob as a string, as allow_missing takes it
+    recipe = parse_recipe(text + 'keep_dtype = "*.running_*"\ndtype = "float16"\n', base=tmp_path)
+    assert recipe.keep_dtype == ("*.running_*",)
+
+
+def test_recipe_bad_dtype_is_one_problem_even_with_keep_dtype(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
+    text = GOOD_SOURCE + GOOD_OUTPUT + "dtype = 'int8'\nkeep_dtype = ['*.running_*']\n"
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, base=tmp_path, name="r.toml")
+    assert e.value.problems == (
+        'line 5: [output] dtype: a string ("int8") is not allowed; use ' + DTYPE_NAMES,
+    )
 
 
 # --- writing recipes ------------------------------------------------------------------------
@@ -453,9 +524,12 @@ def test_recipe_toml_paths_relative_to_the_recipe(
     assert recipe.sources[0].path.resolve() == (tmp_path / "ckpts" / "a.safetensors").resolve()
 
 
-def test_recipe_toml_refuses_none_model_args() -> None:
-    with pytest.raises(RecipeError, match="weights=None cannot be written in TOML"):
-        recipe_toml([("a.pt", None, cs.Rules())], Target("m:f", {"weights": None}), "o.pt")
+@pytest.mark.parametrize("value", [None, object(), [1, None], {"a": None}])
+def test_recipe_toml_refuses_model_args_toml_cannot_hold(value: object) -> None:
+    with pytest.raises(
+        RecipeError, match=r"model argument w=.* cannot be written in TOML \(no None"
+    ):
+        recipe_toml([("a.pt", None, cs.Rules())], Target("m:f", {"w": value}), "o.pt")
 
 
 @given(st.lists(st.text(min_size=1), min_size=1, max_size=4), st.text())
@@ -466,3 +540,95 @@ def test_recipe_toml_strings_round_trip(globs: list[str], prefix: str) -> None:
     assert data["source"][0]["keep"] == globs
     assert data["source"][0].get("add_prefix", "") == prefix
     assert json.loads(json.dumps(data))  # plain data
+
+
+# Text that TOML must quote or escape: quotes, backslashes, control characters, newlines,
+# TOML's own punctuation and characters beyond ASCII (and neither "/" nor NUL: these are also
+# file names).
+TRICKY = st.text(st.sampled_from(list("aZ09 _-.*#=[]{}\"'\\\n\r\t\x01\x7fé☃🙂\u2028")), max_size=8)
+GLOBS = st.lists(TRICKY.map(lambda t: "g" + t), max_size=3)
+ARG_VALUES = st.recursive(
+    st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | TRICKY,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def recipe_args(draw: st.DrawFn) -> dict[str, Any]:
+    """recipe_toml's arguments, every one of them, with values parse_recipe accepts."""
+    names = draw(st.lists(TRICKY.map(lambda t: "src" + t), min_size=1, max_size=3, unique=True))
+    sources = []
+    for name in names:
+        rules = cs.Rules(
+            keep=draw(GLOBS),
+            drop=draw(GLOBS),
+            strip_prefix=draw(GLOBS),
+            replace=draw(st.lists(st.tuples(TRICKY.map(lambda t: "r" + t), TRICKY), max_size=2)),
+            regex=[(re.escape(p), "x" + p.replace("\\", "")) for p in draw(GLOBS)],
+            add_prefix=draw(TRICKY),
+        )
+        sources.append((name, draw(st.none() | TRICKY.map(lambda t: "k" + t)), rules))
+    average = len(sources) > 1 and draw(st.booleans())
+    weights = (
+        draw(st.lists(st.floats(1e-6, 1e6), min_size=len(sources), max_size=len(sources)))
+        if average and draw(st.booleans())
+        else []
+    )
+    target = draw(
+        st.none()
+        | st.builds(
+            Target,
+            model=TRICKY.map(lambda t: "m" + t),
+            model_args=st.dictionaries(st.sampled_from(["num_classes", "é", "_x"]), ARG_VALUES),
+            allow_missing=GLOBS.map(tuple),
+            allow_unexpected=GLOBS.map(tuple),
+            drop_mismatched=st.booleans(),
+        )
+    )
+    fmt = draw(st.sampled_from([None, "safetensors", "torch"]))
+    shard = st.integers(1, 10**13) | st.sampled_from(["5GB", "500MB", "2GiB", "1048576"])
+    dtype = draw(st.none() | st.sampled_from(DTYPES))
+    return {
+        "sources": sources,
+        "target": target,
+        "output": "out" + draw(TRICKY) + ".safetensors",
+        "on_conflict": "error" if average else draw(st.sampled_from(ON_CONFLICT)),
+        "average": average,
+        "weights": weights,
+        "format": fmt,
+        "max_shard_size": None if fmt == "torch" else draw(st.none() | shard),
+        "dtype": dtype,
+        "keep_dtype": draw(GLOBS) if dtype else [],
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(recipe_args())
+def test_recipe_toml_round_trips_every_argument(args: dict[str, Any]) -> None:
+    text = recipe_toml(**args)
+    assert text.startswith("# ckptsurgery apply RECIPE.toml   (made for src")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        for name, _, _ in args["sources"]:
+            (base / name).touch()  # a source must exist; it is not read
+        recipe = parse_recipe(text, base=base)
+    assert [(s.path, s.key, s.rules) for s in recipe.sources] == [
+        (base / name, key, rules) for name, key, rules in args["sources"]
+    ]
+    assert recipe.on_conflict == args["on_conflict"]
+    assert recipe.average == args["average"]
+    assert recipe.weights == tuple(args["weights"])
+    assert recipe.target == args["target"]
+    assert recipe.output == base / args["output"]
+    assert recipe.format == args["format"]
+    size = args["max_shard_size"]
+    assert recipe.max_shard_size == (None if size is None else parse_size(size))
+    assert recipe.dtype == args["dtype"]
+    assert recipe.keep_dtype == tuple(args["keep_dtype"])
+    # and only what differs from the defaults is written
+    data = tomllib.loads(text)
+    assert ("merge" in data) == (args["on_conflict"] != "error" or args["average"])
+    assert set(data["output"]) == {"path"} | {
+        k for k in ("format", "max_shard_size", "dtype") if args[k] is not None
+    } | ({"keep_dtype"} if args["keep_dtype"] else set())

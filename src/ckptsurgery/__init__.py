@@ -46,7 +46,9 @@ if TYPE_CHECKING:
         merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
-    from ckptsurgery.recipe import Recipe, RecipeError, apply_recipe, load_recipe
+    from ckptsurgery.recipe.model import Recipe, RecipeError
+    from ckptsurgery.recipe.read import load_recipe
+    from ckptsurgery.recipe.run import apply_recipe
     from ckptsurgery.rules import KeyPlan, Rules
     from ckptsurgery.suggest import Suggestion, suggest
     from ckptsurgery.surgery import (
@@ -99,7 +101,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["BuiltModel", "ModelSpecError", "build_model", "parse_model_args"], "ckptsurgery.models"
     ),
-    **dict.fromkeys(["Recipe", "RecipeError", "apply_recipe", "load_recipe"], "ckptsurgery.recipe"),
+    **dict.fromkeys(["Recipe", "RecipeError"], "ckptsurgery.recipe.model"),
+    "load_recipe": "ckptsurgery.recipe.read",
+    "apply_recipe": "ckptsurgery.recipe.run",
     **dict.fromkeys(["KeyPlan", "Rules"], "ckptsurgery.rules"),
     **dict.fromkeys(["Suggestion", "suggest"], "ckptsurgery.suggest"),
     **dict.fromkeys(

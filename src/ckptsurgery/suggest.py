@@ -115,13 +115,9 @@ def rule_args(rules: Rules) -> list[str]:
 
 def rules_toml(rules: Rules) -> str:
     """The rules as a TOML block (the keys of a rules file or a recipe's ``[[source]]``)."""
-    import json
+    import tomli_w
 
-    lines = []
-    for name, value in rules.to_dict().items():
-        # JSON strings and arrays of strings are valid TOML values.
-        lines.append(f"{name} = {json.dumps(value)}")
-    return "\n".join(lines)
+    return tomli_w.dumps(rules.to_dict()).rstrip("\n")
 
 
 def suggest(

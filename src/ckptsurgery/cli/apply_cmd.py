@@ -84,8 +84,8 @@ def apply_cmd(
             unsafe_pickle=unsafe_pickle,
             verify=not no_verify,
             max_shard_size=max_shard_size,
+            progress=on_progress,
         )
-        del on_progress  # recipes report no progress yet
     if done.model_note:
         note(f"note: {done.model_note}")
     render(
