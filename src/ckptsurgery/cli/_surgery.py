@@ -11,10 +11,10 @@ import click
 
 from ckptsurgery.cli._common import F, echo_json, note
 from ckptsurgery.keygroups import group_keys
+from ckptsurgery.render.plan import plan_summary, plan_table
 
 if TYPE_CHECKING:
     from ckptsurgery.plan.gate import Gate
-    from ckptsurgery.plan.model import Entry, Plan
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.rules import Rules
 
@@ -124,46 +124,6 @@ def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
 
 
 # --- rendering --------------------------------------------------------------------------------
-
-
-def plan_table(plan: Plan, *, fmt: str = "simple") -> str:
-    """One row per output tensor: where it comes from, the operation, and what it will be."""
-    from ckptsurgery.render.tables import human_bytes, shape_str, table
-
-    rows = []
-    for e in plan.entries:
-        src = _from(plan, e)
-        arrow = "==" if src == e.name else "->"
-        size = f"tied to {plan.ties[e.name]}" if e.name in plan.ties else human_bytes(e.info.nbytes)
-        rows.append(
-            (src, arrow, e.name, e.op.describe(), shape_str(e.info.shape), e.info.dtype, size)
-        )
-    return table(rows, ("key", "", "new key", "op", "shape", "dtype", "bytes"), fmt=fmt)
-
-
-def _from(plan: Plan, e: Entry) -> str:
-    refs = e.inputs
-    if len(plan.sources) == 1:
-        return refs[0].key
-    if len(refs) > 1 and len({r.key for r in refs}) == 1:
-        return f"#{refs[0].source + 1}..#{refs[-1].source + 1} {refs[0].key}"
-    return ", ".join(plan.label(r) for r in refs)
-
-
-def plan_summary(plan: Plan) -> str:
-    """``7 tensors, 9.2 MiB to write; 5 cast to bfloat16 (4.6 MiB saved)``."""
-    from ckptsurgery.render.tables import count, human_bytes
-
-    text = f"{count(len(plan.entries), 'tensor')}, {human_bytes(plan.total_bytes)} to write"
-    cast = plan.cast
-    if cast:
-        saved = plan.bytes_saved
-        what = "saved" if saved >= 0 else "added"
-        text += (
-            f"; {count(len(cast), 'tensor')} cast to {plan.dtype} "
-            f"({human_bytes(abs(saved))} {what})"
-        )
-    return text
 
 
 def render(

@@ -368,6 +368,7 @@ def train_cmd(
                 "classes": list(result.classes),
                 "groups": result.groups,
                 "report": result.report.to_json() if result.report else None,
+                "plan": result.plan.to_json() if result.plan else None,
                 "world_size": result.world_size,
                 "best_epoch": result.best_epoch,
                 "best": result.best,

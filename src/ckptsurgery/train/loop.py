@@ -29,6 +29,7 @@ from ckptsurgery.train.setup import Setup, prepare
 
 if TYPE_CHECKING:
     from ckptsurgery.match import MatchReport
+    from ckptsurgery.plan.model import Plan
     from ckptsurgery.train.distributed import Dist
 
 __all__ = ["Setup", "TrainResult", "prepare", "train"]
@@ -43,6 +44,7 @@ class TrainResult:
     classes: tuple[str, ...]
     groups: list[dict[str, Any]]
     report: MatchReport | None
+    plan: Plan | None = None  # the surgery that loaded --weights
     metrics: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_early: bool = False
@@ -82,7 +84,8 @@ def train(
         )
     s = prepare(config, log=log, show=show, dist=dist, fmt=fmt)
     report = s.loaded.report if s.loaded is not None else None
-    result = TrainResult(None, s.head, s.splits.classes, group_rows(s.optimizer), report)
+    plan = s.loaded.plan if s.loaded is not None else None
+    result = TrainResult(None, s.head, s.splits.classes, group_rows(s.optimizer), report, plan)
     result.world_size, result.rank = dist.world, dist.rank
     if config.dry_run:
         result.dry_run = True

@@ -115,6 +115,11 @@ def prepare(
             log(f"using the state dict at '{loaded.source_key}' (other entries: {others})")
         for rule in loaded.keys.unused_rules:
             log(f"note: {rule} matched no key")
+        from ckptsurgery.render.plan import plan_summary, plan_table
+
+        if config.dry_run:
+            show(plan_table(loaded.plan, fmt=fmt))
+        log(f"plan: {plan_summary(loaded.plan, verb='load')}")
         show(loaded.report.table(fmt=fmt))
         for key in loaded.dropped_head:
             log(f"dropped {key} from the checkpoint: its shape is the old head's")
