@@ -209,6 +209,23 @@ def test_no_module_imports_its_package_init() -> None:
     assert not bad, "import from the defining module, not the package:\n" + "\n".join(bad)
 
 
+def test_command_modules_do_not_import_each_other() -> None:
+    """A command module parses, calls the library and renders; what commands share lives in
+    the cli package's underscored modules (options, helpers, surgery rendering)."""
+    commands = {m for m in modules() if m.startswith(f"{ROOT}.cli.") and m.endswith("_cmd")}
+    crossing = sorted(
+        f"{imp.importer} imports {imp.target} (line {imp.line})"
+        for imp in imports()
+        if imp.importer in commands and imp.target in commands and imp.target != imp.importer
+    )
+    assert not crossing, crossing
+
+
+def test_no_module_is_much_over_500_lines() -> None:
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 520}
+    assert not long, long
+
+
 def test_allowlists_name_imports_that_exist() -> None:
     found = imports()
     edges = {(imp.importer, imp.target) for imp in found}

@@ -5,121 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckptsurgery.errors import CheckpointError
 from ckptsurgery.io import Checkpoint, open_checkpoint
-from ckptsurgery.render.tables import TABLE_FORMATS
 
 if TYPE_CHECKING:
     from ckptsurgery.models import BuiltModel
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def source_options(f: F) -> F:
-    """``--key``, ``--allow-global`` and ``--unsafe-pickle``: every command that reads."""
-    f = click.option(
-        "--unsafe-pickle",
-        is_flag=True,
-        help="Unpickle with code execution allowed. Only for files you trust; prints a warning.",
-    )(f)
-    f = click.option(
-        "--allow-global",
-        "allow_globals",
-        multiple=True,
-        metavar="module.Name",
-        help="Trust one pickle global (e.g. argparse.Namespace). Repeatable.",
-    )(f)
-    f = click.option(
-        "--key",
-        metavar="PATH",
-        default=None,
-        help="Slash-separated path of the nested state dict to use (e.g. state_dict, model/ema).",
-    )(f)
-    return f
-
-
-def fmt_option(f: F, *, dest: str = "fmt") -> F:
-    """``--fmt FORMAT``: every command that prints tables (``fmt`` in the command, or
-    ``dest`` where ``fmt`` names something else)."""
-    return click.option(
-        "--fmt",
-        dest,
-        type=click.Choice(TABLE_FORMATS),
-        metavar="FORMAT",
-        default="simple",
-        show_default=True,
-        help=f"Layout of the tables, one of tabulate's formats: {', '.join(TABLE_FORMATS)} "
-        "(github and pipe are Markdown tables). --json is not affected.",
-    )(f)
-
-
-def table_fmt_option(f: F) -> F:
-    """``--fmt FORMAT`` as ``table_fmt``, for commands whose ``--format`` is the file's."""
-    return fmt_option(f, dest="table_fmt")
-
-
-def verify_option(f: F) -> F:
-    """``--no-verify``: every command that writes a checkpoint."""
-    return click.option(
-        "--no-verify",
-        "no_verify",
-        is_flag=True,
-        help="Do not read OUT back before reporting success (by default its names, shapes, "
-        "dtypes and a CRC-32 of every tensor's bytes are checked first).",
-    )(f)
-
-
-def max_shard_size_option(f: F) -> F:
-    """``--max-shard-size SIZE``: every command that writes a checkpoint from tensors."""
-    return click.option(
-        "--max-shard-size",
-        metavar="SIZE",
-        default=None,
-        help="Write safetensors shards of at most SIZE (5GB, 500MB, 2GiB or bytes) and their "
-        "index into the output folder, as transformers does.",
-    )(f)
-
-
-def model_options(f: F) -> F:
-    """``--model SPEC`` and ``--model-arg K=V``."""
-    f = click.option(
-        "--model-arg",
-        "model_args",
-        multiple=True,
-        metavar="K=V",
-        help="Keyword argument for the model factory; V is a Python literal "
-        "(num_classes=10). Repeatable.",
-    )(f)
-    f = click.option(
-        "--model",
-        "model_spec",
-        metavar="SPEC",
-        default=None,
-        help="torchvision:NAME, timm:NAME or package.module:factory (built on the meta device).",
-    )(f)
-    return f
-
-
-def allow_options(f: F) -> F:
-    """``--allow-missing GLOB`` and ``--allow-unexpected GLOB``."""
-    f = click.option(
-        "--allow-unexpected",
-        multiple=True,
-        metavar="GLOB",
-        help="Checkpoint keys the model lacks that are acceptable. Repeatable.",
-    )(f)
-    f = click.option(
-        "--allow-missing",
-        multiple=True,
-        metavar="GLOB",
-        help="Model keys the checkpoint lacks that are acceptable (e.g. 'fc.*'). Repeatable.",
-    )(f)
-    return f
 
 
 def build_target(spec: str, model_args: tuple[str, ...]) -> BuiltModel:

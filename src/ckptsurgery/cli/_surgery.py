@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgery.cli._common import F, echo_json, note
+from ckptsurgery.cli._common import echo_json, note
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.render.plan import plan_summary, plan_table
 
@@ -17,46 +17,6 @@ if TYPE_CHECKING:
     from ckptsurgery.plan.gate import Gate
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.rules import Rules
-
-DTYPES = ("float32", "float16", "bfloat16")  # ckptsurgery.plan.ops.CAST_DTYPES, torch-free
-
-
-def dtype_options(f: F) -> F:
-    """``--dtype`` and ``--keep-dtype``: every command that writes tensors."""
-    f = click.option(
-        "--keep-dtype",
-        multiple=True,
-        metavar="GLOB",
-        help="With --dtype: leave keys matching a glob (on the output key) in their source "
-        "dtype, e.g. '*.running_*' or '*norm*'. Repeatable.",
-    )(f)
-    f = click.option(
-        "--dtype",
-        type=click.Choice(DTYPES),
-        default=None,
-        help="Cast floating tensors to this dtype (bits exactly as torch's .to(dtype)); "
-        "integer and bool tensors are never cast.",
-    )(f)
-    return f
-
-
-def emit_recipe_option(f: F) -> F:
-    """``--emit-recipe FILE``: the run as a recipe that `apply` reproduces."""
-    return click.option(
-        "--emit-recipe",
-        metavar="FILE.toml",
-        default=None,
-        help="Also write this run as a recipe (`ckptsurgery apply FILE.toml` reproduces it); "
-        "with --dry-run, only the recipe is written.",
-    )(f)
-
-
-def progress_option(f: F) -> F:
-    return click.option(
-        "--progress/--no-progress",
-        default=None,
-        help="A progress bar on stderr while writing (default: for big writes on a terminal).",
-    )(f)
 
 
 def check_recipe_path(path: str | None, *, inputs: Sequence[str], force: bool) -> None:
@@ -116,11 +76,6 @@ def write_recipe(
     with atomic_write(path, overwrite=force) as f:
         f.write(text.encode("utf-8"))
     note(f"wrote the recipe to {path}; run: ckptsurgery apply {path}")
-
-
-def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
-    if keep_dtype and dtype is None:
-        raise click.UsageError("--keep-dtype needs --dtype")
 
 
 # --- rendering --------------------------------------------------------------------------------

@@ -2,16 +2,15 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import (
+from ckptsurgery.cli._common import note, refusals, warnings_as_notes
+from ckptsurgery.cli._options import (
     max_shard_size_option,
-    note,
-    refusals,
+    progress_option,
     source_options,
     table_fmt_option,
     verify_option,
-    warnings_as_notes,
 )
-from ckptsurgery.cli._surgery import progress_option, render
+from ckptsurgery.cli._surgery import render
 from ckptsurgery.recipe import apply_recipe
 from ckptsurgery.render.progress import byte_progress
 

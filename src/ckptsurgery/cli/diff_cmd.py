@@ -7,17 +7,8 @@ from typing import Any
 
 import click
 
-from ckptsurgery.cli._common import (
-    allow_options,
-    build_target,
-    echo_json,
-    fmt_option,
-    model_options,
-    note,
-    selection_note,
-    source_options,
-    warnings_as_notes,
-)
+from ckptsurgery.cli._common import build_target, echo_json, note, selection_note, warnings_as_notes
+from ckptsurgery.cli._options import allow_options, fmt_option, model_options, source_options
 from ckptsurgery.io import atomic_write, check_output_path
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.suggest import Suggestion

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import (
-    echo_json,
+from ckptsurgery.cli._common import echo_json, note, warnings_as_notes
+from ckptsurgery.cli._options import (
     fmt_option,
-    note,
+    parse_transform,
+    runtime_options,
     source_options,
-    warnings_as_notes,
+    transform_options,
 )
-from ckptsurgery.cli.train_cmd import parse_transform, runtime_options, transform_options
 from ckptsurgery.errors import IncompatibleCheckpoint
 
 

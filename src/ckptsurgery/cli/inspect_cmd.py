@@ -4,7 +4,8 @@ import json
 
 import click
 
-from ckptsurgery.cli._common import echo_json, fmt_option, open_source, source_options
+from ckptsurgery.cli._common import echo_json, open_source
+from ckptsurgery.cli._options import fmt_option, source_options
 from ckptsurgery.describe import describe
 from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_table, tensors_table
 

@@ -7,26 +7,20 @@ from typing import Any
 
 import click
 
-from ckptsurgery.cli._common import (
+from ckptsurgery.cli._common import build_target, refusals, warnings_as_notes
+from ckptsurgery.cli._options import (
     allow_options,
-    build_target,
+    check_dtype_flags,
+    dtype_options,
+    emit_recipe_option,
     max_shard_size_option,
     model_options,
-    refusals,
+    progress_option,
     source_options,
     table_fmt_option,
     verify_option,
-    warnings_as_notes,
 )
-from ckptsurgery.cli._surgery import (
-    check_dtype_flags,
-    check_recipe_path,
-    dtype_options,
-    emit_recipe_option,
-    progress_option,
-    render,
-    write_recipe,
-)
+from ckptsurgery.cli._surgery import check_recipe_path, render, write_recipe
 from ckptsurgery.merge import average_files, merge_files
 from ckptsurgery.models import parse_model_args
 from ckptsurgery.plan.gate import Gate

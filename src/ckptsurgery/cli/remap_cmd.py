@@ -4,102 +4,25 @@ from pathlib import Path
 
 import click
 
-from ckptsurgery.cli._common import (
-    F,
+from ckptsurgery.cli._common import build_target, refusals, warnings_as_notes
+from ckptsurgery.cli._options import (
     allow_options,
-    build_target,
+    build_rules,
+    check_dtype_flags,
+    dtype_options,
+    emit_recipe_option,
     max_shard_size_option,
     model_options,
-    refusals,
+    progress_option,
+    rule_options,
     source_options,
     table_fmt_option,
     verify_option,
-    warnings_as_notes,
 )
-from ckptsurgery.cli._surgery import (
-    check_dtype_flags,
-    check_recipe_path,
-    dtype_options,
-    emit_recipe_option,
-    progress_option,
-    render,
-    write_recipe,
-)
+from ckptsurgery.cli._surgery import check_recipe_path, render, write_recipe
 from ckptsurgery.plan.gate import Gate
 from ckptsurgery.render.progress import byte_progress
-from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import remap
-
-
-def rule_options(f: F) -> F:
-    """The rule flags, in the order the rules apply."""
-    opts = [
-        click.option(
-            "--keep",
-            multiple=True,
-            metavar="GLOB",
-            help="Keep only keys matching a glob ('*' matches dots too). Repeatable.",
-        ),
-        click.option(
-            "--drop", multiple=True, metavar="GLOB", help="Remove keys matching a glob. Repeatable."
-        ),
-        click.option(
-            "--strip-prefix",
-            multiple=True,
-            metavar="P",
-            help="Remove a leading prefix. Repeatable, applied in order.",
-        ),
-        click.option(
-            "--replace",
-            multiple=True,
-            nargs=2,
-            metavar="OLD NEW",
-            help="Replace a substring. Repeatable, applied in order.",
-        ),
-        click.option(
-            "--regex",
-            multiple=True,
-            nargs=2,
-            metavar="PATTERN REPL",
-            help="re.sub on the key. Repeatable, applied in order.",
-        ),
-        click.option("--add-prefix", default="", metavar="P", help="Prepend to every key."),
-        click.option(
-            "--rules",
-            "rules_file",
-            metavar="FILE.toml",
-            default=None,
-            help="Read the rules from a TOML file (keys as a recipe's [[source]]); "
-            "flags given too are applied after the file's.",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def build_rules(
-    *,
-    keep: tuple[str, ...],
-    drop: tuple[str, ...],
-    strip_prefix: tuple[str, ...],
-    replace: tuple[tuple[str, str], ...],
-    regex: tuple[tuple[str, str], ...],
-    add_prefix: str,
-    rules_file: str | None,
-) -> tuple[Rules, str | None]:
-    flags = Rules(
-        keep=keep,
-        drop=drop,
-        strip_prefix=strip_prefix,
-        replace=replace,
-        regex=regex,
-        add_prefix=add_prefix,
-    )
-    if rules_file is None:
-        return flags, None
-    from_file, key = Rules.from_toml(rules_file)
-    return from_file | flags, key
 
 
 @click.command("remap")

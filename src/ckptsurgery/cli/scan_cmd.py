@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import echo_json, fmt_option
+from ckptsurgery.cli._common import echo_json
+from ckptsurgery.cli._options import fmt_option
 from ckptsurgery.io.scan import scan_file
 from ckptsurgery.render.tables import count, table
 

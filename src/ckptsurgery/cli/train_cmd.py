@@ -5,107 +5,19 @@ from typing import Any
 
 import click
 
-from ckptsurgery.cli._common import (
-    F,
+from ckptsurgery.cli._common import echo_json, note, warnings_as_notes
+from ckptsurgery.cli._options import (
     allow_options,
-    echo_json,
+    build_rules,
     fmt_option,
-    note,
+    parse_transform,
+    rule_options,
+    runtime_options,
     source_options,
-    warnings_as_notes,
+    transform_options,
 )
-from ckptsurgery.cli.remap_cmd import build_rules, rule_options
 from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.plan.gate import refusal
-
-
-def transform_options(f: F) -> F:
-    """``--image-size --channels --mean --std``: shared by ``train`` and ``evaluate``."""
-    opts = [
-        click.option(
-            "--image-size",
-            type=int,
-            default=224,
-            show_default=True,
-            help="Images are resized (shorter side) and centre-cropped to this square size.",
-        ),
-        click.option(
-            "--channels",
-            type=click.Choice(["1", "3"]),
-            default="3",
-            show_default=True,
-            help="1 (grayscale) or 3 (RGB): what the model's first layer takes.",
-        ),
-        click.option(
-            "--mean",
-            metavar="M[,M,M]",
-            default=None,
-            help="Normalisation mean, one value or one per channel (default: ImageNet's).",
-        ),
-        click.option(
-            "--std",
-            metavar="S[,S,S]",
-            default=None,
-            help="Normalisation std, one value or one per channel (default: ImageNet's).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def runtime_options(f: F) -> F:
-    """``--device --amp --threads --workers``: shared by ``train`` and ``evaluate``."""
-    opts = [
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="cpu, cuda, cuda:N or auto (CUDA when available).",
-        ),
-        click.option("--amp", is_flag=True, help="float16 autocast (CUDA only)."),
-        click.option(
-            "--threads", type=int, default=None, help="torch.set_num_threads (CPU threads)."
-        ),
-        click.option(
-            "--workers",
-            type=int,
-            default=None,
-            help="DataLoader processes (default: 0 on 2 cores or fewer, else cores - 1, max 8).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def parse_floats(flag: str, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not a comma-separated list of numbers", param_hint=flag
-        ) from None
-
-
-def parse_transform(
-    image_size: int,
-    channels: int | str,
-    mean: str | None,
-    std: str | None,
-    augment: bool = False,
-) -> Any:
-    from ckptsurgery.train.config import TransformConfig
-
-    return TransformConfig(
-        image_size=image_size,
-        channels=int(channels),
-        mean=parse_floats("--mean", mean),
-        std=parse_floats("--std", std),
-        augment=augment,
-    )
 
 
 @click.command("train")

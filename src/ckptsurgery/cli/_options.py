@@ -1,0 +1,325 @@
+"""Every option group the commands share, in one place: a command stacks the decorators it
+needs, so the same flag reads the same (name, help, default) wherever it appears."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ckptsurgery.render.tables import TABLE_FORMATS
+from ckptsurgery.rules import Rules
+
+if TYPE_CHECKING:
+    pass
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def source_options(f: F) -> F:
+    """``--key``, ``--allow-global`` and ``--unsafe-pickle``: every command that reads."""
+    f = click.option(
+        "--unsafe-pickle",
+        is_flag=True,
+        help="Unpickle with code execution allowed. Only for files you trust; prints a warning.",
+    )(f)
+    f = click.option(
+        "--allow-global",
+        "allow_globals",
+        multiple=True,
+        metavar="module.Name",
+        help="Trust one pickle global (e.g. argparse.Namespace). Repeatable.",
+    )(f)
+    f = click.option(
+        "--key",
+        metavar="PATH",
+        default=None,
+        help="Slash-separated path of the nested state dict to use (e.g. state_dict, model/ema).",
+    )(f)
+    return f
+
+
+def fmt_option(f: F, *, dest: str = "fmt") -> F:
+    """``--fmt FORMAT``: every command that prints tables (``fmt`` in the command, or
+    ``dest`` where ``fmt`` names something else)."""
+    return click.option(
+        "--fmt",
+        dest,
+        type=click.Choice(TABLE_FORMATS),
+        metavar="FORMAT",
+        default="simple",
+        show_default=True,
+        help=f"Layout of the tables, one of tabulate's formats: {', '.join(TABLE_FORMATS)} "
+        "(github and pipe are Markdown tables). --json is not affected.",
+    )(f)
+
+
+def table_fmt_option(f: F) -> F:
+    """``--fmt FORMAT`` as ``table_fmt``, for commands whose ``--format`` is the file's."""
+    return fmt_option(f, dest="table_fmt")
+
+
+def verify_option(f: F) -> F:
+    """``--no-verify``: every command that writes a checkpoint."""
+    return click.option(
+        "--no-verify",
+        "no_verify",
+        is_flag=True,
+        help="Do not read OUT back before reporting success (by default its names, shapes, "
+        "dtypes and a CRC-32 of every tensor's bytes are checked first).",
+    )(f)
+
+
+def max_shard_size_option(f: F) -> F:
+    """``--max-shard-size SIZE``: every command that writes a checkpoint from tensors."""
+    return click.option(
+        "--max-shard-size",
+        metavar="SIZE",
+        default=None,
+        help="Write safetensors shards of at most SIZE (5GB, 500MB, 2GiB or bytes) and their "
+        "index into the output folder, as transformers does.",
+    )(f)
+
+
+def model_options(f: F) -> F:
+    """``--model SPEC`` and ``--model-arg K=V``."""
+    f = click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="K=V",
+        help="Keyword argument for the model factory; V is a Python literal "
+        "(num_classes=10). Repeatable.",
+    )(f)
+    f = click.option(
+        "--model",
+        "model_spec",
+        metavar="SPEC",
+        default=None,
+        help="torchvision:NAME, timm:NAME or package.module:factory (built on the meta device).",
+    )(f)
+    return f
+
+
+def allow_options(f: F) -> F:
+    """``--allow-missing GLOB`` and ``--allow-unexpected GLOB``."""
+    f = click.option(
+        "--allow-unexpected",
+        multiple=True,
+        metavar="GLOB",
+        help="Checkpoint keys the model lacks that are acceptable. Repeatable.",
+    )(f)
+    f = click.option(
+        "--allow-missing",
+        multiple=True,
+        metavar="GLOB",
+        help="Model keys the checkpoint lacks that are acceptable (e.g. 'fc.*'). Repeatable.",
+    )(f)
+    return f
+
+
+def rule_options(f: F) -> F:
+    """The rule flags, in the order the rules apply."""
+    opts = [
+        click.option(
+            "--keep",
+            multiple=True,
+            metavar="GLOB",
+            help="Keep only keys matching a glob ('*' matches dots too). Repeatable.",
+        ),
+        click.option(
+            "--drop", multiple=True, metavar="GLOB", help="Remove keys matching a glob. Repeatable."
+        ),
+        click.option(
+            "--strip-prefix",
+            multiple=True,
+            metavar="P",
+            help="Remove a leading prefix. Repeatable, applied in order.",
+        ),
+        click.option(
+            "--replace",
+            multiple=True,
+            nargs=2,
+            metavar="OLD NEW",
+            help="Replace a substring. Repeatable, applied in order.",
+        ),
+        click.option(
+            "--regex",
+            multiple=True,
+            nargs=2,
+            metavar="PATTERN REPL",
+            help="re.sub on the key. Repeatable, applied in order.",
+        ),
+        click.option("--add-prefix", default="", metavar="P", help="Prepend to every key."),
+        click.option(
+            "--rules",
+            "rules_file",
+            metavar="FILE.toml",
+            default=None,
+            help="Read the rules from a TOML file (keys as a recipe's [[source]]); "
+            "flags given too are applied after the file's.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_rules(
+    *,
+    keep: tuple[str, ...],
+    drop: tuple[str, ...],
+    strip_prefix: tuple[str, ...],
+    replace: tuple[tuple[str, str], ...],
+    regex: tuple[tuple[str, str], ...],
+    add_prefix: str,
+    rules_file: str | None,
+) -> tuple[Rules, str | None]:
+    flags = Rules(
+        keep=keep,
+        drop=drop,
+        strip_prefix=strip_prefix,
+        replace=replace,
+        regex=regex,
+        add_prefix=add_prefix,
+    )
+    if rules_file is None:
+        return flags, None
+    from_file, key = Rules.from_toml(rules_file)
+    return from_file | flags, key
+
+
+DTYPES = ("float32", "float16", "bfloat16")  # ckptsurgery.plan.ops.CAST_DTYPES, torch-free
+
+
+def dtype_options(f: F) -> F:
+    """``--dtype`` and ``--keep-dtype``: every command that writes tensors."""
+    f = click.option(
+        "--keep-dtype",
+        multiple=True,
+        metavar="GLOB",
+        help="With --dtype: leave keys matching a glob (on the output key) in their source "
+        "dtype, e.g. '*.running_*' or '*norm*'. Repeatable.",
+    )(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(DTYPES),
+        default=None,
+        help="Cast floating tensors to this dtype (bits exactly as torch's .to(dtype)); "
+        "integer and bool tensors are never cast.",
+    )(f)
+    return f
+
+
+def emit_recipe_option(f: F) -> F:
+    """``--emit-recipe FILE``: the run as a recipe that `apply` reproduces."""
+    return click.option(
+        "--emit-recipe",
+        metavar="FILE.toml",
+        default=None,
+        help="Also write this run as a recipe (`ckptsurgery apply FILE.toml` reproduces it); "
+        "with --dry-run, only the recipe is written.",
+    )(f)
+
+
+def progress_option(f: F) -> F:
+    return click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="A progress bar on stderr while writing (default: for big writes on a terminal).",
+    )(f)
+
+
+def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
+    if keep_dtype and dtype is None:
+        raise click.UsageError("--keep-dtype needs --dtype")
+
+
+def transform_options(f: F) -> F:
+    """``--image-size --channels --mean --std``: shared by ``train`` and ``evaluate``."""
+    opts = [
+        click.option(
+            "--image-size",
+            type=int,
+            default=224,
+            show_default=True,
+            help="Images are resized (shorter side) and centre-cropped to this square size.",
+        ),
+        click.option(
+            "--channels",
+            type=click.Choice(["1", "3"]),
+            default="3",
+            show_default=True,
+            help="1 (grayscale) or 3 (RGB): what the model's first layer takes.",
+        ),
+        click.option(
+            "--mean",
+            metavar="M[,M,M]",
+            default=None,
+            help="Normalisation mean, one value or one per channel (default: ImageNet's).",
+        ),
+        click.option(
+            "--std",
+            metavar="S[,S,S]",
+            default=None,
+            help="Normalisation std, one value or one per channel (default: ImageNet's).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def runtime_options(f: F) -> F:
+    """``--device --amp --threads --workers``: shared by ``train`` and ``evaluate``."""
+    opts = [
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="cpu, cuda, cuda:N or auto (CUDA when available).",
+        ),
+        click.option("--amp", is_flag=True, help="float16 autocast (CUDA only)."),
+        click.option(
+            "--threads", type=int, default=None, help="torch.set_num_threads (CPU threads)."
+        ),
+        click.option(
+            "--workers",
+            type=int,
+            default=None,
+            help="DataLoader processes (default: 0 on 2 cores or fewer, else cores - 1, max 8).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def parse_floats(flag: str, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of numbers", param_hint=flag
+        ) from None
+
+
+def parse_transform(
+    image_size: int,
+    channels: int | str,
+    mean: str | None,
+    std: str | None,
+    augment: bool = False,
+) -> Any:
+    from ckptsurgery.train.config import TransformConfig
+
+    return TransformConfig(
+        image_size=image_size,
+        channels=int(channels),
+        mean=parse_floats("--mean", mean),
+        std=parse_floats("--std", std),
+        augment=augment,
+    )
