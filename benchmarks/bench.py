@@ -26,6 +26,8 @@ tasks (and what ckptsurgery should reach at 2 GB):
   strip-pt    strip `module.`: torch zip -> torch zip          <= 1.25x cp, <= 64 MB
   pt-to-st    strip `module.`: torch zip -> safetensors        <= 1.5x cp, <= 128 MB
   keep-half   keep the even-numbered blocks (half the keys), safetensors -> safetensors
+  cast-bf16   strip `module.` and cast float32 to bfloat16 (--dtype), safetensors
+              -> safetensors: a streamed cast, against the naive load + .to() + save
   average     the mean of 3 x 1 GB (merge --average)  <= import torch + 3 tensors + 200 MB
   inspect-st  names, shapes and dtypes of the safetensors file <= 0.3 s, <= 32 MB
   inspect-pt  the same for the torch zip file                  <= 0.3 s, <= 32 MB
@@ -221,6 +223,18 @@ save_file(sd, sys.argv[2], metadata={"format": "pt"}); fsync(sys.argv[2])
 """
 )
 
+_NAIVE_CAST = (
+    _FSYNC
+    + """
+import sys, torch
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+sd = {k.removeprefix("module."): v.to(torch.bfloat16) if v.is_floating_point() else v
+      for k, v in sd.items()}
+save_file(sd, sys.argv[2], metadata={"format": "pt"}); fsync(sys.argv[2])
+"""
+)
+
 _NAIVE_AVERAGE = (
     _FSYNC
     + """
@@ -305,6 +319,13 @@ _strip_st = _rewrite("model.safetensors", "safetensors", (_NAIVE_ST_LABEL, _NAIV
 _strip_pt = _rewrite("model.pt", "pt", ("naive torch.load + torch.save", _NAIVE_TORCH), _STRIP)
 _pt_to_st = _rewrite(
     "model.pt", "safetensors", ("naive torch.load + save_file", _NAIVE_TORCH_TO_ST), _STRIP
+)
+_cast_bf16 = _rewrite(
+    "model.safetensors",
+    "safetensors",
+    ("naive load_file + .to(bfloat16) + save_file", _NAIVE_CAST),
+    [*_STRIP, "--dtype", "bfloat16"],
+    surgery="ckptsurgery remap --dtype bfloat16",
 )
 _keep_half = _rewrite(
     "model.safetensors",
@@ -421,6 +442,9 @@ TASKS = {
                      _pt_to_st, "cp + fsync", [("naive.safetensors", "cs.safetensors")]),
     "keep-half": Task("keep-half", "keep half the keys, safetensors", _prepare_model,
                       _keep_half, "cp + fsync (whole file)",
+                      [("naive.safetensors", "cs.safetensors")]),
+    "cast-bf16": Task("cast-bf16", "strip module. and cast to bfloat16, safetensors",
+                      _prepare_model, _cast_bf16, "cp + fsync",
                       [("naive.safetensors", "cs.safetensors")]),
     "average": Task("average", "mean of 3 safetensors checkpoints", _prepare_average,
                     _average, "naive load_file x3 + mean + save_file"),

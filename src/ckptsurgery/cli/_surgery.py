@@ -74,7 +74,7 @@ def write_recipe(
         max_shard_size=max_shard_size,
     )
     with atomic_write(path, overwrite=force) as f:
-        f.write(text.encode("utf-8"))
+        f.write(text.rstrip("\n").encode("utf-8") + b"\n")
     note(f"wrote the recipe to {path}; run: ckptsurgery apply {path}")
 
 
