@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import MergeConflictError, MergeError
@@ -22,13 +22,12 @@ from ckptsurgery.io import TensorDictSource
 from ckptsurgery.plan.build import ON_CONFLICT, build_plan, check_on_conflict, plan_union
 from ckptsurgery.plan.execute import materialize
 from ckptsurgery.plan.model import Conflict, SourceSpec
-from ckptsurgery.plan.run import Progress, SurgeryResult, run_surgery
+from ckptsurgery.plan.run import SurgeryOptions, SurgeryResult, run_surgery
 from ckptsurgery.rules import Rules
 
 if TYPE_CHECKING:
     import torch
 
-    from ckptsurgery.plan.gate import Gate
 
 __all__ = [
     "ON_CONFLICT",
@@ -111,18 +110,8 @@ def merge_files(
     *,
     on_conflict: str = "error",
     key: str | None = None,
-    format: str | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    gate: Gate | None = None,
-    allow_globals: tuple[str, ...] | list[str] = (),
-    unsafe_pickle: bool = False,
     provenance: Mapping[str, Any] | None = None,
-    verify: bool = True,
-    max_shard_size: int | str | None = None,
-    dtype: str | None = None,
-    keep_dtype: Sequence[str] = (),
-    progress: Progress | None = None,
+    **options: Unpack[SurgeryOptions],
 ) -> MergeResult:
     """Write the union of the checkpoints at ``sources`` to ``out``, tensor by tensor.
 
@@ -131,29 +120,13 @@ def merge_files(
     or "last". The output is checked before anything is read; with ``gate`` the result is
     matched against a model first and nothing is written unless it fits
     (:class:`IncompatibleCheckpoint`). A safetensors output records its provenance in
-    ``ckptsurgery.*`` metadata (plus the ``provenance`` entries given, JSON-encoded).
-    ``verify=False`` skips reading the output back before it takes its name. With
-    ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder (or its
-    ``*.safetensors.index.json``) receiving safetensors shards and their index.
+    ``ckptsurgery.*`` metadata (plus the ``provenance`` entries given, JSON-encoded). The
+    other options are :class:`~ckptsurgery.plan.run.SurgeryOptions`.
     """
     check_on_conflict(on_conflict)
+    specs = _specs(sources, key)
     return run_surgery(
-        _specs(sources, key),
-        out,
-        mode="union",
-        on_conflict=on_conflict,
-        dtype=dtype,
-        keep_dtype=keep_dtype,
-        format=format,
-        force=force,
-        dry_run=dry_run,
-        gate=gate,
-        allow_globals=allow_globals,
-        unsafe_pickle=unsafe_pickle,
-        provenance_extra=provenance,
-        verify=verify,
-        max_shard_size=max_shard_size,
-        progress=progress,
+        specs, out, mode="union", on_conflict=on_conflict, provenance_extra=provenance, **options
     )
 
 
@@ -163,18 +136,8 @@ def average_files(
     *,
     weights: Sequence[float] | None = None,
     key: str | None = None,
-    format: str | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    gate: Gate | None = None,
-    allow_globals: tuple[str, ...] | list[str] = (),
-    unsafe_pickle: bool = False,
     provenance: Mapping[str, Any] | None = None,
-    verify: bool = True,
-    max_shard_size: int | str | None = None,
-    dtype: str | None = None,
-    keep_dtype: Sequence[str] = (),
-    progress: Progress | None = None,
+    **options: Unpack[SurgeryOptions],
 ) -> MergeResult:
     """Write the (weighted) elementwise mean of the checkpoints at ``sources`` to ``out``.
 
@@ -184,25 +147,9 @@ def average_files(
     specs = _specs(sources, key)
     if len(specs) < 2:
         raise MergeError("averaging needs at least two sources")
-    given = {"weights_given": list(weights)} if weights else {}
-    return run_surgery(
-        specs,
-        out,
-        mode="average",
-        weights=normalise_weights(weights, len(specs)),
-        dtype=dtype,
-        keep_dtype=keep_dtype,
-        format=format,
-        force=force,
-        dry_run=dry_run,
-        gate=gate,
-        allow_globals=allow_globals,
-        unsafe_pickle=unsafe_pickle,
-        provenance_extra={**given, **(provenance or {})},
-        verify=verify,
-        max_shard_size=max_shard_size,
-        progress=progress,
-    )
+    extra = {**({"weights_given": list(weights)} if weights else {}), **(provenance or {})}
+    w = normalise_weights(weights, len(specs))
+    return run_surgery(specs, out, mode="average", weights=w, provenance_extra=extra, **options)
 
 
 def _specs(sources: Sequence[PathLike | SourceSpec], key: str | None) -> list[SourceSpec]:

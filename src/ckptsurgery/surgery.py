@@ -6,7 +6,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from ckptsurgery._types import PathLike
 from ckptsurgery._version import __version__
@@ -21,7 +21,7 @@ from ckptsurgery.io import (
 )
 from ckptsurgery.plan.gate import Gate
 from ckptsurgery.plan.model import SourceSpec
-from ckptsurgery.plan.run import Progress, SurgeryResult, run_surgery
+from ckptsurgery.plan.run import SurgeryOptions, SurgeryResult, run_surgery
 from ckptsurgery.rules import Rules
 
 if TYPE_CHECKING:
@@ -100,17 +100,7 @@ def remap(
     rules: Rules,
     *,
     key: str | None = None,
-    format: str | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    gate: Gate | None = None,
-    allow_globals: tuple[str, ...] | list[str] = (),
-    unsafe_pickle: bool = False,
-    max_shard_size: int | str | None = None,
-    progress: Progress | None = None,
-    verify: bool = True,
-    dtype: str | None = None,
-    keep_dtype: tuple[str, ...] | list[str] = (),
+    **options: Unpack[SurgeryOptions],
 ) -> SurgeryResult:
     """Apply ``rules`` to the checkpoint at ``src`` and write the result to ``out``.
 
@@ -118,30 +108,11 @@ def remap(
     mistake costs nothing. With ``gate`` the renamed keys are matched against a model first
     and nothing is written unless they fit (:class:`IncompatibleCheckpoint`, carrying the
     report). With ``dry_run`` only the plan (and the gate's report) is made; ``out`` may then
-    be None. With ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes), ``out`` is a folder
-    (or its ``*.safetensors.index.json``) receiving safetensors shards and their index.
-    ``dtype`` ("float32", "float16", "bfloat16") casts floating tensors, except those whose
-    new key matches a ``keep_dtype`` glob; integer and bool tensors are never cast.
-    The output is read back and checked (names, shapes, dtypes, a CRC-32 of each tensor's
-    bytes) before it takes its name; ``verify=False`` skips that. ``progress(done, total)``
-    is called with the bytes written so far.
+    be None. The options (``dtype``, ``keep_dtype``, ``format``, ``force``, ``dry_run``,
+    ``gate``, trust, ``verify``, ``max_shard_size``, ``progress``) are
+    :class:`~ckptsurgery.plan.run.SurgeryOptions`.
     """
-    return run_surgery(
-        [SourceSpec(src, key, rules)],
-        out,
-        mode="remap",
-        dtype=dtype,
-        keep_dtype=keep_dtype,
-        format=format,
-        force=force,
-        dry_run=dry_run,
-        gate=gate,
-        allow_globals=allow_globals,
-        unsafe_pickle=unsafe_pickle,
-        verify=verify,
-        max_shard_size=max_shard_size,
-        progress=progress,
-    )
+    return run_surgery([SourceSpec(src, key, rules)], out, mode="remap", **options)
 
 
 @dataclass(frozen=True)

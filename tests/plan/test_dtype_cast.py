@@ -196,3 +196,9 @@ def test_keep_dtype_needs_dtype_and_unused_globs_are_noted(tmp_path: Path) -> No
     assert "note: --keep-dtype *.x matched no key" in result.stderr
     result = run("remap", src, "--dtype", "float8", "--dry-run")
     assert result.exit_code == 2 and "float8" in result.stderr
+
+
+def test_the_cli_offers_the_dtypes_the_plan_casts_to() -> None:
+    from ckptsurgery.cli._options import DTYPES
+
+    assert DTYPES == ops.CAST_DTYPES  # kept apart so that --help needs no torch

@@ -3,8 +3,9 @@ needs, so the same flag reads the same (name, help, default) wherever it appears
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -120,7 +121,36 @@ def allow_options(f: F) -> F:
 
 
 def rule_options(f: F) -> F:
-    """The rule flags, in the order the rules apply."""
+    """The rule flags, in the order the rules apply, handed to the command as one value:
+    ``rules`` (a :class:`Rules`) and ``rules_key`` (the state dict key a ``--rules`` file
+    names, or None)."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        keep: tuple[str, ...],
+        drop: tuple[str, ...],
+        strip_prefix: tuple[str, ...],
+        replace: tuple[tuple[str, str], ...],
+        regex: tuple[tuple[str, str], ...],
+        add_prefix: str,
+        rules_file: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        flags = Rules(
+            keep=keep,
+            drop=drop,
+            strip_prefix=strip_prefix,
+            replace=replace,
+            regex=regex,
+            add_prefix=add_prefix,
+        )
+        rules, rules_key = flags, None
+        if rules_file is not None:
+            from_file, rules_key = Rules.from_toml(rules_file)
+            rules = from_file | flags
+        return f(*args, rules=rules, rules_key=rules_key, **kwargs)
+
     opts = [
         click.option(
             "--keep",
@@ -161,33 +191,10 @@ def rule_options(f: F) -> F:
             "flags given too are applied after the file's.",
         ),
     ]
+    wrapped: Any = command
     for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def build_rules(
-    *,
-    keep: tuple[str, ...],
-    drop: tuple[str, ...],
-    strip_prefix: tuple[str, ...],
-    replace: tuple[tuple[str, str], ...],
-    regex: tuple[tuple[str, str], ...],
-    add_prefix: str,
-    rules_file: str | None,
-) -> tuple[Rules, str | None]:
-    flags = Rules(
-        keep=keep,
-        drop=drop,
-        strip_prefix=strip_prefix,
-        replace=replace,
-        regex=regex,
-        add_prefix=add_prefix,
-    )
-    if rules_file is None:
-        return flags, None
-    from_file, key = Rules.from_toml(rules_file)
-    return from_file | flags, key
+        wrapped = opt(wrapped)
+    return cast(F, wrapped)
 
 
 DTYPES = ("float32", "float16", "bfloat16")  # ckptsurgery.plan.ops.CAST_DTYPES, torch-free
@@ -229,11 +236,6 @@ def progress_option(f: F) -> F:
         default=None,
         help="A progress bar on stderr while writing (default: for big writes on a terminal).",
     )(f)
-
-
-def check_dtype_flags(dtype: str | None, keep_dtype: Sequence[str]) -> None:
-    if keep_dtype and dtype is None:
-        raise click.UsageError("--keep-dtype needs --dtype")
 
 
 def transform_options(f: F) -> F:

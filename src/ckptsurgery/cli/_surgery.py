@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgery.cli._common import echo_json, note
+from ckptsurgery.cli._common import build_target, echo_json, note
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.render.plan import plan_summary, plan_table
 
@@ -17,6 +17,51 @@ if TYPE_CHECKING:
     from ckptsurgery.plan.gate import Gate
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.rules import Rules
+
+
+def check_surgery_flags(
+    *,
+    out: str | None,
+    dry_run: bool,
+    emit_recipe: str | None,
+    dtype: str | None,
+    keep_dtype: Sequence[str],
+    inputs: Sequence[str],
+    force: bool,
+) -> None:
+    """The checks every surgery command makes of its flags before any work."""
+    if out is None and not dry_run:
+        raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
+    if emit_recipe is not None and out is None:
+        raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
+    if keep_dtype and dtype is None:
+        raise click.UsageError("--keep-dtype needs --dtype")
+    check_recipe_path(emit_recipe, inputs=inputs, force=force)
+
+
+def gate_from_flags(
+    model_spec: str | None,
+    model_args: tuple[str, ...],
+    allow_missing: tuple[str, ...],
+    allow_unexpected: tuple[str, ...],
+    drop_mismatched: bool,
+) -> Gate | None:
+    """The gate of ``--model`` and its allowances (None without ``--model``)."""
+    gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
+    if gate_flags and model_spec is None:
+        raise click.UsageError(
+            "--allow-missing, --allow-unexpected, --drop-mismatched and --model-arg need --model"
+        )
+    if model_spec is None:
+        return None
+    from ckptsurgery.plan.gate import Gate
+
+    return Gate(
+        build_target(model_spec, model_args),
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        drop_mismatched=drop_mismatched,
+    )
 
 
 def check_recipe_path(path: str | None, *, inputs: Sequence[str], force: bool) -> None:

@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
-from ckptsurgery.cli._common import build_target, refusals, warnings_as_notes
+from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
     allow_options,
-    check_dtype_flags,
     dtype_options,
     emit_recipe_option,
     max_shard_size_option,
@@ -20,10 +19,14 @@ from ckptsurgery.cli._options import (
     table_fmt_option,
     verify_option,
 )
-from ckptsurgery.cli._surgery import check_recipe_path, render, write_recipe
+from ckptsurgery.cli._surgery import (
+    check_surgery_flags,
+    gate_from_flags,
+    render,
+    write_recipe,
+)
 from ckptsurgery.merge import average_files, merge_files
 from ckptsurgery.models import parse_model_args
-from ckptsurgery.plan.gate import Gate
 from ckptsurgery.render.progress import byte_progress
 from ckptsurgery.rules import Rules
 
@@ -179,31 +182,23 @@ def merge_cmd(
           -o soup.safetensors
       ckptsurgery merge backbone.safetensors head.safetensors -o model/ --max-shard-size 5GB
     """
-    if out is None and not dry_run:
-        raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
     weights = parse_weights(weights_text)
     if weights is not None and not average:
         raise click.UsageError("--weights needs --average")
     if average and on_conflict is not None:
         raise click.UsageError("--on-conflict does not apply with --average")
-    if emit_recipe is not None and out is None:
-        raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
-    check_dtype_flags(dtype, keep_dtype)
-    check_recipe_path(emit_recipe, inputs=list(sources), force=force)
-    gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
-    if gate_flags and model_spec is None:
-        raise click.UsageError(
-            "--allow-missing, --allow-unexpected, --drop-mismatched and --model-arg need --model"
-        )
-    gate = None
+    check_surgery_flags(
+        out=out,
+        dry_run=dry_run,
+        emit_recipe=emit_recipe,
+        dtype=dtype,
+        keep_dtype=keep_dtype,
+        inputs=list(sources),
+        force=force,
+    )
+    gate = gate_from_flags(model_spec, model_args, allow_missing, allow_unexpected, drop_mismatched)
     provenance: dict[str, Any] = {}
-    if model_spec is not None:
-        gate = Gate(
-            build_target(model_spec, model_args),
-            allow_missing=allow_missing,
-            allow_unexpected=allow_unexpected,
-            drop_mismatched=drop_mismatched,
-        )
+    if gate is not None:
         provenance["target"] = {
             "model": model_spec,
             "model_args": parse_model_args(model_args),

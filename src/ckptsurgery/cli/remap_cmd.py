@@ -4,11 +4,9 @@ from pathlib import Path
 
 import click
 
-from ckptsurgery.cli._common import build_target, refusals, warnings_as_notes
+from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
     allow_options,
-    build_rules,
-    check_dtype_flags,
     dtype_options,
     emit_recipe_option,
     max_shard_size_option,
@@ -19,9 +17,14 @@ from ckptsurgery.cli._options import (
     table_fmt_option,
     verify_option,
 )
-from ckptsurgery.cli._surgery import check_recipe_path, render, write_recipe
-from ckptsurgery.plan.gate import Gate
+from ckptsurgery.cli._surgery import (
+    check_surgery_flags,
+    gate_from_flags,
+    render,
+    write_recipe,
+)
 from ckptsurgery.render.progress import byte_progress
+from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import remap
 
 
@@ -69,13 +72,8 @@ from ckptsurgery.surgery import remap
 def remap_cmd(
     src: str,
     out: str | None,
-    keep: tuple[str, ...],
-    drop: tuple[str, ...],
-    strip_prefix: tuple[str, ...],
-    replace: tuple[tuple[str, str], ...],
-    regex: tuple[tuple[str, str], ...],
-    add_prefix: str,
-    rules_file: str | None,
+    rules: Rules,
+    rules_key: str | None,
     fmt: str | None,
     dtype: str | None,
     keep_dtype: tuple[str, ...],
@@ -123,35 +121,17 @@ def remap_cmd(
       ckptsurgery remap resnet50.pth -o resnet50-bf16.safetensors --dtype bfloat16 \\
           --keep-dtype '*.running_*' --emit-recipe resnet50-bf16.toml
     """
-    rules, file_key = build_rules(
-        keep=keep,
-        drop=drop,
-        strip_prefix=strip_prefix,
-        replace=replace,
-        regex=regex,
-        add_prefix=add_prefix,
-        rules_file=rules_file,
+    check_surgery_flags(
+        out=out,
+        dry_run=dry_run,
+        emit_recipe=emit_recipe,
+        dtype=dtype,
+        keep_dtype=keep_dtype,
+        inputs=[src],
+        force=force,
     )
-    if out is None and not dry_run:
-        raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
-    if emit_recipe is not None and out is None:
-        raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
-    check_dtype_flags(dtype, keep_dtype)
-    check_recipe_path(emit_recipe, inputs=[src], force=force)
-    gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
-    if gate_flags and model_spec is None:
-        raise click.UsageError(
-            "--allow-missing, --allow-unexpected, --drop-mismatched and --model-arg need --model"
-        )
-    gate = None
-    if model_spec is not None:
-        gate = Gate(
-            build_target(model_spec, model_args),
-            allow_missing=allow_missing,
-            allow_unexpected=allow_unexpected,
-            drop_mismatched=drop_mismatched,
-        )
-    src_key = key or file_key
+    gate = gate_from_flags(model_spec, model_args, allow_missing, allow_unexpected, drop_mismatched)
+    src_key = key or rules_key
     with (
         refusals(as_json=as_json, fmt=table_fmt, command="remap", source=src, output=out),
         warnings_as_notes(),

@@ -8,7 +8,6 @@ import click
 from ckptsurgery.cli._common import echo_json, note, warnings_as_notes
 from ckptsurgery.cli._options import (
     allow_options,
-    build_rules,
     fmt_option,
     parse_transform,
     rule_options,
@@ -18,6 +17,7 @@ from ckptsurgery.cli._options import (
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.plan.gate import refusal
+from ckptsurgery.rules import Rules
 
 
 @click.command("train")
@@ -171,13 +171,8 @@ def train_cmd(
     out: str | None,
     mode: str,
     head_name: str | None,
-    keep: tuple[str, ...],
-    drop: tuple[str, ...],
-    strip_prefix: tuple[str, ...],
-    replace: tuple[tuple[str, str], ...],
-    regex: tuple[tuple[str, str], ...],
-    add_prefix: str,
-    rules_file: str | None,
+    rules: Rules,
+    rules_key: str | None,
     allow_missing: tuple[str, ...],
     allow_unexpected: tuple[str, ...],
     key: str | None,
@@ -227,15 +222,6 @@ def train_cmd(
 
     if out is None and not options["dry_run"]:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
-    rules, file_key = build_rules(
-        keep=keep,
-        drop=drop,
-        strip_prefix=strip_prefix,
-        replace=replace,
-        regex=regex,
-        add_prefix=add_prefix,
-        rules_file=rules_file,
-    )
     config = TrainConfig(
         model=model_spec,
         model_args=parse_model_args(model_args),
@@ -243,7 +229,7 @@ def train_cmd(
         out=out or "",
         mode=mode,  # type: ignore[arg-type]  # click.Choice checked it
         weights=weights,
-        key=key or file_key,
+        key=key or rules_key,
         rules=rules,
         allow_missing=allow_missing,
         allow_unexpected=allow_unexpected,

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import MergeError, OutputError, RuleError
@@ -37,6 +37,33 @@ if TYPE_CHECKING:
 __all__ = ["SurgeryResult", "run_surgery"]
 
 Progress = Callable[[int, int], None]
+
+
+class SurgeryOptions(TypedDict, total=False):
+    """The keyword options every surgery takes (remap, merge_files, average_files, apply):
+
+    - ``dtype`` ("float32", "float16", "bfloat16"): cast floating tensors, except those whose
+      output key matches a ``keep_dtype`` glob; integer and bool tensors are never cast;
+    - ``format``: "safetensors" or "torch" (default: from the output's extension);
+    - ``force``: replace an existing output; ``dry_run``: plan (and gate) only, write nothing;
+    - ``gate``: a :class:`~ckptsurgery.plan.gate.Gate` the result must pass before writing;
+    - ``allow_globals`` / ``unsafe_pickle``: trust for the sources' pickles;
+    - ``verify`` (default True): read the output back and check it before it takes its name;
+    - ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes): write a folder of safetensors shards;
+    - ``progress(done, total)``: called with the bytes written so far.
+    """
+
+    dtype: str | None
+    keep_dtype: Sequence[str]
+    format: str | None
+    force: bool
+    dry_run: bool
+    gate: Gate | None
+    allow_globals: Sequence[str]
+    unsafe_pickle: bool
+    verify: bool
+    max_shard_size: int | str | None
+    progress: Progress | None
 
 
 @dataclass(frozen=True)
@@ -135,26 +162,20 @@ def run_surgery(
     mode: str,
     on_conflict: str = "error",
     weights: Sequence[float] | None = None,
-    dtype: str | None = None,
-    keep_dtype: Sequence[str] = (),
-    format: str | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    gate: Gate | None = None,
-    allow_globals: tuple[str, ...] | list[str] = (),
-    unsafe_pickle: bool = False,
     provenance_extra: Mapping[str, Any] | None = None,
-    verify: bool = True,
-    max_shard_size: int | str | None = None,
-    progress: Progress | None = None,
+    **options: Unpack[SurgeryOptions],
 ) -> SurgeryResult:
     """Plan the surgery of ``specs`` (``mode``: remap, union or average), gate it, and unless
-    ``dry_run`` write it to ``out``; see :func:`~ckptsurgery.plan.build.build_plan` for the
-    plan and :func:`~ckptsurgery.plan.execute.execute` for the writing."""
+    ``dry_run`` write it to ``out``; see :class:`SurgeryOptions` for the options,
+    :func:`~ckptsurgery.plan.build.build_plan` for the plan and
+    :func:`~ckptsurgery.plan.execute.execute` for the writing."""
+    dtype, keep_dtype = options.get("dtype"), options.get("keep_dtype", ())
+    force, dry_run = options.get("force", False), options.get("dry_run", False)
+    gate, max_shard_size = options.get("gate"), options.get("max_shard_size")
     fmt = None
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     if out is not None:
-        fmt = output_format(out, format, sharded=shard_bytes is not None)
+        fmt = output_format(out, options.get("format"), sharded=shard_bytes is not None)
         inputs = [s.path for s in specs]
         check = check_output_folder if shard_bytes is not None else check_output_path
         check(out, inputs=inputs, force=force or dry_run)
@@ -164,7 +185,10 @@ def run_surgery(
         ckpts = [
             stack.enter_context(
                 open_checkpoint(
-                    s.path, key=s.key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+                    s.path,
+                    key=s.key,
+                    allow_globals=tuple(options.get("allow_globals", ())),
+                    unsafe_pickle=options.get("unsafe_pickle", False),
                 )
             )
             for s in specs
@@ -209,7 +233,7 @@ def run_surgery(
             metadata=metadata,
             overwrite=force,
             max_shard_size=shard_bytes,
-            progress=progress,
-            verify=verify,
+            progress=options.get("progress"),
+            verify=options.get("verify", True),
         )
     return replace(result, written=written, notes=result.notes + tuple(notes))
