@@ -5,7 +5,7 @@ The torchvision models are built on the meta device; checkpoints of their shapes
 with zero-stride tensors (one element each, expanded), so that a ViT-B checkpoint costs a few
 kilobytes: ``diff`` reads names, shapes and dtypes only.
 
-Regenerate the golden tables with ``UPDATE_GOLDEN=1 pytest tests/test_diff_cli.py``.
+Regenerate the golden tables with ``UPDATE_GOLDEN=1 pytest tests/cli/test_diff_cli.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ckptsurgery.cli import cli
 
 torchvision = pytest.importorskip("torchvision")
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 CONTRACT_KEYS = {
     "compatible",
     "matched",

@@ -1,7 +1,7 @@
 """``--fmt FORMAT`` through the CLI: golden tables of the fixtures in GitHub, grid and plain
 layout, the default unchanged, and ``--json`` unaffected.
 
-Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/test_table_formats.py``.
+Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/cli/test_table_formats.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 
 from ckptsurgery.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).parent / "golden"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 MODEL = "fixtures.make_fixtures:tinynet"  # resolved from the current folder: the repo root
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 
 from ckptsurgery.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MOCO = ROOT / "fixtures" / "moco_tinynet.pth.tar"
 MODEL = "fixtures.make_fixtures:tinynet"  # resolved from the current folder: the repo root
 
