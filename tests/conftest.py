@@ -1,8 +1,14 @@
-"""Shared helpers: tiny real checkpoints and bit-exact comparison on raw bytes."""
+"""Shared helpers: tiny real checkpoints, bit-exact comparison on raw bytes, and the CLI run
+in-process through click's CliRunner.
+
+Test modules in every folder import these with ``from conftest import ...``: pytest puts this
+folder on ``sys.path`` when it loads this file.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
+
+from ckptsurgery.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository's root: ``fixtures/``, ``demo/`` and ``benchmarks/`` are found from here."""
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -17,7 +30,7 @@ def raw(t: torch.Tensor) -> bytes:
 
     ``torch.equal`` calls NaN unequal to itself and -0.0 equal to 0.0; bytes do neither.
     """
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def from_bytes(data: list[int], dtype: torch.dtype, shape: tuple[int, ...] = (-1,)) -> torch.Tensor:
@@ -93,3 +106,73 @@ def write_safetensors(path: Path, header: bytes | dict[str, Any], data: bytes = 
 @pytest.fixture
 def sd() -> dict[str, torch.Tensor]:
     return sample_state_dict()
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The repository's root as the current folder: ``fixtures/...`` paths and model specs such
+    as ``fixtures.make_fixtures:tinynet`` resolve from there."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def cli_run(*args: str | Path, **kwargs: Any) -> Result:
+    """``ckptsurgery ARGS...`` in-process, each argument ``str()``'d; stdout and stderr apart.
+
+    ``kwargs`` go to ``CliRunner.invoke`` (``input=``, ``env=``, ...).
+    """
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def no_traceback(result: Result) -> None:
+    """The command ended on purpose: no traceback printed, nothing but SystemExit escaped."""
+    for text in (result.stdout, result.stderr, result.output):
+        assert "Traceback" not in text
+    # the CLI exits on purpose; anything else escaping is a bug
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def cli_run_clean(*args: str | Path, **kwargs: Any) -> Result:
+    """:func:`cli_run`, and :func:`no_traceback` on its result, whatever the exit code."""
+    result = cli_run(*args, **kwargs)
+    no_traceback(result)
+    return result
+
+
+def assert_ok(result: Result) -> None:
+    """Exit 0, no traceback, and no ``Error:`` on stderr."""
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert "Error:" not in result.stderr, result.stderr
+
+
+def assert_error(result: Result, *fragments: str, only_line: bool = True) -> str:
+    """Exit 2, nothing on stdout, and one ``Error:`` line on stderr holding ``fragments``.
+
+    With ``only_line`` (the default) that line is all of stderr: no hint below it.
+    """
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("Error: "), errors[0]
+    if only_line:
+        assert lines == errors, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def check_golden(name: str, text: str) -> None:
+    """``text`` equals ``golden/NAME``; with ``UPDATE_GOLDEN=1`` in the environment, write it."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to write it"
+    assert text == path.read_text(encoding="utf-8")
