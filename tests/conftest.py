@@ -7,16 +7,21 @@ folder on ``sys.path`` when it loads this file.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from torch import nn
 
 from ckptsurgery.cli import cli
 
@@ -73,6 +78,16 @@ def sample_state_dict() -> dict[str, torch.Tensor]:
     }
 
 
+class TinyNet(nn.Module):
+    """A backbone (conv, BatchNorm with its int64 counter) and a head."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+
 def assert_bit_exact(
     got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], *, ordered: bool = True
 ) -> None:
@@ -106,6 +121,21 @@ def write_safetensors(path: Path, header: bytes | dict[str, Any], data: bytes = 
 @pytest.fixture
 def sd() -> dict[str, torch.Tensor]:
     return sample_state_dict()
+
+
+# -- modules and folders ----------------------------------------------------------------------
+
+
+def import_source(
+    folder: Path, name: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """Write ``source`` as ``folder/NAME.py`` and import it afresh, ``folder`` on ``sys.path``
+    so that model specs find it too; for fixtures to ``yield from``, which forget it after."""
+    (folder / f"{name}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop(name, None)
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
 
 
 @pytest.fixture
@@ -168,6 +198,9 @@ def assert_error(result: Result, *fragments: str, only_line: bool = True) -> str
     return errors[0]
 
 
+# -- golden files -----------------------------------------------------------------------------
+
+
 def check_golden(name: str, text: str) -> None:
     """``text`` equals ``golden/NAME``; with ``UPDATE_GOLDEN=1`` in the environment, write it."""
     path = GOLDEN / name
@@ -176,3 +209,52 @@ def check_golden(name: str, text: str) -> None:
         path.write_text(text, encoding="utf-8")
     assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to write it"
     assert text == path.read_text(encoding="utf-8")
+
+
+# -- a fresh interpreter, without torch -------------------------------------------------------
+
+
+def run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` in a fresh interpreter in ``cwd``, then check that torch was never imported.
+
+    ``body`` calls ``cli(*args)``: the CLI's ``main`` in-process, which must exit 0.
+    """
+    script = (
+        textwrap.dedent(
+            """
+        import sys
+
+        def cli(*args):
+            from ckptsurgery.cli import main
+
+            sys.argv = ["ckptsurgery", *args]
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code
+            else:
+                code = 0
+            assert code in (0, None), f"ckptsurgery {' '.join(args)} exited {code}"
+
+        """
+        )
+        + textwrap.dedent(body)
+        + textwrap.dedent(
+            """
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, f"torch was imported: {loaded[:5]}"
+        print("TORCH-FREE")
+        """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH-FREE" in proc.stdout
+    return proc

@@ -11,15 +11,13 @@ Regenerate the golden tables with ``UPDATE_GOLDEN=1 pytest tests/cli/test_diff_c
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import assert_error, check_golden, cli_run, no_traceback
+from conftest import assert_error, check_golden, cli_run, import_source, no_traceback
 from safetensors.torch import save_file
 
 torchvision = pytest.importorskip("torchvision")
@@ -272,14 +270,8 @@ class TinyLM(nn.Module):
 @pytest.fixture
 def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The module ``cs_diff_nets`` in the current folder, where model specs look first."""
-    (tmp_path / "cs_diff_nets.py").write_text(textwrap.dedent(NETS), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("cs_diff_nets", None)
-    import cs_diff_nets  # type: ignore[import-not-found]
-
-    yield cs_diff_nets
-    sys.modules.pop("cs_diff_nets", None)
+    yield from import_source(tmp_path, "cs_diff_nets", NETS, monkeypatch)
 
 
 TINY_LM = ("--model", "cs_diff_nets:TinyLM")

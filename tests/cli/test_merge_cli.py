@@ -9,19 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_error, assert_ok, cli_run, raw
+from conftest import TinyNet, assert_error, assert_ok, cli_run, raw
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckptsurgery.cli.merge_cmd import gather_weights
-
-
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, num_classes)
 
 
 def run_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -13,8 +13,6 @@ import argparse
 import json
 import re
 import shlex
-import sys
-import textwrap
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import Result
-from conftest import cli_run_clean, raw
+from conftest import cli_run_clean, import_source, raw
 from safetensors.torch import load_file
 
 from ckptsurgery.rules import Rules
@@ -289,14 +287,8 @@ class TinyBertClassifier(nn.Module):
 @pytest.fixture
 def bert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The module ``cs_e2e_bert`` in the current folder, where model specs look first."""
-    (tmp_path / "cs_e2e_bert.py").write_text(textwrap.dedent(BERT), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("cs_e2e_bert", None)
-    import cs_e2e_bert  # type: ignore[import-not-found]
-
-    yield cs_e2e_bert
-    sys.modules.pop("cs_e2e_bert", None)
+    yield from import_source(tmp_path, "cs_e2e_bert", BERT, monkeypatch)
 
 
 def test_bert_prefix_is_added(tmp_path: Path, bert: Any) -> None:
