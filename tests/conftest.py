@@ -1,15 +1,33 @@
-"""Shared helpers: tiny real checkpoints and bit-exact comparison on raw bytes."""
+"""Shared helpers: tiny real checkpoints, bit-exact comparison on raw bytes, and the CLI run
+in-process through click's CliRunner.
+
+Test modules in every folder import these with ``from conftest import ...``: pytest puts this
+folder on ``sys.path`` when it loads this file.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import struct
-from collections.abc import Mapping
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
+from torch import nn
+
+from ckptsurgery.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository's root: ``fixtures/``, ``demo/`` and ``benchmarks/`` are found from here."""
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -17,7 +35,7 @@ def raw(t: torch.Tensor) -> bytes:
 
     ``torch.equal`` calls NaN unequal to itself and -0.0 equal to 0.0; bytes do neither.
     """
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def from_bytes(data: list[int], dtype: torch.dtype, shape: tuple[int, ...] = (-1,)) -> torch.Tensor:
@@ -60,6 +78,16 @@ def sample_state_dict() -> dict[str, torch.Tensor]:
     }
 
 
+class TinyNet(nn.Module):
+    """A backbone (conv, BatchNorm with its int64 counter) and a head."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+
 def assert_bit_exact(
     got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], *, ordered: bool = True
 ) -> None:
@@ -93,3 +121,140 @@ def write_safetensors(path: Path, header: bytes | dict[str, Any], data: bytes = 
 @pytest.fixture
 def sd() -> dict[str, torch.Tensor]:
     return sample_state_dict()
+
+
+# -- modules and folders ----------------------------------------------------------------------
+
+
+def import_source(
+    folder: Path, name: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """Write ``source`` as ``folder/NAME.py`` and import it afresh, ``folder`` on ``sys.path``
+    so that model specs find it too; for fixtures to ``yield from``, which forget it after."""
+    (folder / f"{name}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop(name, None)
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The repository's root as the current folder: ``fixtures/...`` paths and model specs such
+    as ``fixtures.make_fixtures:tinynet`` resolve from there."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def cli_run(*args: str | Path, **kwargs: Any) -> Result:
+    """``ckptsurgery ARGS...`` in-process, each argument ``str()``'d; stdout and stderr apart.
+
+    ``kwargs`` go to ``CliRunner.invoke`` (``input=``, ``env=``, ...).
+    """
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def no_traceback(result: Result) -> None:
+    """The command ended on purpose: no traceback printed, nothing but SystemExit escaped."""
+    for text in (result.stdout, result.stderr, result.output):
+        assert "Traceback" not in text
+    # the CLI exits on purpose; anything else escaping is a bug
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def cli_run_clean(*args: str | Path, **kwargs: Any) -> Result:
+    """:func:`cli_run`, and :func:`no_traceback` on its result, whatever the exit code."""
+    result = cli_run(*args, **kwargs)
+    no_traceback(result)
+    return result
+
+
+def assert_ok(result: Result) -> None:
+    """Exit 0, no traceback, and no ``Error:`` on stderr."""
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert "Error:" not in result.stderr, result.stderr
+
+
+def assert_error(result: Result, *fragments: str, only_line: bool = True) -> str:
+    """Exit 2, nothing on stdout, and one ``Error:`` line on stderr holding ``fragments``.
+
+    With ``only_line`` (the default) that line is all of stderr: no hint below it.
+    """
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("Error: "), errors[0]
+    if only_line:
+        assert lines == errors, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+# -- golden files -----------------------------------------------------------------------------
+
+
+def check_golden(name: str, text: str) -> None:
+    """``text`` equals ``golden/NAME``; with ``UPDATE_GOLDEN=1`` in the environment, write it."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to write it"
+    assert text == path.read_text(encoding="utf-8")
+
+
+# -- a fresh interpreter, without torch -------------------------------------------------------
+
+
+def run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` in a fresh interpreter in ``cwd``, then check that torch was never imported.
+
+    ``body`` calls ``cli(*args)``: the CLI's ``main`` in-process, which must exit 0.
+    """
+    script = (
+        textwrap.dedent(
+            """
+        import sys
+
+        def cli(*args):
+            from ckptsurgery.cli import main
+
+            sys.argv = ["ckptsurgery", *args]
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code
+            else:
+                code = 0
+            assert code in (0, None), f"ckptsurgery {' '.join(args)} exited {code}"
+
+        """
+        )
+        + textwrap.dedent(body)
+        + textwrap.dedent(
+            """
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, f"torch was imported: {loaded[:5]}"
+        print("TORCH-FREE")
+        """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH-FREE" in proc.stdout
+    return proc

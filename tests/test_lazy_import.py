@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_without_torch
 
 
 def write_safetensors(path: Path) -> Path:
@@ -27,48 +28,6 @@ def write_safetensors(path: Path) -> Path:
     data = struct.pack("<4f", 1.0, -0.0, float("nan"), 2.5) + b"\x00\x3c\x00\xbc"
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
-
-
-def run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    script = (
-        textwrap.dedent(
-            """
-        import sys
-
-        def cli(*args):
-            from ckptsurgery.cli import main
-
-            sys.argv = ["ckptsurgery", *args]
-            try:
-                main()
-            except SystemExit as e:
-                code = e.code
-            else:
-                code = 0
-            assert code in (0, None), f"ckptsurgery {' '.join(args)} exited {code}"
-
-        """
-        )
-        + textwrap.dedent(body)
-        + textwrap.dedent(
-            """
-        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-        assert not loaded, f"torch was imported: {loaded[:5]}"
-        print("TORCH-FREE")
-        """
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "TORCH-FREE" in proc.stdout
-    return proc
 
 
 def test_import_does_not_import_torch(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import raw
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
@@ -36,12 +37,8 @@ def infos(model: nn.Module) -> dict[str, TensorInfo]:
     return {k: info_of(v) for k, v in model.state_dict().items()}
 
 
-def bits(t: torch.Tensor) -> bytes:
-    return bytes(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def snapshot(model: nn.Module) -> dict[str, bytes]:
-    return {k: bits(v) for k, v in model.state_dict().items()}
+    return {k: raw(v) for k, v in model.state_dict().items()}
 
 
 def randomized(sd: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -402,7 +399,7 @@ def test_load_into_loads_and_verifies(r18_sd: dict[str, torch.Tensor], r18_cpu: 
     before_ids = [id(v) for v in r18_sd.values()]
     report = load_into(r18_cpu, r18_sd)
     assert isinstance(report, MatchReport) and report.compatible
-    assert snapshot(r18_cpu) == {k: bits(v) for k, v in r18_sd.items()}
+    assert snapshot(r18_cpu) == {k: raw(v) for k, v in r18_sd.items()}
     assert list(r18_sd) == before_keys and [id(v) for v in r18_sd.values()] == before_ids
 
 
@@ -448,7 +445,7 @@ def test_load_into_with_a_new_head(r18_sd: dict[str, torch.Tensor]) -> None:
             assert after[k] == before[k]  # the model's own head is kept
             assert len(ten_class[k]) == 10  # and the caller's dict still has its own
         else:
-            assert after[k] == bits(v)
+            assert after[k] == raw(v)
 
 
 def test_load_into_from_an_open_checkpoint(
@@ -458,7 +455,7 @@ def test_load_into_from_an_open_checkpoint(
     save_file(r18_sd, str(path))
     with open_checkpoint(path) as ckpt:
         load_into(r18_cpu, ckpt)
-    assert snapshot(r18_cpu) == {k: bits(v) for k, v in r18_sd.items()}
+    assert snapshot(r18_cpu) == {k: raw(v) for k, v in r18_sd.items()}
 
 
 def test_load_into_casts_to_the_model_dtype(
@@ -468,7 +465,7 @@ def test_load_into_casts_to_the_model_dtype(
     report = load_into(r18_cpu, half)
     assert len(report.dtype_mismatch) == 102
     after = r18_cpu.state_dict()
-    assert all(bits(after[k]) == bits(v.to(after[k].dtype)) for k, v in half.items())
+    assert all(raw(after[k]) == raw(v.to(after[k].dtype)) for k, v in half.items())
 
 
 def test_load_into_keeps_state_dict_metadata() -> None:
@@ -477,7 +474,7 @@ def test_load_into_keeps_state_dict_metadata() -> None:
     sd._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
     target = nn.Sequential(nn.BatchNorm1d(3))
     load_into(target, sd)
-    assert bits(target.state_dict()["0.num_batches_tracked"]) == bits(sd["0.num_batches_tracked"])
+    assert raw(target.state_dict()["0.num_batches_tracked"]) == raw(sd["0.num_batches_tracked"])
 
 
 def test_load_into_a_meta_model_is_refused(r18_sd: dict[str, torch.Tensor]) -> None:
@@ -497,7 +494,7 @@ def test_load_into_a_tied_model() -> None:
     load_into(
         model, {"embed.weight": embed, "norm.weight": torch.ones(4), "norm.bias": torch.zeros(4)}
     )
-    assert bits(model.lm_head.weight) == bits(embed)
+    assert raw(model.lm_head.weight) == raw(embed)
     assert model.lm_head.weight is model.embed.weight
 
     # Both tied names with the same values load; different values are refused.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bit_exact, assert_tied, raw, safetensors_header
+from conftest import TinyNet, assert_bit_exact, assert_tied, raw, safetensors_header
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -17,16 +17,6 @@ import ckptsurgery as cs
 from ckptsurgery.io import safetensors_format as stf
 from ckptsurgery.merge import MergeConflictError, MergeError, SourceSpec
 from ckptsurgery.plan.execute import PlanSource
-
-
-class TinyNet(nn.Module):
-    """A backbone (conv, BatchNorm with its int64 counter) and a head."""
-
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, num_classes)
 
 
 def net_state(

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import cli_run, raw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckptsurgery as cs
-from ckptsurgery.cli import cli
 from ckptsurgery.plan import ops
-
-
-def run(*args: str | Path) -> Any:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def awkward_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -57,18 +47,20 @@ def resnet50(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resnet50_bfloat16_with_running_stats_kept(resnet50: Path, tmp_path: Path) -> None:
     torchvision = pytest.importorskip("torchvision")
     out = tmp_path / "bf16.safetensors"
-    result = run("remap", resnet50, "-o", out, "--dtype", "bfloat16", "--keep-dtype", "*.running_*")
+    result = cli_run(
+        "remap", resnet50, "-o", out, "--dtype", "bfloat16", "--keep-dtype", "*.running_*"
+    )
     assert result.exit_code == 0, result.output
     src, got = load_file(str(resnet50)), load_file(str(out))
     assert sorted(got) == sorted(src)
     cast = kept = 0
     for k, v in src.items():
         if "running_" in k or k.endswith("num_batches_tracked"):
-            assert got[k].dtype == v.dtype and bits(got[k]) == bits(v), k
+            assert got[k].dtype == v.dtype and raw(got[k]) == raw(v), k
             kept += 1
         else:
             assert got[k].dtype == torch.bfloat16, k
-            assert bits(got[k]) == bits(v.to(torch.bfloat16)), k
+            assert raw(got[k]) == raw(v.to(torch.bfloat16)), k
             cast += 1
     assert cast == 161 and kept == 3 * 53  # weights/biases; mean, var, counter of 53 BNs
     model = torchvision.models.resnet50(weights=None)
@@ -77,7 +69,7 @@ def test_resnet50_bfloat16_with_running_stats_kept(resnet50: Path, tmp_path: Pat
 
 
 def test_dry_run_shows_casts_and_bytes_saved(resnet50: Path) -> None:
-    result = run(
+    result = cli_run(
         "remap", resnet50, "--dtype", "float16", "--keep-dtype", "*.running_*", "--dry-run"
     )
     assert result.exit_code == 0, result.output
@@ -87,7 +79,9 @@ def test_dry_run_shows_casts_and_bytes_saved(resnet50: Path) -> None:
     assert rows["bn1.num_batches_tracked"][3] == "copy"
     assert "161 tensors cast to float16" in result.stdout
     assert "saved" in result.stdout
-    payload = json.loads(run("remap", resnet50, "--dtype", "float16", "--dry-run", "--json").stdout)
+    payload = json.loads(
+        cli_run("remap", resnet50, "--dtype", "float16", "--dry-run", "--json").stdout
+    )
     plan = payload["plan"]
     entry = next(e for e in plan["entries"] if e["key"] == "fc.weight")
     assert entry["op"] == "cast" and entry["dtype"] == "float16"
@@ -109,7 +103,7 @@ def test_cast_bits_equal_torch(tmp_path: Path, src_dtype: torch.dtype, dst: str,
     cs.remap(src, out, cs.Rules(), dtype=dst)
     got = cs.load_state_dict(out)
     want = t.to(getattr(torch, dst))
-    assert got["w"].dtype == want.dtype and bits(got["w"]) == bits(want)
+    assert got["w"].dtype == want.dtype and raw(got["w"]) == raw(want)
     assert got["n"].dtype == torch.int64 and got["b"].dtype == torch.bool  # never cast
 
 
@@ -122,13 +116,13 @@ def test_cast_streams_in_chunks_across_element_boundaries(
     import io
 
     t = awkward_values(torch.float32)
-    data = bits(t)
+    data = raw(t)
     sink = io.BytesIO()
     w = ops.CastWriter(sink, "float32", "bfloat16")
     for i in range(0, len(data), 13):  # odd pieces
         w.write(data[i : i + 13])
     w.close()
-    assert sink.getvalue() == bits(t.to(torch.bfloat16))
+    assert sink.getvalue() == raw(t.to(torch.bfloat16))
     w = ops.CastWriter(io.BytesIO(), "float32", "bfloat16")
     w.write(data[:6])
     with pytest.raises(cs.RuleError, match="not whole"):
@@ -159,14 +153,14 @@ def test_average_with_dtype_is_the_float32_mean_cast(tmp_path: Path) -> None:
         paths.append(tmp_path / f"r{i}.safetensors")
         save_file({"w": t, "steps": torch.tensor(7)}, str(paths[-1]))
     out = tmp_path / "soup.safetensors"
-    result = run(
+    result = cli_run(
         "merge", *paths, "--average", "--weights", "1", "2", "3", "--dtype", "bfloat16", "-o", out
     )
     assert result.exit_code == 0, result.output
     mean = tensors[0] * (1 / 6)
     mean.add_(tensors[1], alpha=2 / 6).add_(tensors[2], alpha=3 / 6)
     got = load_file(str(out))
-    assert bits(got["w"]) == bits(mean.to(torch.bfloat16))
+    assert raw(got["w"]) == raw(mean.to(torch.bfloat16))
     assert got["steps"].dtype == torch.int64
 
 
@@ -174,7 +168,10 @@ def test_provenance_records_the_plan(tmp_path: Path) -> None:
     src = tmp_path / "in.safetensors"
     save_file({"a.w": torch.randn(2, 2), "a.n": torch.tensor(3)}, str(src))
     out = tmp_path / "o.safetensors"
-    assert run("remap", src, "-o", out, "--strip-prefix", "a.", "--dtype", "float16").exit_code == 0
+    assert (
+        cli_run("remap", src, "-o", out, "--strip-prefix", "a.", "--dtype", "float16").exit_code
+        == 0
+    )
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     plan = json.loads(meta["ckptsurgery.plan"])
@@ -189,12 +186,12 @@ def test_provenance_records_the_plan(tmp_path: Path) -> None:
 def test_keep_dtype_needs_dtype_and_unused_globs_are_noted(tmp_path: Path) -> None:
     src = tmp_path / "in.safetensors"
     save_file({"w": torch.randn(2)}, str(src))
-    result = run("remap", src, "-o", tmp_path / "o.safetensors", "--keep-dtype", "*.x")
+    result = cli_run("remap", src, "-o", tmp_path / "o.safetensors", "--keep-dtype", "*.x")
     assert result.exit_code == 2 and result.stderr.startswith("Error:")
-    result = run("remap", src, "--dtype", "bfloat16", "--keep-dtype", "*.x", "--dry-run")
+    result = cli_run("remap", src, "--dtype", "bfloat16", "--keep-dtype", "*.x", "--dry-run")
     assert result.exit_code == 0
     assert "note: --keep-dtype *.x matched no key" in result.stderr
-    result = run("remap", src, "--dtype", "float8", "--dry-run")
+    result = cli_run("remap", src, "--dtype", "float8", "--dry-run")
     assert result.exit_code == 2 and "float8" in result.stderr
 
 

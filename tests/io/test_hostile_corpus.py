@@ -32,9 +32,7 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from ckptsurgery.cli import cli
+from conftest import cli_run
 
 MARKER = "PWNED"  # created in the case's folder by any pickle that manages to run code
 
@@ -406,7 +404,7 @@ def test_hostile_source_is_refused(tmp_path: Path, name: str, command: str) -> N
     before = _fingerprint(src)
     out = out_dir / "out.safetensors"
 
-    result = CliRunner().invoke(cli, _argv(command, src, out, ref))
+    result = cli_run(*_argv(command, src, out, ref))
 
     _check_refused(result.stderr, result.exit_code, case.message)
     assert not (src_dir / MARKER).exists(), "the pickle ran code"
@@ -426,12 +424,11 @@ def test_crc_mismatch_is_found_where_the_bytes_are_read(tmp_path: Path) -> None:
     recipe.parent.mkdir()
     recipe.write_text(f'[[source]]\npath = "{src}"\n[output]\npath = "{out}"\n')
     before = _fingerprint(src)
-    runner = CliRunner()
 
-    inspected = runner.invoke(cli, ["inspect", str(src)])
+    inspected = cli_run("inspect", src)
     assert inspected.exit_code == 0, inspected.stderr
     assert "Error:" not in inspected.stderr
-    diffed = runner.invoke(cli, ["diff", str(src), "--against", str(ref)])
+    diffed = cli_run("diff", src, "--against", ref)
     assert diffed.exit_code in (0, 1), diffed.stderr  # w/b against a/b: a report, not an error
     assert "Error:" not in diffed.stderr
 
@@ -441,7 +438,7 @@ def test_crc_mismatch_is_found_where_the_bytes_are_read(tmp_path: Path) -> None:
         ["merge", str(src), str(ref), "-o", str(out), "--on-conflict", "first"],
         ["apply", str(recipe)],
     ):
-        result = runner.invoke(cli, argv)
+        result = cli_run(*argv)
         _check_refused(result.stderr, result.exit_code, "'archive/data/0' fails its CRC-32")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crc.pth", "recipes", "ref.safetensors"]
@@ -451,7 +448,7 @@ def test_crc_mismatch_is_found_where_the_bytes_are_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("pickle-")])
 def test_scan_shows_globals_without_running_them(tmp_path: Path, name: str) -> None:
     src = CASES[name].build(tmp_path)
-    result = CliRunner().invoke(cli, ["scan", str(src), "--json"])
+    result = cli_run("scan", src, "--json")
     assert result.exit_code in (0, 1), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / MARKER).exists(), "scan ran the pickle"
@@ -507,7 +504,7 @@ def test_any_exception_is_one_error_line(
 ) -> None:
     exc, expected = RAISED[name]
     monkeypatch.setattr("ckptsurgery.cli.inspect_cmd.open_source", _raiser(exc))
-    result = CliRunner().invoke(cli, ["inspect", str(_good_ref(tmp_path))])
+    result = cli_run("inspect", _good_ref(tmp_path))
     lines = result.stderr.splitlines()
     assert result.exit_code == 2, result.stderr
     assert lines[0].startswith("Error: ")
@@ -526,24 +523,24 @@ def test_os_error_names_the_file_and_the_reason(
         "ckptsurgery.cli.inspect_cmd.open_source",
         _raiser(IsADirectoryError(21, "Is a directory", "/some/where")),
     )
-    result = CliRunner().invoke(cli, ["inspect", str(_good_ref(tmp_path))])
+    result = cli_run("inspect", _good_ref(tmp_path))
     assert result.stderr == "Error: '/some/where': Is a directory\n"
 
 
 def test_debug_prints_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("ckptsurgery.cli.inspect_cmd.open_source", _raiser(KeyError("storages")))
-    result = CliRunner().invoke(cli, ["--debug", "inspect", str(_good_ref(tmp_path))])
+    result = cli_run("--debug", "inspect", _good_ref(tmp_path))
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
     assert "KeyError: 'storages'" in result.stderr
     assert "Error: internal error: KeyError: 'storages'" in result.stderr
     # and the flag does not stick to the next run in the same process
-    result = CliRunner().invoke(cli, ["inspect", str(_good_ref(tmp_path))])
+    result = cli_run("inspect", _good_ref(tmp_path))
     assert "Traceback" not in result.stderr
 
 
 def test_debug_with_a_checkpoint_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["--debug", "inspect", str(tmp_path / "missing.pth")])
+    result = cli_run("--debug", "inspect", tmp_path / "missing.pth")
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("Error: ")
@@ -551,7 +548,7 @@ def test_debug_with_a_checkpoint_error(tmp_path: Path) -> None:
 
 def test_keyboard_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("ckptsurgery.cli.inspect_cmd.open_source", _raiser(KeyboardInterrupt()))
-    result = CliRunner().invoke(cli, ["inspect", str(_good_ref(tmp_path))])
+    result = cli_run("inspect", _good_ref(tmp_path))
     assert result.exit_code == 130
     assert result.stderr == "Interrupted; nothing was written.\n"
 

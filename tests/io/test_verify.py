@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import assert_bit_exact, sample_state_dict
+from click.testing import Result
+from conftest import assert_bit_exact, cli_run, sample_state_dict
 
 import ckptsurgery as cs
-from ckptsurgery.cli import cli
 from ckptsurgery.errors import OutputError
 from ckptsurgery.io import writer
 from ckptsurgery.io.dtypes import TensorInfo
@@ -85,15 +84,14 @@ def test_damage_between_write_and_verify_is_refused(
     out_args = OUTPUTS[out_kind]
     out = tmp_path / out_args[0]
     argv = ["remap", str(src), "-o", str(out), *out_args[1:], "--strip-prefix", "module."]
-    runner = CliRunner()
-    first = runner.invoke(cli, argv)
+    first = cli_run(*argv)
     assert first.exit_code == 0, first.stderr
     previous = _fingerprint(out)
     listing = sorted(p.name for p in tmp_path.iterdir())
 
     calls: list[Path] = []
     monkeypatch.setattr(writer, "verify_output", _damaging(calls))
-    result = runner.invoke(cli, [*argv, "--force", "--add-prefix", "new."])
+    result = cli_run(*argv, "--force", "--add-prefix", "new.")
 
     assert len(calls) == 1
     assert result.exit_code == 2, result.stderr
@@ -114,7 +112,7 @@ def test_damage_leaves_no_output(
     out_args = OUTPUTS[out_kind]
     out = tmp_path / out_args[0]
     monkeypatch.setattr(writer, "verify_output", _damaging([]))
-    result = CliRunner().invoke(cli, ["remap", str(src), "-o", str(out), *out_args[1:]])
+    result = cli_run("remap", src, "-o", out, *out_args[1:])
     assert result.exit_code == 2, result.stderr
     assert len(_error_lines(result)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
@@ -143,12 +141,12 @@ def test_every_writing_command_verifies_unless_told_not_to(
     calls: list[Path] = []
     monkeypatch.setattr(writer, "verify_output", _damaging(calls))
 
-    skipped = CliRunner().invoke(cli, [*command(src, out), "--no-verify"])
+    skipped = cli_run(*command(src, out), "--no-verify")
     assert skipped.exit_code == 0, skipped.stderr
     assert calls == []  # the damage would have been found: nothing looked
     out.unlink()
 
-    checked = CliRunner().invoke(cli, command(src, out))
+    checked = cli_run(*command(src, out))
     assert len(calls) == 1
     assert checked.exit_code == 2, checked.stderr
     assert "CRC-32" in _error_lines(checked)[0]

@@ -11,7 +11,13 @@ import pytest
 import torch
 from conftest import raw
 from safetensors.torch import load_file, save_file
-from test_train_support import TINY_VIT, TINY_VIT_ARGS, make_images, write_tiny_nets
+from test_train_support import (
+    TINY_VIT,
+    TINY_VIT_ARGS,
+    make_images,
+    training_folder,
+    write_tiny_nets,
+)
 from torch import nn
 
 from ckptsurgery.models import build_model
@@ -159,9 +165,7 @@ def test_outputs_reload_strictly_and_metrics_have_one_line_per_epoch(
 
 
 def test_from_scratch_is_seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tiny_nets(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "data")
+    training_folder(tmp_path, monkeypatch)
     options: dict[str, Any] = {"model": "tinynets:TinyCNN", "mode": "full"}
     options["transform"] = TransformConfig(image_size=16, augment=True)
     run(tmp_path, out=str(tmp_path / "a"), **options)
@@ -230,9 +234,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(
 
 
 def test_resume_refuses_other_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tiny_nets(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "data")
+    training_folder(tmp_path, monkeypatch)
     options: dict[str, Any] = {"model": "tinynets:TinyCNN", "mode": "full"}
     options["transform"] = TransformConfig(image_size=16)
     run(tmp_path, **options)
@@ -243,9 +245,7 @@ def test_resume_refuses_other_options(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_model_that_returns_a_tuple_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_tiny_nets(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "data")
+    training_folder(tmp_path, monkeypatch)
     with pytest.raises(TrainError, match="returned a tuple, not a tensor of logits"):
         run(
             tmp_path,
@@ -258,9 +258,7 @@ def test_a_model_that_returns_a_tuple_is_refused(
 def test_replace_head_then_bn_recalibrate_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_tiny_nets(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "data")
+    training_folder(tmp_path, monkeypatch)
     run(
         tmp_path,
         model="tinynets:TinyCNN",
@@ -280,9 +278,7 @@ def test_replace_head_then_bn_recalibrate_run(
 def test_early_stop_after_patience_epochs_without_a_better_top1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_tiny_nets(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "data")
+    training_folder(tmp_path, monkeypatch)
     # An lr too small to change a float32 weight: every epoch evaluates the same.
     result = run(
         tmp_path,

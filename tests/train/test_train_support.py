@@ -134,6 +134,19 @@ def make_images(
     return root
 
 
+# The flags of a tiny ``train`` run in a :func:`training_folder`.
+BASE = ["--model", "tinynets:TinyCNN", "--data", "data", "--image-size", "16", "--batch-size", "4"]
+
+
+def training_folder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``folder`` as the current folder, with ``tinynets.py`` and the images of
+    :func:`make_images` in ``data/``."""
+    write_tiny_nets(folder)
+    make_images(folder / "data")
+    monkeypatch.chdir(folder)
+    return folder
+
+
 def run_in_session(
     argv: Sequence[str], *, cwd: Path, timeout: float, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conftest import cli_run
+
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.safetensors_format import encode_header
 
@@ -136,20 +138,16 @@ def test_torch_zip_rename_streams_in_bounded_memory(tmp_path: Path) -> None:
 def test_progress_line_on_request_only(tmp_path: Path) -> None:
     import io
 
-    from click.testing import CliRunner
-
-    from ckptsurgery.cli import cli
     from ckptsurgery.render.progress import AUTO_MIN_BYTES, wanted
 
     src = tmp_path / "m.safetensors"
     _big_safetensors(src, tensors=2, mb_each=1)
-    runner = CliRunner()
-    result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "a.pt"), "--progress"])
+    result = cli_run("remap", src, "-o", tmp_path / "a.pt", "--progress")
     assert result.exit_code == 0, result.output
     bar = [part for part in result.stderr.split("\r") if part.startswith("writing a.pt")]
     assert bar and "100%" in bar[-1] and "2.00M/2.00M" in bar[-1]
     assert result.stdout == ""
-    result = runner.invoke(cli, ["remap", str(src), "-o", str(tmp_path / "b.pt")])
+    result = cli_run("remap", src, "-o", tmp_path / "b.pt")
     assert result.exit_code == 0 and "\r" not in result.stderr  # not a terminal: no bar
 
     class Tty(io.StringIO):

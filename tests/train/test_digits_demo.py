@@ -18,7 +18,7 @@ from test_train_support import run_in_session
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRANSFER = ("linear probe", "full", "discriminative")
 
 

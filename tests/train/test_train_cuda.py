@@ -7,31 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import cli_run
 from safetensors.torch import load_file
-from test_train_support import make_images, write_tiny_nets
+from test_train_support import BASE, training_folder
 
-from ckptsurgery.cli import cli
 from ckptsurgery.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-BASE = ["--model", "tinynets:TinyCNN", "--data", "data", "--image-size", "16", "--batch-size", "4"]
-
 
 @pytest.fixture
 def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    write_tiny_nets(tmp_path)
-    make_images(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return training_folder(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("mode", ["linear-probe", "discriminative"])
 def test_train_and_evaluate_on_cuda(folder: Path, mode: str, amp: bool) -> None:
     args = [*BASE, "-o", "run", "--mode", mode, "--epochs", "2", "--device", "cuda"]
-    result = CliRunner().invoke(cli, ["train", *args, *(["--amp"] if amp else [])])
+    result = cli_run("train", *args, *(["--amp"] if amp else []))
     assert result.exit_code == 0, result.output
     best = load_file(str(folder / "run" / "best.safetensors"))
     assert all(t.device.type == "cpu" for t in best.values())  # saved from the GPU to the CPU
@@ -40,10 +34,9 @@ def test_train_and_evaluate_on_cuda(folder: Path, mode: str, amp: bool) -> None:
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").open()]
     assert len(metrics) == 2 and all(0.0 <= m["top1"] <= 1.0 for m in metrics)
 
-    result = CliRunner().invoke(
-        cli,
-        ["evaluate", "--model", "tinynets:TinyCNN", "--weights", "run/best.safetensors",
-         "--data", "data", "--image-size", "16", "--device", "cuda", "--json"],
+    result = cli_run(
+        "evaluate", "--model", "tinynets:TinyCNN", "--weights", "run/best.safetensors",
+        "--data", "data", "--image-size", "16", "--device", "cuda", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

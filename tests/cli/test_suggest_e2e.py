@@ -13,8 +13,6 @@ import argparse
 import json
 import re
 import shlex
-import sys
-import textwrap
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,11 +20,10 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import raw
+from click.testing import Result
+from conftest import cli_run_clean, import_source, raw
 from safetensors.torch import load_file
 
-from ckptsurgery.cli import cli
 from ckptsurgery.rules import Rules
 from ckptsurgery.suggest import rule_args
 
@@ -38,16 +35,8 @@ OUT_PLACEHOLDER = "OUT.safetensors"
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def run(*args: str | Path) -> Result:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    for text in (result.stdout, result.stderr):
-        assert "Traceback" not in text
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result
-
-
 def diff_json(*args: str | Path) -> tuple[int, dict[str, Any]]:
-    result = run("diff", *args, "--json")
+    result = cli_run_clean("diff", *args, "--json")
     assert result.exit_code in (0, 1), result.output
     data: dict[str, Any] = json.loads(result.stdout)
     return result.exit_code, data
@@ -67,7 +56,7 @@ def run_command(command: str, out: Path) -> Result:
     i = words.index("-o")
     assert words[i + 1] == OUT_PLACEHOLDER
     words[i + 1] = str(out)
-    return run(*words[1:])
+    return cli_run_clean(*words[1:])
 
 
 def check_result(out: Path, suggestion: Mapping[str, Any], *model: str) -> dict[str, Any]:
@@ -180,7 +169,7 @@ def test_moco(tmp_path: Path, r18: dict[str, torch.Tensor], model_args: tuple[st
 def test_moco_human_output_is_ready_to_run(tmp_path: Path, r18: dict[str, torch.Tensor]) -> None:
     ckpt = moco(r18)
     torch.save(ckpt, src := tmp_path / "moco_v2.pth.tar")
-    result = run("diff", src, *R18, "--suggest")
+    result = cli_run_clean("diff", src, *R18, "--suggest")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
 
@@ -204,7 +193,7 @@ def test_moco_human_output_is_ready_to_run(tmp_path: Path, r18: dict[str, torch.
     check_bits(out, ckpt["state_dict"], MOCO_RULES)
     (tmp_path / "rules.toml").write_text(block, encoding="utf-8")
     out2 = tmp_path / "backbone2.safetensors"
-    result = run("remap", src, "-o", out2, "--rules", tmp_path / "rules.toml")
+    result = cli_run_clean("remap", src, "-o", out2, "--rules", tmp_path / "rules.toml")
     assert result.exit_code == 0, result.output
     assert out2.read_bytes() != b"" and set(load_file(str(out2))) == set(load_file(str(out)))
 
@@ -298,14 +287,8 @@ class TinyBertClassifier(nn.Module):
 @pytest.fixture
 def bert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The module ``cs_e2e_bert`` in the current folder, where model specs look first."""
-    (tmp_path / "cs_e2e_bert.py").write_text(textwrap.dedent(BERT), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("cs_e2e_bert", None)
-    import cs_e2e_bert  # type: ignore[import-not-found]
-
-    yield cs_e2e_bert
-    sys.modules.pop("cs_e2e_bert", None)
+    yield from import_source(tmp_path, "cs_e2e_bert", BERT, monkeypatch)
 
 
 def test_bert_prefix_is_added(tmp_path: Path, bert: Any) -> None:
@@ -386,7 +369,7 @@ def test_student_and_teacher_are_listed_not_chosen(
     for rules in (student, teacher):
         assert " ".join(rules.describe()) in s["ambiguities"][0]
 
-    result = run("diff", src, *R18, "--suggest")
+    result = cli_run_clean("diff", src, *R18, "--suggest")
     assert result.exit_code == 1
     assert "ckptsurgery remap" not in result.stdout
     assert (
@@ -397,7 +380,7 @@ def test_student_and_teacher_are_listed_not_chosen(
     # Either alternative, once picked, gives a checkpoint that fits.
     for i, rules in enumerate((student, teacher)):
         out = tmp_path / f"picked{i}.safetensors"
-        result = run("remap", src, "-o", out, *rule_args(rules), *R18)
+        result = cli_run_clean("remap", src, "-o", out, *rule_args(rules), *R18)
         assert result.exit_code == 0, result.output
         check_bits(out, flat, rules)
         assert diff_json(out, *R18)[0] == 0

@@ -9,47 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import TinyNet, assert_error, assert_ok, cli_run, raw
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckptsurgery.cli import cli
 from ckptsurgery.cli.merge_cmd import gather_weights
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def raw(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-    assert "Error:" not in result.stderr
-
-
-def assert_error(result: Result, *fragments: str) -> str:
-    """Exit 2, nothing on stdout, one ``Error:`` line on stderr holding ``fragments``."""
-    assert "Traceback" not in result.output
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, num_classes)
 
 
 def run_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -76,7 +40,7 @@ def parts(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
 def test_backbone_plus_head_loads_strictly(parts: Any, tmp_path: Path) -> None:
     backbone, head, full = parts
     out = tmp_path / "model.safetensors"
-    result = run("merge", backbone, head, "-o", out)
+    result = cli_run("merge", backbone, head, "-o", out)
     assert_ok(result)
     assert result.stdout == ""
     assert "using the state dict at 'state_dict'" in result.stderr
@@ -92,7 +56,7 @@ def test_backbone_plus_head_loads_strictly(parts: Any, tmp_path: Path) -> None:
 def test_torch_output_is_a_flat_state_dict(parts: Any, tmp_path: Path) -> None:
     backbone, head, full = parts
     out = tmp_path / "model.pt"
-    assert_ok(run("merge", backbone, head, "-o", out))
+    assert_ok(cli_run("merge", backbone, head, "-o", out))
     sd = torch.load(out, weights_only=True)
     assert sorted(sd) == sorted(full)
     TinyNet().load_state_dict(sd, strict=True)
@@ -102,7 +66,7 @@ def test_conflict_refused_naming_key_and_sources(tmp_path: Path) -> None:
     save_file({"fc.weight": torch.zeros(2), "a": torch.zeros(1)}, tmp_path / "one.safetensors")
     save_file({"fc.weight": torch.ones(2), "b": torch.zeros(1)}, tmp_path / "two.safetensors")
     out = tmp_path / "o.safetensors"
-    result = run("merge", tmp_path / "one.safetensors", tmp_path / "two.safetensors", "-o", out)
+    result = cli_run("merge", tmp_path / "one.safetensors", tmp_path / "two.safetensors", "-o", out)
     assert_error(
         result,
         "1 key is in several sources",
@@ -122,7 +86,7 @@ def test_conflict_first_or_last(tmp_path: Path, policy: str, winner: int) -> Non
         paths.append(tmp_path / f"s{i}.safetensors")
         save_file({"w": values[-1], f"only{i}": torch.tensor([i])}, paths[-1])
     out = tmp_path / "o.safetensors"
-    result = run("merge", *paths, "--on-conflict", policy, "-o", out)
+    result = cli_run("merge", *paths, "--on-conflict", policy, "-o", out)
     assert_ok(result)
     assert "1 key in several sources, each taken from the " + policy in result.stderr
     got = load_file(out)
@@ -135,8 +99,8 @@ def test_ties_survive_a_merge(tmp_path: Path) -> None:
     torch.save({"embed.weight": w, "lm_head.weight": w}, tmp_path / "lm.pt")
     save_file({"norm.weight": torch.ones(2)}, tmp_path / "norm.safetensors")
     out = tmp_path / "o.safetensors"
-    assert_ok(run("merge", tmp_path / "lm.pt", tmp_path / "norm.safetensors", "-o", out))
-    data = json.loads(run("inspect", out, "--json").stdout)
+    assert_ok(cli_run("merge", tmp_path / "lm.pt", tmp_path / "norm.safetensors", "-o", out))
+    data = json.loads(cli_run("inspect", out, "--json").stdout)
     assert data["tied"] == {"lm_head.weight": "embed.weight"}
 
 
@@ -157,7 +121,7 @@ def soup_inputs(tmp_path: Path, dtype: torch.dtype) -> tuple[list[Path], list[di
 def test_average_weighted(tmp_path: Path, dtype: torch.dtype, weights: list[str]) -> None:
     paths, sds = soup_inputs(tmp_path, dtype)
     out = tmp_path / "soup.safetensors"
-    result = run("merge", *paths, "--average", "--weights", *weights, "-o", out)
+    result = cli_run("merge", *paths, "--average", "--weights", *weights, "-o", out)
     assert_ok(result)
     assert "average of 3 sources (weights 0.125, 0.25, 0.625)" in result.stderr
     assert "8 tensors averaged, 1 copied from the first" in result.stderr
@@ -184,7 +148,7 @@ def test_average_refuses_different_keys_and_shapes(tmp_path: Path) -> None:
     )
     save_file({"a": torch.zeros(2), "c": torch.zeros(4)}, tmp_path / "y.safetensors")
     out = tmp_path / "o.safetensors"
-    result = run(
+    result = cli_run(
         "merge", tmp_path / "x.safetensors", tmp_path / "y.safetensors", "--average", "-o", out
     )
     assert_error(
@@ -212,7 +176,7 @@ def test_average_refuses_different_keys_and_shapes(tmp_path: Path) -> None:
 def test_average_bad_weights(tmp_path: Path, weights: list[str], fragment: str) -> None:
     paths, _ = soup_inputs(tmp_path, torch.float32)
     out = tmp_path / "o.safetensors"
-    assert_error(run("merge", *paths, "--average", "--weights", *weights, "-o", out), fragment)
+    assert_error(cli_run("merge", *paths, "--average", "--weights", *weights, "-o", out), fragment)
     assert not out.exists()
 
 
@@ -226,21 +190,21 @@ def test_average_bad_weights(tmp_path: Path, weights: list[str], fragment: str) 
 )
 def test_usage_errors(tmp_path: Path, args: list[str], fragment: str) -> None:
     paths, _ = soup_inputs(tmp_path, torch.float32)
-    assert_error(run("merge", *paths, *args, "-o", tmp_path / "o.safetensors"), fragment)
+    assert_error(cli_run("merge", *paths, *args, "-o", tmp_path / "o.safetensors"), fragment)
 
 
 def test_missing_output(tmp_path: Path) -> None:
     paths, _ = soup_inputs(tmp_path, torch.float32)
-    assert_error(run("merge", *paths), "'-o' / '--output'")
+    assert_error(cli_run("merge", *paths), "'-o' / '--output'")
 
 
 def test_existing_output_needs_force(tmp_path: Path) -> None:
     paths, _ = soup_inputs(tmp_path, torch.float32)
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
-    assert_error(run("merge", *paths, "--average", "-o", out), "--force")
+    assert_error(cli_run("merge", *paths, "--average", "-o", out), "--force")
     assert out.read_bytes() == b"keep me"
-    assert_ok(run("merge", *paths, "--average", "-o", out, "--force"))
+    assert_ok(cli_run("merge", *paths, "--average", "-o", out, "--force"))
     assert out.read_bytes() != b"keep me"
 
 
@@ -263,7 +227,7 @@ def test_dry_run_writes_nothing(parts: Any, tmp_path: Path) -> None:
     backbone, head, _ = parts
     out = tmp_path / "model.safetensors"
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run("merge", backbone, head, "-o", out, "--dry-run")
+    result = cli_run("merge", backbone, head, "-o", out, "--dry-run")
     assert_ok(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert "backbone.pth" in result.stdout and "taken" in result.stdout
@@ -274,7 +238,7 @@ def test_dry_run_writes_nothing(parts: Any, tmp_path: Path) -> None:
 def test_dry_run_shows_conflicts(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(1)}, tmp_path / "a.safetensors")
     save_file({"w": torch.ones(1)}, tmp_path / "b.safetensors")
-    result = run(
+    result = cli_run(
         "merge",
         tmp_path / "a.safetensors",
         tmp_path / "b.safetensors",
@@ -291,7 +255,7 @@ def test_dry_run_shows_conflicts(tmp_path: Path) -> None:
 def test_json(parts: Any, tmp_path: Path) -> None:
     backbone, head, _ = parts
     out = tmp_path / "model.safetensors"
-    result = run("merge", backbone, head, "-o", out, "--json")
+    result = cli_run("merge", backbone, head, "-o", out, "--json")
     assert_ok(result)
     data = json.loads(result.stdout)
     assert data["mode"] == "union" and data["written"] is True and data["tensors"] == 9
@@ -308,7 +272,7 @@ def test_json(parts: Any, tmp_path: Path) -> None:
 def test_gate_refuses_and_writes_nothing(parts: Any, tmp_path: Path) -> None:
     backbone, _, _ = parts
     out = tmp_path / "model.safetensors"
-    result = run("merge", backbone, "-o", out, "--model", "torchvision:resnet18")
+    result = cli_run("merge", backbone, "-o", out, "--model", "torchvision:resnet18")
     assert result.exit_code == 1, result.output
     assert "does not fit the model" in result.stderr and "nothing written" in result.stderr
     assert "missing" in result.stdout
@@ -318,8 +282,8 @@ def test_gate_refuses_and_writes_nothing(parts: Any, tmp_path: Path) -> None:
 def test_provenance_in_inspect_json(parts: Any, tmp_path: Path) -> None:
     backbone, head, _ = parts
     out = tmp_path / "model.safetensors"
-    assert_ok(run("merge", backbone, head, "-o", out))
-    data = json.loads(run("inspect", out, "--json").stdout)
+    assert_ok(cli_run("merge", backbone, head, "-o", out))
+    data = json.loads(cli_run("inspect", out, "--json").stdout)
     prov = data["provenance"]
     from ckptsurgery import __version__
 
@@ -349,15 +313,15 @@ def test_provenance_in_inspect_json(parts: Any, tmp_path: Path) -> None:
         },
         {"source": 1, "name": "head.safetensors", "count": 2, "keys": ["fc.{bias, weight}"]},
     ]
-    text = run("inspect", out).stdout
+    text = cli_run("inspect", out).stdout
     assert "provenance:" in text and "origin:" in text
 
 
 def test_average_provenance_in_inspect(tmp_path: Path) -> None:
     paths, _ = soup_inputs(tmp_path, torch.float32)
     out = tmp_path / "soup.safetensors"
-    assert_ok(run("merge", *paths, "--average", "--weights", "1", "1", "2", "-o", out))
-    prov = json.loads(run("inspect", out, "--json").stdout)["provenance"]
+    assert_ok(cli_run("merge", *paths, "--average", "--weights", "1", "1", "2", "-o", out))
+    prov = json.loads(cli_run("inspect", out, "--json").stdout)["provenance"]
     assert prov["merge"] == {
         "mode": "average",
         "weights": [0.25, 0.25, 0.5],
@@ -371,13 +335,13 @@ def test_gate_passes_and_is_recorded(parts: Any, tmp_path: Path) -> None:
     backbone, head, _ = parts
     out = tmp_path / "model.safetensors"
     spec = f"{__name__}:TinyNet"
-    result = run(
+    result = cli_run(
         "merge", backbone, head, "-o", out, "--model", spec, "--model-arg", "num_classes=3"
     )
     assert_ok(result)
     assert result.stdout.startswith("matched 9 of 9")
     assert "fits the model" in result.stderr.splitlines()[-1]
-    prov = json.loads(run("inspect", out, "--json").stdout)["provenance"]
+    prov = json.loads(cli_run("inspect", out, "--json").stdout)["provenance"]
     assert prov["target"] == {
         "model": spec,
         "model_args": {"num_classes": 3},

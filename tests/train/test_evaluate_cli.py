@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import cli_run
 from safetensors.torch import save_file
 from test_train_support import make_images, write_tiny_nets
 
-from ckptsurgery.cli import cli
 from ckptsurgery.models import build_model
 from ckptsurgery.train import TransformConfig, evaluate
 
@@ -32,8 +32,7 @@ def checkpoint(folder: Path, num_classes: int) -> Path:
 
 
 def invoke(*args: str) -> Result:
-    base = ["evaluate", "--model", "tinynets:TinyCNN", "--image-size", "16"]
-    return CliRunner().invoke(cli, [*base, *args])
+    return cli_run("evaluate", "--model", "tinynets:TinyCNN", "--image-size", "16", *args)
 
 
 def test_json_has_the_contract_keys_and_top5_with_more_than_5_classes(folder: Path) -> None:

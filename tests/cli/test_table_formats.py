@@ -1,44 +1,21 @@
 """``--fmt FORMAT`` through the CLI: golden tables of the fixtures in GitHub, grid and plain
 layout, the default unchanged, and ``--json`` unaffected.
 
-Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/test_table_formats.py``.
+Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/cli/test_table_formats.py``.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from click.testing import CliRunner, Result
+from conftest import check_golden, cli_run
 
-from ckptsurgery.cli import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).parent / "golden"
 MODEL = "fixtures.make_fixtures:tinynet"  # resolved from the current folder: the repo root
 
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args))
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to write it"
-    assert text == path.read_text(encoding="utf-8")
-
-
-@pytest.fixture(autouse=True)
-def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_repo_root")
 
 
 def test_inspect_github() -> None:
-    result = run("inspect", "fixtures/dino_tinynet.pth", "--key", "student", "--fmt", "github")
+    result = cli_run("inspect", "fixtures/dino_tinynet.pth", "--key", "student", "--fmt", "github")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[2].startswith("| key ") and lines[2].endswith(" | numel   |")
@@ -57,17 +34,17 @@ def test_diff_grid() -> None:
         "--model-arg",
         "num_classes=5",
     )
-    result = run(*args, "--fmt", "grid")
+    result = cli_run(*args, "--fmt", "grid")
     assert result.exit_code == 1, result.output
     assert "  +===" in result.stdout and "  | fc.weight | [10, 16]" in result.stdout
     check_golden("diff_tinynet_head5_grid.txt", result.stdout)
 
 
 def test_scan_and_inspect_groups_plain() -> None:
-    result = run("scan", "fixtures/moco_tinynet.pth.tar", "--fmt", "plain")
+    result = cli_run("scan", "fixtures/moco_tinynet.pth.tar", "--fmt", "plain")
     assert result.exit_code == 0, result.output
     text = result.stdout
-    result = run("inspect", "fixtures/moco_tinynet.pth.tar", "--depth", "2", "--fmt", "plain")
+    result = cli_run("inspect", "fixtures/moco_tinynet.pth.tar", "--depth", "2", "--fmt", "plain")
     assert result.exit_code == 0, result.output
     text += "\n" + result.stdout
     assert "---" not in text  # plain: no rules
@@ -84,22 +61,22 @@ def test_scan_and_inspect_groups_plain() -> None:
     ],
 )
 def test_simple_is_the_default_and_json_ignores_fmt(args: tuple[str, ...]) -> None:
-    plain, simple = run(*args), run(*args, "--fmt", "simple")
+    plain, simple = cli_run(*args), cli_run(*args, "--fmt", "simple")
     assert plain.stdout == simple.stdout and plain.exit_code == simple.exit_code
     assert "---  " in plain.stdout or "matched 0 of" in plain.stdout
-    as_json = run(*args, "--json")
-    assert run(*args, "--json", "--fmt", "grid").stdout == as_json.stdout
+    as_json = cli_run(*args, "--json")
+    assert cli_run(*args, "--json", "--fmt", "grid").stdout == as_json.stdout
     assert as_json.stdout.startswith("{")
 
 
 def test_unknown_format_is_a_usage_error() -> None:
-    result = run("inspect", "fixtures/tinynet.safetensors", "--fmt", "html")
+    result = cli_run("inspect", "fixtures/tinynet.safetensors", "--fmt", "html")
     assert result.exit_code == 2
     assert "Invalid value for '--fmt'" in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("command", ["inspect", "diff", "scan", "evaluate", "train"])
 def test_table_commands_offer_fmt(command: str) -> None:
-    result = run(command, "--help")
+    result = cli_run(command, "--help")
     assert result.exit_code == 0
     assert "--fmt FORMAT" in result.stdout and "github" in result.stdout

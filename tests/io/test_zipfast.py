@@ -7,9 +7,6 @@ import argparse
 import io
 import json
 import struct
-import subprocess
-import sys
-import textwrap
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_bit_exact, assert_tied, raw, sample_state_dict
+from conftest import assert_bit_exact, assert_tied, raw, run_without_torch, sample_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,43 +234,11 @@ def test_real_zip64_over_4gb(tmp_path: Path) -> None:
 # --- no torch on these paths ----------------------------------------------------------------
 
 
-def _run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    script = (
-        textwrap.dedent(
-            """
-        import sys
-        from ckptsurgery.cli import main
-
-        def cli(*args):
-            sys.argv = ["ckptsurgery", *args]
-            try:
-                main()
-            except SystemExit as e:
-                assert e.code in (0, None), f"exit {e.code}"
-
-        """
-        )
-        + textwrap.dedent(body)
-        + textwrap.dedent(
-            """
-        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-        assert not loaded, f"torch was imported: {loaded[:5]}"
-        print("TORCH-FREE")
-        """
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0 and "TORCH-FREE" in proc.stdout, proc.stdout + proc.stderr
-    return proc
-
-
 def test_inspect_and_convert_a_torch_zip_without_torch(tmp_path: Path) -> None:
     sd = sample_state_dict()
     torch.save({"epoch": 3, "state_dict": {f"module.{n}": t for n, t in sd.items()}},
                tmp_path / "m.pth.tar")  # fmt: skip
-    proc = _run_without_torch(
+    proc = run_without_torch(
         """
         cli("inspect", "m.pth.tar", "--json")
         cli("remap", "m.pth.tar", "-o", "out.safetensors", "--strip-prefix", "module.")

@@ -7,27 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import REPO, cli_run
 
-from ckptsurgery.cli import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-MOCO = ROOT / "fixtures" / "moco_tinynet.pth.tar"
+MOCO = REPO / "fixtures" / "moco_tinynet.pth.tar"
 MODEL = "fixtures.make_fixtures:tinynet"  # resolved from the current folder: the repo root
 
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_repo_root")
 
 
 def test_emitted_recipe_applies_unchanged(tmp_path: Path) -> None:
     recipe = tmp_path / "moco.toml"
-    result = run("diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
+    result = cli_run("diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
     assert result.exit_code == 1, result.output  # the checkpoint as it is does not fit
     assert f"wrote the suggested recipe to {recipe}" in result.stderr
     data = tomllib.loads(recipe.read_text())
@@ -36,10 +26,10 @@ def test_emitted_recipe_applies_unchanged(tmp_path: Path) -> None:
     assert data["target"]["allow_missing"] == ["fc.*"]
     assert data["output"]["path"] == "moco_tinynet_remapped.safetensors"  # beside the recipe
 
-    result = run("apply", recipe)
+    result = cli_run("apply", recipe)
     assert result.exit_code == 0, result.output
     out = tmp_path / "moco_tinynet_remapped.safetensors"
-    result = run("diff", out, "--model", MODEL, "--json")
+    result = cli_run("diff", out, "--model", MODEL, "--json")
     assert result.exit_code == 1
     import json
 
@@ -62,24 +52,26 @@ def test_emitted_recipe_applies_unchanged(tmp_path: Path) -> None:
 def test_existing_recipe_needs_force(tmp_path: Path) -> None:
     recipe = tmp_path / "moco.toml"
     recipe.write_text("# mine\n")
-    result = run("diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
+    result = cli_run("diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
     assert result.exit_code == 2
     assert result.stderr.startswith("Error:") and "--force" in result.stderr
     assert recipe.read_text() == "# mine\n"
-    result = run("diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe, "--force")
+    result = cli_run(
+        "diff", MOCO, "--model", MODEL, "--suggest", "--emit-recipe", recipe, "--force"
+    )
     assert result.exit_code == 1
     assert "[[source]]" in recipe.read_text()
 
 
 def test_emit_recipe_needs_suggest(tmp_path: Path) -> None:
-    result = run("diff", MOCO, "--model", MODEL, "--emit-recipe", tmp_path / "r.toml")
+    result = cli_run("diff", MOCO, "--model", MODEL, "--emit-recipe", tmp_path / "r.toml")
     assert result.exit_code == 2
     assert "--suggest" in result.stderr
     assert not (tmp_path / "r.toml").exists()
 
 
 def test_ambiguous_suggestion_writes_no_recipe(tmp_path: Path) -> None:
-    dino = ROOT / "fixtures" / "dino_tinynet.pth"
+    dino = REPO / "fixtures" / "dino_tinynet.pth"
     flat = {
         f"{side}.{k}": v
         for side in ("student", "teacher")
@@ -88,7 +80,7 @@ def test_ambiguous_suggestion_writes_no_recipe(tmp_path: Path) -> None:
     src = tmp_path / "flat.pth"
     torch.save(flat, src)
     recipe = tmp_path / "r.toml"
-    result = run("diff", src, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
+    result = cli_run("diff", src, "--model", MODEL, "--suggest", "--emit-recipe", recipe)
     assert result.exit_code == 2
     assert "ambiguous" in result.stderr
     assert not recipe.exists()

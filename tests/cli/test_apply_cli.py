@@ -9,20 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner, Result
+from conftest import assert_ok, cli_run
 from safetensors.torch import load_file, save_file
-
-from ckptsurgery.cli import cli
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert result.exit_code == 0, result.output
-    assert "Error:" not in result.stderr
 
 
 def files(folder: Path) -> list[str]:
@@ -76,7 +64,7 @@ def recipe(tmp_path: Path) -> Path:
 
 
 def test_apply_writes_a_loadable_file_twice_the_same(recipe: Path, tmp_path: Path) -> None:
-    result = run("apply", recipe)
+    result = cli_run("apply", recipe)
     assert_ok(result)
     assert result.stdout.startswith("matched 122 of 122")
     out = tmp_path / "resnet18_moco.safetensors"
@@ -87,15 +75,15 @@ def test_apply_writes_a_loadable_file_twice_the_same(recipe: Path, tmp_path: Pat
     model.load_state_dict(load_file(out), strict=True)
     first = out.read_bytes()
 
-    again = run("apply", recipe)
+    again = cli_run("apply", recipe)
     assert again.exit_code == 2 and "--force" in again.stderr
-    assert_ok(run("apply", recipe, "--force"))
+    assert_ok(cli_run("apply", recipe, "--force"))
     assert out.read_bytes() == first
 
 
 def test_apply_dry_run_prints_plans_merge_and_gate(recipe: Path, tmp_path: Path) -> None:
     before = files(tmp_path)
-    result = run("apply", recipe, "--dry-run")
+    result = cli_run("apply", recipe, "--dry-run")
     assert_ok(result)
     assert files(tmp_path) == before
     out = result.stdout
@@ -111,20 +99,20 @@ def test_apply_dry_run_prints_plans_merge_and_gate(recipe: Path, tmp_path: Path)
 
 def test_apply_gate_refuses(recipe: Path, tmp_path: Path) -> None:
     recipe.write_text(recipe.read_text().replace("num_classes = 10", "num_classes = 7"))
-    dry = run("apply", recipe, "--dry-run")
+    dry = cli_run("apply", recipe, "--dry-run")
     assert dry.exit_code == 1
     assert "does NOT fit the model" in dry.stderr
-    result = run("apply", recipe)
+    result = cli_run("apply", recipe)
     assert result.exit_code == 1
     assert "shape mismatch" in result.stdout
     assert "refusing to write" in result.stderr and "nothing written" in result.stderr
     assert not (tmp_path / "resnet18_moco.safetensors").exists()
-    data = json.loads(run("apply", recipe, "--json").stdout)
+    data = json.loads(cli_run("apply", recipe, "--json").stdout)
     assert data["written"] is False and data["report"]["compatible"] is False
 
 
 def test_apply_json(recipe: Path) -> None:
-    result = run("apply", recipe, "--json")
+    result = cli_run("apply", recipe, "--json")
     assert_ok(result)
     data = json.loads(result.stdout)
     assert data["recipe"] == str(recipe)
@@ -135,8 +123,8 @@ def test_apply_json(recipe: Path) -> None:
 
 
 def test_apply_provenance_in_inspect(recipe: Path, tmp_path: Path) -> None:
-    assert_ok(run("apply", recipe))
-    data = json.loads(run("inspect", tmp_path / "resnet18_moco.safetensors", "--json").stdout)
+    assert_ok(cli_run("apply", recipe))
+    data = json.loads(cli_run("inspect", tmp_path / "resnet18_moco.safetensors", "--json").stdout)
     prov = data["provenance"]
     assert set(prov) >= {"version", "sources", "merge", "origin", "target", "recipe"}
     assert prov["sources"][0]["key"] == "state_dict"
@@ -152,7 +140,7 @@ def test_apply_provenance_in_inspect(recipe: Path, tmp_path: Path) -> None:
 def test_apply_malformed_recipe_is_one_error_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[source]]\npath = "nope.pth"\nkeep = 3\n[merge]\non_conflict = "x"\n')
-    result = run("apply", bad)
+    result = cli_run("apply", bad)
     assert result.exit_code == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -163,6 +151,6 @@ def test_apply_malformed_recipe_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_apply_missing_recipe(tmp_path: Path) -> None:
-    result = run("apply", tmp_path / "nope.toml")
+    result = cli_run("apply", tmp_path / "nope.toml")
     assert result.exit_code == 2
     assert "does not exist" in result.stderr

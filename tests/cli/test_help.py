@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from conftest import cli_run
 
 from ckptsurgery.cli import cli
 
@@ -18,7 +18,7 @@ def test_there_are_commands() -> None:
 @pytest.mark.parametrize("name", sorted(cli.commands))
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_command_has_help_with_an_example(name: str, flag: str) -> None:
-    result = CliRunner().invoke(cli, [name, flag])
+    result = cli_run(name, flag)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     assert "Example" in result.stdout
@@ -37,7 +37,7 @@ def test_every_option_is_documented(name: str) -> None:
 
 
 def test_top_level_help_lists_every_command() -> None:
-    result = CliRunner().invoke(cli, ["--help"])
+    result = cli_run("--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout
     for name in cli.commands:
@@ -61,11 +61,7 @@ def test_python_dash_m_help() -> None:
 
 
 def test_no_arguments_prints_the_help() -> None:
-    from click.testing import CliRunner
-
-    from ckptsurgery.cli import cli
-
-    result = CliRunner().invoke(cli, [])
+    result = cli_run()
     assert result.exit_code == 0
     assert result.stdout.startswith("Usage: ")
     assert "Commands:" in result.stdout

@@ -16,52 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import assert_error, assert_ok, cli_run, no_traceback, raw, safetensors_header
 from safetensors.torch import load_file, save_file
-
-from ckptsurgery.cli import cli
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def lines(text: str) -> list[str]:
     return text.splitlines()
-
-
-def no_traceback(result: Result) -> None:
-    for text in (result.stdout, result.stderr, result.output):
-        assert "Traceback" not in text
-    # the CLI exits on purpose; anything else escaping is a bug
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-
-
-def assert_ok(result: Result) -> None:
-    no_traceback(result)
-    assert result.exit_code == 0, result.output
-    assert not any(line.startswith("Error:") for line in lines(result.stderr))
-
-
-def assert_error(result: Result, *fragments: str, only_line: bool = True) -> str:
-    """Exit 2, nothing on stdout, and one ``Error:`` line on stderr holding ``fragments``."""
-    no_traceback(result)
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    errors = [line for line in lines(result.stderr) if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    if only_line:
-        assert lines(result.stderr) == errors, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-def raw(t: torch.Tensor) -> bytes:
-    """Element bytes (a uint8 view): NaN payloads and -0.0 compare as they are."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def bits(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -75,16 +37,9 @@ def files_in(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-def st_header(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header: dict[str, Any] = json.loads(data[8 : 8 + n])
-    return header
-
-
 def st_keys(path: Path) -> list[str]:
     """Tensor names of a safetensors file in header order (read by hand, not by the library)."""
-    header = st_header(path)
+    header = safetensors_header(path)
     header.pop("__metadata__", None)
     return list(header)
 
@@ -195,7 +150,7 @@ def make_with_namespace(folder: Path) -> Path:
 
 def test_inspect_table(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
-    result = run("inspect", src)
+    result = cli_run("inspect", src)
     assert_ok(result)
     assert result.stderr == ""
     out = lines(result.stdout)
@@ -216,14 +171,14 @@ def test_inspect_table(tmp_path: Path) -> None:
 def test_inspect_totals_in_the_singular(tmp_path: Path) -> None:
     src = tmp_path / "one.safetensors"
     save_file({"w": torch.ones(1)}, str(src))
-    result = run("inspect", src)
+    result = cli_run("inspect", src)
     assert_ok(result)
     assert "1 tensor, 1 parameter, 4 B" in lines(result.stdout)
 
 
 def test_inspect_json_schema(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
-    result = run("inspect", src, "--json")
+    result = cli_run("inspect", src, "--json")
     assert_ok(result)
     assert result.stderr == ""
     report = json.loads(result.stdout)
@@ -254,7 +209,7 @@ def test_inspect_json_schema(tmp_path: Path) -> None:
 
 def test_inspect_nested_checkpoint_notes_the_selection(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
-    result = run("inspect", src)
+    result = cli_run("inspect", src)
     assert_ok(result)
     assert lines(result.stderr) == [
         "using the state dict at 'state_dict' (other entries: epoch, arch, optimizer)"
@@ -273,7 +228,7 @@ def test_inspect_nested_checkpoint_notes_the_selection(tmp_path: Path) -> None:
 
 def test_inspect_json_nested(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
-    result = run("inspect", src, "--json")
+    result = cli_run("inspect", src, "--json")
     assert_ok(result)
     assert "using the state dict at 'state_dict'" in result.stderr
     report = json.loads(result.stdout)  # the note did not leak into stdout
@@ -292,7 +247,7 @@ def test_inspect_json_nested(tmp_path: Path) -> None:
 
 def test_inspect_depth_groups_keys(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
-    result = run("inspect", src, "--depth", "2")
+    result = cli_run("inspect", src, "--depth", "2")
     assert_ok(result)
     out = lines(result.stdout)
     header = next(i for i, line in enumerate(out) if line.startswith("group"))
@@ -305,7 +260,7 @@ def test_inspect_depth_groups_keys(tmp_path: Path) -> None:
     ]
     assert out[header + 4] == ""
 
-    result = run("inspect", src, "--depth", "3", "--json")
+    result = cli_run("inspect", src, "--depth", "3", "--json")
     assert_ok(result)
     groups = {g["group"]: g for g in json.loads(result.stdout)["groups"]}
     assert groups["module.encoder_q.bn1"]["tensors"] == 5
@@ -317,14 +272,14 @@ def test_inspect_depth_groups_keys(tmp_path: Path) -> None:
 
 def test_inspect_depth_must_be_positive(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
-    assert_error(run("inspect", src, "--depth", "0"), "--depth")
+    assert_error(cli_run("inspect", src, "--depth", "0"), "--depth")
 
 
 def test_inspect_shows_tied_tensors(tmp_path: Path) -> None:
     src = tmp_path / "tied.pt"
     emb = torch.randn(3, 2)
     torch.save({"embed.weight": emb, "lm_head.weight": emb}, src)
-    result = run("inspect", src)
+    result = cli_run("inspect", src)
     assert_ok(result)
     assert "lm_head.weight (tied to embed.weight)" in result.stdout
     assert "2 tensors, 1 tied, 6 parameters, 24 B" in result.stdout
@@ -334,7 +289,7 @@ def test_inspect_shows_provenance_of_a_remapped_file(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
     out = tmp_path / "backbone.safetensors"
     assert_ok(
-        run(
+        cli_run(
             "remap",
             src,
             "-o",
@@ -345,7 +300,7 @@ def test_inspect_shows_provenance_of_a_remapped_file(tmp_path: Path) -> None:
             "module.encoder_q.",
         )
     )
-    result = run("inspect", out)
+    result = cli_run("inspect", out)
     assert_ok(result)
     assert result.stderr == ""
     text = result.stdout
@@ -357,7 +312,7 @@ def test_inspect_shows_provenance_of_a_remapped_file(tmp_path: Path) -> None:
         line.startswith("  rules: ") and '"strip_prefix": ["module.encoder_q."]' in line
         for line in after
     )
-    report = json.loads(run("inspect", out, "--json").stdout)
+    report = json.loads(cli_run("inspect", out, "--json").stdout)
 
     (source,) = report["provenance"]["sources"]
     assert source == {
@@ -373,7 +328,7 @@ def test_inspect_shows_provenance_of_a_remapped_file(tmp_path: Path) -> None:
 
 def test_inspect_flat_torch_file(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
-    result = run("inspect", src, "--json")
+    result = cli_run("inspect", src, "--json")
     assert_ok(result)
     assert result.stderr == ""
     report = json.loads(result.stdout)
@@ -406,7 +361,7 @@ def test_inspect_flat_torch_file(tmp_path: Path) -> None:
 def test_remap_rule_flags(tmp_path: Path, flags: list[str], expected: list[str] | None) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, *flags)
+    result = cli_run("remap", src, "-o", out, *flags)
     if expected is None:
         assert_error(result)
         assert not out.exists()
@@ -415,7 +370,7 @@ def test_remap_rule_flags(tmp_path: Path, flags: list[str], expected: list[str] 
     assert st_keys(out) == expected
     original = torch.load(src, weights_only=True)
     written = load_file(str(out))
-    plan = json.loads(run("remap", src, "-o", out, *flags, "--dry-run", "--json").stdout)
+    plan = json.loads(cli_run("remap", src, "-o", out, *flags, "--dry-run", "--json").stdout)
     for pair in plan["renames"]:
         assert raw(written[pair["new"]]) == raw(original[pair["old"]])
 
@@ -432,7 +387,7 @@ def test_remap_rules_file(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, "--rules", rules)
+    result = cli_run("remap", src, "-o", out, "--rules", rules)
     assert_ok(result)
     assert st_keys(out) == [
         "conv1.weight",
@@ -451,7 +406,7 @@ def test_remap_rules_file_then_flags(tmp_path: Path) -> None:
     rules.write_text('keep = ["module.encoder_q.*"]\nstrip_prefix = ["module."]\n')
     out = tmp_path / "out.safetensors"
     # the file's strip runs first, so the flag's prefix is there to strip
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -470,7 +425,7 @@ def test_remap_rules_file_then_flags(tmp_path: Path) -> None:
     assert keys[0] == "backbone.conv1.weight"
     assert len(keys) == 7
     assert not any(".fc." in k for k in keys)
-    meta = st_header(out)["__metadata__"]
+    meta = safetensors_header(out)["__metadata__"]
     assert json.loads(meta["ckptsurgery.rules"]) == {
         "keep": ["module.encoder_q.*"],
         "drop": ["module.encoder_q.fc.*"],
@@ -484,10 +439,10 @@ def test_remap_key_flag_overrides_the_rules_file(tmp_path: Path) -> None:
     rules = tmp_path / "r.toml"
     rules.write_text('key = "model/teacher"\n')
     out = tmp_path / "out.safetensors"
-    assert_ok(run("remap", src, "-o", out, "--rules", rules))
+    assert_ok(cli_run("remap", src, "-o", out, "--rules", rules))
     assert raw(load_file(str(out))["backbone.w"]) == raw(torch.ones(2))
     out.unlink()
-    assert_ok(run("remap", src, "-o", out, "--rules", rules, "--key", "model/student"))
+    assert_ok(cli_run("remap", src, "-o", out, "--rules", rules, "--key", "model/student"))
     assert raw(load_file(str(out))["backbone.w"]) == raw(torch.zeros(2))
 
 
@@ -505,14 +460,14 @@ def test_remap_bad_rules_file(tmp_path: Path, text: str, fragment: str) -> None:
     rules = tmp_path / "r.toml"
     rules.write_text(text)
     out = tmp_path / "out.safetensors"
-    assert_error(run("remap", src, "-o", out, "--rules", rules), "r.toml", fragment)
+    assert_error(cli_run("remap", src, "-o", out, "--rules", rules), "r.toml", fragment)
     assert not out.exists()
 
 
 def test_remap_missing_rules_file(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     assert_error(
-        run("remap", src, "-o", tmp_path / "o.pt", "--rules", tmp_path / "nope.toml"),
+        cli_run("remap", src, "-o", tmp_path / "o.pt", "--rules", tmp_path / "nope.toml"),
         "nope.toml",
         "does not exist",
     )
@@ -530,7 +485,7 @@ def test_remap_missing_rules_file(tmp_path: Path) -> None:
 def test_remap_bad_rule_flags(tmp_path: Path, flags: list[str], fragment: str) -> None:
     src = make_moco(tmp_path)  # a nested file: the error comes before it is read (no note)
     out = tmp_path / "out.safetensors"
-    assert_error(run("remap", src, "-o", out, *flags), fragment)
+    assert_error(cli_run("remap", src, "-o", out, *flags), fragment)
     assert not out.exists()
 
 
@@ -541,7 +496,7 @@ def test_remap_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> Non
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
     before = files_in(tmp_path)
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -576,7 +531,7 @@ def test_remap_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> Non
 
 def test_remap_dry_run_unchanged_keys_are_marked(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
-    result = run("remap", src, "--replace", "bias", "b", "--dry-run")  # -o may be left out
+    result = cli_run("remap", src, "--replace", "bias", "b", "--dry-run")  # -o may be left out
     assert_ok(result)
     out_lines = [line.split()[:3] for line in lines(result.stdout)]
     assert ["a.weight", "==", "a.weight"] in out_lines
@@ -589,14 +544,14 @@ def test_remap_dry_run_ignores_an_existing_output(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.pt"
     out.write_bytes(b"precious")
-    assert_ok(run("remap", src, "-o", out, "--dry-run"))
+    assert_ok(cli_run("remap", src, "-o", out, "--dry-run"))
     assert out.read_bytes() == b"precious"
 
 
 def test_remap_dry_run_json(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -632,7 +587,7 @@ def test_remap_dry_run_json(tmp_path: Path) -> None:
 def test_remap_json_after_writing(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, "--add-prefix", "m.", "--json")
+    result = cli_run("remap", src, "-o", out, "--add-prefix", "m.", "--json")
     assert_ok(result)
     report = json.loads(result.stdout)
     assert report["output"] == str(out)
@@ -652,7 +607,7 @@ def test_remap_json_after_writing(tmp_path: Path) -> None:
 def test_remap_summary_line(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, "--drop", "b.*", "--replace", "weight", "w")
+    result = cli_run("remap", src, "-o", out, "--drop", "b.*", "--replace", "weight", "w")
     assert_ok(result)
     assert result.stdout == ""
     size = out.stat().st_size
@@ -664,7 +619,7 @@ def test_remap_summary_line(tmp_path: Path) -> None:
 def test_remap_unused_rule_note(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -692,7 +647,7 @@ def test_remap_unused_rule_note(tmp_path: Path) -> None:
 def test_remap_collision(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -717,13 +672,15 @@ def test_remap_collision(tmp_path: Path) -> None:
 def test_remap_dropping_every_key_is_an_error(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
-    assert_error(run("remap", src, "-o", out, "--keep", "zzz*"), "drop every key", only_line=False)
+    assert_error(
+        cli_run("remap", src, "-o", out, "--keep", "zzz*"), "drop every key", only_line=False
+    )
     assert not out.exists()
 
 
 def test_remap_needs_an_output_unless_dry_run(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
-    assert_error(run("remap", src, "--add-prefix", "x."), "-o")
+    assert_error(cli_run("remap", src, "--add-prefix", "x."), "-o")
 
 
 # -- remap: output --------------------------------------------------------------------------
@@ -733,11 +690,11 @@ def test_remap_refuses_an_existing_output_without_force(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"do not touch")
-    assert_error(run("remap", src, "-o", out), str(out), "--force")
+    assert_error(cli_run("remap", src, "-o", out), str(out), "--force")
     assert out.read_bytes() == b"do not touch"
     assert files_in(tmp_path) == {"flat.pt", "out.safetensors"}
 
-    assert_ok(run("remap", src, "-o", out, "--force"))
+    assert_ok(cli_run("remap", src, "-o", out, "--force"))
     assert st_keys(out) == ["a.weight", "a.bias", "b.weight"]
 
 
@@ -747,11 +704,11 @@ def test_remap_refuses_to_write_over_its_source(tmp_path: Path, force: bool) -> 
     before = src.read_bytes()
     args: list[str | Path] = ["remap", src, "-o", src, "--add-prefix", "x."]
     args += ["--force"] if force else []
-    assert_error(run(*args), "is the input")
+    assert_error(cli_run(*args), "is the input")
     assert src.read_bytes() == before
     # the same file by another spelling
     args[3] = tmp_path / "." / "flat.pt"
-    assert_error(run(*args), "is the input")
+    assert_error(cli_run(*args), "is the input")
     assert src.read_bytes() == before
     assert files_in(tmp_path) == {"flat.pt"}
 
@@ -759,7 +716,7 @@ def test_remap_refuses_to_write_over_its_source(tmp_path: Path, force: bool) -> 
 def test_remap_torch_format_with_an_odd_extension(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
     out = tmp_path / "backbone.weights"
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -785,7 +742,7 @@ def test_remap_torch_format_with_an_odd_extension(tmp_path: Path) -> None:
 def test_remap_torch_format_from_the_extension(tmp_path: Path, suffix: str) -> None:
     src = make_safetensors(tmp_path)
     out = tmp_path / f"out{suffix}"
-    assert_ok(run("remap", src, "-o", out, "--strip-prefix", "encoder."))
+    assert_ok(cli_run("remap", src, "-o", out, "--strip-prefix", "encoder."))
     sd = torch.load(out, weights_only=True)
     assert list(sd) == ["conv.weight", "head.weight", "conv.bias"]
     assert raw(sd["conv.bias"]) == raw(torch.zeros(2, dtype=torch.float16))
@@ -794,7 +751,7 @@ def test_remap_torch_format_from_the_extension(tmp_path: Path, suffix: str) -> N
 def test_remap_safetensors_format_flag(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / "out.pt"  # the flag wins over the extension
-    assert_ok(run("remap", src, "-o", out, "--format", "safetensors"))
+    assert_ok(cli_run("remap", src, "-o", out, "--format", "safetensors"))
     assert st_keys(out) == ["a.weight", "a.bias", "b.weight"]
 
 
@@ -802,30 +759,30 @@ def test_remap_safetensors_format_flag(tmp_path: Path) -> None:
 def test_remap_unknown_output_extension(tmp_path: Path, name: str) -> None:
     src = make_flat_torch(tmp_path)
     out = tmp_path / name
-    assert_error(run("remap", src, "-o", out), "--format safetensors|torch", repr(name))
+    assert_error(cli_run("remap", src, "-o", out), "--format safetensors|torch", repr(name))
     assert files_in(tmp_path) == {"flat.pt"}
 
 
 def test_remap_unknown_format_choice(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
-    assert_error(run("remap", src, "-o", tmp_path / "x.pt", "--format", "onnx"), "--format")
+    assert_error(cli_run("remap", src, "-o", tmp_path / "x.pt", "--format", "onnx"), "--format")
 
 
 def test_remap_output_folder_missing(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
-    assert_error(run("remap", src, "-o", tmp_path / "nope" / "out.pt"), "does not exist")
+    assert_error(cli_run("remap", src, "-o", tmp_path / "nope" / "out.pt"), "does not exist")
 
 
 def test_remap_output_is_a_folder(tmp_path: Path) -> None:
     src = make_flat_torch(tmp_path)
     (tmp_path / "d.pt").mkdir()
-    assert_error(run("remap", src, "-o", tmp_path / "d.pt", "--force"), "is a directory")
+    assert_error(cli_run("remap", src, "-o", tmp_path / "d.pt", "--force"), "is a directory")
 
 
 def test_remap_safetensors_to_safetensors_rename_only(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
     out = tmp_path / "out.safetensors"
-    assert_ok(run("remap", src, "-o", out, "--replace", "encoder.", "backbone."))
+    assert_ok(cli_run("remap", src, "-o", out, "--replace", "encoder.", "backbone."))
     got, want = load_file(str(out)), load_file(str(src))
     assert st_keys(out) == ["backbone.conv.weight", "head.weight", "backbone.conv.bias"]
     for name, t in want.items():
@@ -841,13 +798,13 @@ def test_ambiguous_nested_state_dicts(tmp_path: Path, command: str) -> None:
     args: list[str | Path] = [command, src]
     if command == "remap":
         args += ["-o", tmp_path / "out.safetensors"]
-    assert_error(run(*args), "model/student", "model/teacher", "--key")
+    assert_error(cli_run(*args), "model/student", "model/teacher", "--key")
     assert files_in(tmp_path) == {"dino.pth"}
 
 
 def test_key_selects_a_nested_state_dict(tmp_path: Path) -> None:
     src = make_ambiguous(tmp_path)
-    result = run("inspect", src, "--key", "model/teacher", "--json")
+    result = cli_run("inspect", src, "--key", "model/teacher", "--json")
     assert_ok(result)
     assert result.stderr == ""  # chosen by the user: no note
     report = json.loads(result.stdout)
@@ -855,7 +812,9 @@ def test_key_selects_a_nested_state_dict(tmp_path: Path) -> None:
     assert report["other_entries"] == {"epoch": "int"}
 
     out = tmp_path / "student.safetensors"
-    result = run("remap", src, "--key", "model/student", "-o", out, "--strip-prefix", "backbone.")
+    result = cli_run(
+        "remap", src, "--key", "model/student", "-o", out, "--strip-prefix", "backbone."
+    )
     assert_ok(result)
     assert raw(load_file(str(out))["w"]) == raw(torch.zeros(2))
 
@@ -871,12 +830,12 @@ def test_key_selects_a_nested_state_dict(tmp_path: Path) -> None:
 )
 def test_bad_key(tmp_path: Path, key: str, fragment: str) -> None:
     src = make_ambiguous(tmp_path)
-    assert_error(run("inspect", src, "--key", key), fragment)
+    assert_error(cli_run("inspect", src, "--key", key), fragment)
 
 
 def test_key_on_a_safetensors_file(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
-    assert_error(run("inspect", src, "--key", "state_dict"), "--key does not apply")
+    assert_error(cli_run("inspect", src, "--key", "state_dict"), "--key does not apply")
 
 
 # -- unsafe pickles ---------------------------------------------------------------------------
@@ -889,7 +848,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path, command: str) -> None:
     out = tmp_path / "out.safetensors"
     if command == "remap":
         args += ["-o", out]
-    assert_error(run(*args), "posix.system", "--unsafe-pickle", "--allow-global")
+    assert_error(cli_run(*args), "posix.system", "--unsafe-pickle", "--allow-global")
     assert not marker.exists()  # nothing ran
     assert not out.exists()
 
@@ -897,13 +856,13 @@ def test_malicious_pickle_is_refused(tmp_path: Path, command: str) -> None:
 def test_unsafe_global_needs_trust(tmp_path: Path) -> None:
     src = make_with_namespace(tmp_path)
     assert_error(
-        run("inspect", src),
+        cli_run("inspect", src),
         "argparse.Namespace",
         "--allow-global argparse.Namespace",
         "--unsafe-pickle",
     )
 
-    result = run("inspect", src, "--allow-global", "argparse.Namespace")
+    result = cli_run("inspect", src, "--allow-global", "argparse.Namespace")
     assert_ok(result)
     assert "Warning" not in result.stderr
     assert "args           argparse.Namespace" in result.stdout
@@ -912,7 +871,7 @@ def test_unsafe_global_needs_trust(tmp_path: Path) -> None:
 def test_unsafe_pickle_prints_a_warning(tmp_path: Path) -> None:
     src = make_with_namespace(tmp_path)
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, "--unsafe-pickle")
+    result = cli_run("remap", src, "-o", out, "--unsafe-pickle")
     assert_ok(result)
     warnings = [line for line in lines(result.stderr) if line.startswith("Warning:")]
     assert len(warnings) == 1
@@ -922,7 +881,7 @@ def test_unsafe_pickle_prints_a_warning(tmp_path: Path) -> None:
 
 def test_allow_global_that_cannot_be_imported(tmp_path: Path) -> None:
     src = make_with_namespace(tmp_path)
-    assert_error(run("inspect", src, "--allow-global", "no_such_module.Thing"), "cannot import")
+    assert_error(cli_run("inspect", src, "--allow-global", "no_such_module.Thing"), "cannot import")
 
 
 # -- scan -------------------------------------------------------------------------------------
@@ -930,7 +889,7 @@ def test_allow_global_that_cannot_be_imported(tmp_path: Path) -> None:
 
 def test_scan_safe_file(tmp_path: Path) -> None:
     src = make_moco(tmp_path)
-    result = run("scan", src)
+    result = cli_run("scan", src)
     assert_ok(result)
     rows = [line.split() for line in lines(result.stdout)]
     assert rows[0] == ["global", "verdict"]
@@ -941,7 +900,7 @@ def test_scan_safe_file(tmp_path: Path) -> None:
 
 def test_scan_unsafe_file_exits_1(tmp_path: Path) -> None:
     src, marker = make_malicious(tmp_path)
-    result = run("scan", src)
+    result = cli_run("scan", src)
     no_traceback(result)
     assert result.exit_code == 1
     assert ["posix.system", "DANGEROUS"] in [line.split() for line in lines(result.stdout)]
@@ -951,7 +910,7 @@ def test_scan_unsafe_file_exits_1(tmp_path: Path) -> None:
 
 def test_scan_json(tmp_path: Path) -> None:
     src, _ = make_malicious(tmp_path)
-    result = run("scan", src, "--json")
+    result = cli_run("scan", src, "--json")
     no_traceback(result)
     assert result.exit_code == 1
     report = json.loads(result.stdout)
@@ -965,21 +924,21 @@ def test_scan_json(tmp_path: Path) -> None:
         "dangerous": False,
     } in report["globals"]
 
-    result = run("scan", make_flat_torch(tmp_path), "--json")
+    result = cli_run("scan", make_flat_torch(tmp_path), "--json")
     assert_ok(result)
     assert json.loads(result.stdout)["unsafe"] == []
 
 
 def test_scan_safetensors(tmp_path: Path) -> None:
     src = make_safetensors(tmp_path)
-    result = run("scan", src, "--json")
+    result = cli_run("scan", src, "--json")
     assert_ok(result)
     report = json.loads(result.stdout)
     assert report["format"] == "safetensors"
     assert report["globals"] == []
     assert report["unsafe"] == []
 
-    result = run("scan", src)
+    result = cli_run("scan", src)
     assert_ok(result)
     assert lines(result.stdout) == [f"{src}: safetensors, no pickle globals"]
 
@@ -1061,7 +1020,7 @@ def test_unreadable_source(tmp_path: Path, command: str, case: str) -> None:
     args: list[str | Path] = [*command.split(), src]
     if command == "remap":
         args += ["-o", out, "--strip-prefix", "a."]
-    assert_error(run(*args), "Error: ", fragment)
+    assert_error(cli_run(*args), "Error: ", fragment)
     assert not out.exists()
     assert files_in(tmp_path) == before  # no temporary file left behind either
 
@@ -1082,12 +1041,12 @@ def test_unreadable_source(tmp_path: Path, command: str, case: str) -> None:
     ],
 )
 def test_usage_errors_are_one_error_line(args: list[str], fragment: str) -> None:
-    line = assert_error(run(*args), fragment)
+    line = assert_error(cli_run(*args), fragment)
     assert "--help" in line
 
 
 def test_version() -> None:
-    result = run("--version")
+    result = cli_run("--version")
     assert_ok(result)
     assert result.stdout.startswith("ckptsurgery, version ")
 
@@ -1100,7 +1059,7 @@ def test_moco_backbone_end_to_end(tmp_path: Path) -> None:
     src_bytes = src.read_bytes()
     out = tmp_path / "resnet50_backbone.safetensors"
 
-    result = run(
+    result = cli_run(
         "remap",
         src,
         "-o",
@@ -1134,15 +1093,15 @@ def test_moco_backbone_end_to_end(tmp_path: Path) -> None:
     )
 
     for path in (src, out):
-        result = run("inspect", path)
+        result = cli_run("inspect", path)
         assert_ok(result)
-    report = json.loads(run("inspect", out, "--json").stdout)
+    report = json.loads(cli_run("inspect", out, "--json").stdout)
     assert [t["key"] for t in report["tensors"]] == list(backbone)
     assert report["total_params"] == sum(t.numel() for t in backbone.values())
 
 
 def test_scan_tells_unsafe_from_dangerous(tmp_path: Path) -> None:
-    result = run("scan", make_with_namespace(tmp_path))
+    result = cli_run("scan", make_with_namespace(tmp_path))
     no_traceback(result)
     assert result.exit_code == 1
     assert ["argparse.Namespace", "unsafe"] in [line.split() for line in lines(result.stdout)]
@@ -1151,7 +1110,7 @@ def test_scan_tells_unsafe_from_dangerous(tmp_path: Path) -> None:
 
 def test_dangerous_global_is_not_recommended_for_allowlisting(tmp_path: Path) -> None:
     src, marker = make_malicious(tmp_path)
-    result = run("inspect", src)
+    result = cli_run("inspect", src)
     assert result.exit_code == 2
     assert "may be malicious" in result.stderr
     assert "Do not load it unless you trust its source" in result.stderr

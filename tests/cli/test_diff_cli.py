@@ -5,29 +5,23 @@ The torchvision models are built on the meta device; checkpoints of their shapes
 with zero-stride tensors (one element each, expanded), so that a ViT-B checkpoint costs a few
 kilobytes: ``diff`` reads names, shapes and dtypes only.
 
-Regenerate the golden tables with ``UPDATE_GOLDEN=1 pytest tests/test_diff_cli.py``.
+Regenerate the golden tables with ``UPDATE_GOLDEN=1 pytest tests/cli/test_diff_cli.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import assert_error, check_golden, cli_run, import_source, no_traceback
 from safetensors.torch import save_file
-
-from ckptsurgery.cli import cli
 
 torchvision = pytest.importorskip("torchvision")
 
-GOLDEN = Path(__file__).parent / "golden"
 CONTRACT_KEYS = {
     "compatible",
     "matched",
@@ -40,19 +34,9 @@ CONTRACT_KEYS = {
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def no_traceback(result: Result) -> None:
-    for text in (result.stdout, result.stderr):
-        assert "Traceback" not in text
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-
-
 def diff_json(*args: str | Path, code: int) -> dict[str, Any]:
     """``diff ... --json``: the exit code, one JSON object on stdout, no error on stderr."""
-    result = run("diff", *args, "--json")
+    result = cli_run("diff", *args, "--json")
     no_traceback(result)
     assert result.exit_code == code, result.output
     assert "Error:" not in result.stderr
@@ -62,18 +46,6 @@ def diff_json(*args: str | Path, code: int) -> dict[str, Any]:
         assert set(entry) == {"key", "checkpoint", "model"}
     assert data["compatible"] is (code == 0)
     return data
-
-
-def assert_error(result: Result, *fragments: str) -> str:
-    """Exit 2, nothing on stdout, exactly one line on stderr: ``Error: ...`` with fragments."""
-    no_traceback(result)
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def meta_state(name: str, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -112,15 +84,6 @@ def save(obj: Any, path: Path) -> Path:
     return path
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to write it"
-    assert text == path.read_text(encoding="utf-8")
-
-
 # -- torchvision models: exact key sets -------------------------------------------------------
 
 
@@ -151,7 +114,7 @@ def moco(state: Mapping[str, torch.Tensor], dim: int) -> dict[str, Any]:
 def test_moco_nested_checkpoint(tmp_path: Path, r50: dict[str, torch.Tensor]) -> None:
     ckpt = moco(r50, 2048)
     src = save(ckpt, tmp_path / "moco_v2.pth.tar")
-    result = run("diff", src, "--model", "torchvision:resnet50", "--json")
+    result = cli_run("diff", src, "--model", "torchvision:resnet50", "--json")
     assert result.exit_code == 1
     assert "using the state dict at 'state_dict'" in result.stderr
     assert "epoch" in result.stderr and "optimizer" in result.stderr
@@ -162,7 +125,9 @@ def test_moco_nested_checkpoint(tmp_path: Path, r50: dict[str, torch.Tensor]) ->
     assert len(data["unexpected"]) == 2 * (len(r50) - 2 + 4) + 2
 
     # --key picks the same state dict, silently.
-    result = run("diff", src, "--model", "torchvision:resnet50", "--key", "state_dict", "--json")
+    result = cli_run(
+        "diff", src, "--model", "torchvision:resnet50", "--key", "state_dict", "--json"
+    )
     assert result.exit_code == 1 and result.stderr == ""
     assert json.loads(result.stdout) == data
 
@@ -237,10 +202,10 @@ def test_allow_glob_that_matches_nothing_is_noted(
     tmp_path: Path, r18: dict[str, torch.Tensor]
 ) -> None:
     src = save({k: v for k, v in fake(r18).items() if not k.startswith("fc.")}, tmp_path / "a.pt")
-    result = run("diff", src, "--model", "torchvision:resnet18", "--allow-missing", "head.*")
+    result = cli_run("diff", src, "--model", "torchvision:resnet18", "--allow-missing", "head.*")
     assert result.exit_code == 1
     assert "note: allow glob head.* matched no key" in result.stderr
-    result = run("diff", src, "--model", "torchvision:resnet18", "--allow-missing", "fc.*")
+    result = cli_run("diff", src, "--model", "torchvision:resnet18", "--allow-missing", "fc.*")
     assert result.exit_code == 0 and result.stderr == ""
 
 
@@ -305,14 +270,8 @@ class TinyLM(nn.Module):
 @pytest.fixture
 def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The module ``cs_diff_nets`` in the current folder, where model specs look first."""
-    (tmp_path / "cs_diff_nets.py").write_text(textwrap.dedent(NETS), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("cs_diff_nets", None)
-    import cs_diff_nets  # type: ignore[import-not-found]
-
-    yield cs_diff_nets
-    sys.modules.pop("cs_diff_nets", None)
+    yield from import_source(tmp_path, "cs_diff_nets", NETS, monkeypatch)
 
 
 TINY_LM = ("--model", "cs_diff_nets:TinyLM")
@@ -343,7 +302,7 @@ def test_tied_alias_is_not_missing(nets: Any) -> None:
     assert data["matched"] == [k for k in LM_KEYS if k != "lm_head.weight"]
     assert data["missing"] == [] and data["unexpected"] == []
     assert data["tied_aliases"] == ["lm_head.weight"]
-    result = run("diff", "lm.safetensors", *TINY_LM)
+    result = cli_run("diff", "lm.safetensors", *TINY_LM)
     assert "lm_head.weight (tied to embed.weight)" in result.stdout
 
     # Untied, the output layer has no partner and is missing.
@@ -370,7 +329,7 @@ def test_tied_model_prefixed_and_partial(nets: Any) -> None:
 
 def test_unknown_torchvision_model_suggests_close_names(tmp_path: Path) -> None:
     src = save({"w": torch.zeros(1)}, tmp_path / "a.pt")
-    line = assert_error(run("diff", src, "--model", "torchvision:resnet19"), "resnet19")
+    line = assert_error(cli_run("diff", src, "--model", "torchvision:resnet19"), "resnet19")
     assert "resnet18" in line
 
 
@@ -386,16 +345,16 @@ def test_unknown_torchvision_model_suggests_close_names(tmp_path: Path) -> None:
 )
 def test_usage_errors(tmp_path: Path, args: list[str], fragment: str) -> None:
     src = save({"w": torch.zeros(1)}, tmp_path / "a.pt")
-    assert_error(run("diff", src, *args), fragment)
+    assert_error(cli_run("diff", src, *args), fragment)
 
 
 @pytest.mark.parametrize("flag", ["--model", "--against"])
 def test_missing_source(tmp_path: Path, flag: str) -> None:
     ref = save({"w": torch.zeros(1)}, tmp_path / "ref.pt")
     target = "torchvision:resnet18" if flag == "--model" else str(ref)
-    assert_error(run("diff", tmp_path / "nope.pth", flag, target), "nope.pth")
+    assert_error(cli_run("diff", tmp_path / "nope.pth", flag, target), "nope.pth")
     # ... and a missing REF.
-    assert_error(run("diff", ref, "--against", tmp_path / "gone.pth"), "gone.pth")
+    assert_error(cli_run("diff", ref, "--against", tmp_path / "gone.pth"), "gone.pth")
 
 
 # -- golden tables ----------------------------------------------------------------------------
@@ -406,12 +365,12 @@ def test_golden_prefixed_resnet18(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     save({"module." + k: v for k, v in fake(r18).items()}, Path("resnet18_dp.pth"))
-    result = run("diff", "resnet18_dp.pth", "--model", "torchvision:resnet18")
+    result = cli_run("diff", "resnet18_dp.pth", "--model", "torchvision:resnet18")
     assert result.exit_code == 1
     check_golden("diff_resnet18_prefixed.txt", result.stdout)
     assert "--suggest" in result.stderr  # the hint
 
-    result = run("diff", "resnet18_dp.pth", "--model", "torchvision:resnet18", "--suggest")
+    result = cli_run("diff", "resnet18_dp.pth", "--model", "torchvision:resnet18", "--suggest")
     assert result.exit_code == 1
     check_golden("diff_resnet18_prefixed_suggest.txt", result.stdout)
 
@@ -422,7 +381,7 @@ def test_golden_vit_head_changed(
     monkeypatch.chdir(tmp_path)
     save(fake(vit), Path("vit_b_16.pth"))
     args = ("--model", "torchvision:vit_b_16", "--model-arg", "num_classes=10")
-    result = run("diff", "vit_b_16.pth", *args)
+    result = cli_run("diff", "vit_b_16.pth", *args)
     assert result.exit_code == 1
     assert result.stderr.startswith("hint: --suggest")
     check_golden("diff_vit_b_16_head10.txt", result.stdout)

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import raw
+from click.testing import Result
+from conftest import cli_run_clean, raw
 from safetensors.torch import load_file
 
 import ckptsurgery as cs
-from ckptsurgery.cli import cli
 from ckptsurgery.loading import load_into
 from ckptsurgery.match import MatchReport
 from ckptsurgery.models import build_model
@@ -26,14 +25,6 @@ torchvision = pytest.importorskip("torchvision")
 R18 = ("--model", "torchvision:resnet18")
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def run(*args: str | Path) -> Result:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    for text in (result.stdout, result.stderr):
-        assert "Traceback" not in text
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result
 
 
 def files(folder: Path) -> set[str]:
@@ -85,7 +76,7 @@ def dp(tmp_path: Path, r18: dict[str, torch.Tensor]) -> tuple[Path, dict[str, to
 def test_refuses_when_nothing_matches(tmp_path: Path, dp: tuple[Path, Any]) -> None:
     src, _ = dp
     before = files(tmp_path)
-    result = run("remap", src, "-o", tmp_path / "out.safetensors", *R18)
+    result = cli_run_clean("remap", src, "-o", tmp_path / "out.safetensors", *R18)
     assert_refused(result, tmp_path, before)
     assert "missing: in the model, not in the checkpoint (122):" in result.stdout
     assert "unexpected: in the checkpoint, not in the model (122):" in result.stdout
@@ -97,7 +88,7 @@ def test_writes_when_the_rules_make_it_fit(
 ) -> None:
     src, sd = dp
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, "--strip-prefix", "module.", *R18)
+    result = cli_run_clean("remap", src, "-o", out, "--strip-prefix", "module.", *R18)
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip().endswith("-> compatible")
     assert_written(out, sd, {k.removeprefix("module."): k for k in sd})
@@ -110,7 +101,7 @@ def test_refusal_leaves_an_existing_output_alone(
     src, _ = dp
     out = tmp_path / "out.pt"
     out.write_bytes(b"previous")
-    result = run("remap", src, "-o", out, "--force", *R18)
+    result = cli_run_clean("remap", src, "-o", out, "--force", *R18)
     assert_refused(result, tmp_path, {"dp.pth", "out.pt"})
     assert out.read_bytes() == b"previous"
 
@@ -122,13 +113,13 @@ def test_allow_missing_lets_a_backbone_through(
     torch.save(backbone, src := tmp_path / "backbone.pth")
     out = tmp_path / "out.safetensors"
     before = files(tmp_path)
-    assert_refused(run("remap", src, "-o", out, *R18), tmp_path, before)
+    assert_refused(cli_run_clean("remap", src, "-o", out, *R18), tmp_path, before)
 
     # A glob that allows something else does not help.
-    result = run("remap", src, "-o", out, *R18, "--allow-missing", "head.*")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--allow-missing", "head.*")
     assert_refused(result, tmp_path, before)
 
-    result = run("remap", src, "-o", out, *R18, "--allow-missing", "fc.*")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--allow-missing", "fc.*")
     assert result.exit_code == 0, result.output
     assert "fc.{bias, weight}  (allowed)" in result.stdout
     assert_written(out, backbone, {k: k for k in backbone})
@@ -140,8 +131,8 @@ def test_allow_unexpected_keeps_the_extra_keys(
     sd = {**r18, "queue": torch.randn(4, 8)}
     torch.save(sd, src := tmp_path / "extra.pth")
     out = tmp_path / "out.safetensors"
-    assert_refused(run("remap", src, "-o", out, *R18), tmp_path, files(tmp_path))
-    result = run("remap", src, "-o", out, *R18, "--allow-unexpected", "queue")
+    assert_refused(cli_run_clean("remap", src, "-o", out, *R18), tmp_path, files(tmp_path))
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--allow-unexpected", "queue")
     assert result.exit_code == 0, result.output
     assert_written(out, sd, {k: k for k in sd})  # allowed, not dropped
 
@@ -154,17 +145,19 @@ def test_drop_mismatched_turns_a_new_head_into_missing(
     before = files(tmp_path)
 
     # The 10-class head does not fit the 1000-class model; no glob can allow that.
-    result = run("remap", src, "-o", out, *R18, "--allow-missing", "fc.*")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--allow-missing", "fc.*")
     assert_refused(result, tmp_path, before)
     assert "shape mismatch (2):" in result.stdout
 
     # Dropped, the head is missing, which must be allowed too.
-    result = run("remap", src, "-o", out, *R18, "--drop-mismatched")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--drop-mismatched")
     assert_refused(result, tmp_path, before)
     assert "dropped for their shape (now missing) (2):" in result.stdout
     assert "missing: in the model, not in the checkpoint (2):" in result.stdout
 
-    result = run("remap", src, "-o", out, *R18, "--drop-mismatched", "--allow-missing", "fc.*")
+    result = cli_run_clean(
+        "remap", src, "-o", out, *R18, "--drop-mismatched", "--allow-missing", "fc.*"
+    )
     assert result.exit_code == 0, result.output
     assert "-> compatible" in result.stdout
     written = load_file(str(out))
@@ -176,14 +169,14 @@ def test_drop_mismatched_turns_a_new_head_into_missing(
 def test_dry_run_with_a_model_prints_plan_and_report(tmp_path: Path, dp: tuple[Path, Any]) -> None:
     src, _ = dp
     before = files(tmp_path)
-    result = run("remap", src, "--dry-run", "--strip-prefix", "module.", *R18)
+    result = cli_run_clean("remap", src, "--dry-run", "--strip-prefix", "module.", *R18)
     assert result.exit_code == 0, result.output
     assert "module.conv1.weight" in result.stdout and "->" in result.stdout  # the plan
     assert result.stdout.rstrip().endswith("-> compatible")  # the report
     assert "fits the model; nothing written" in result.stderr
     assert files(tmp_path) == before
 
-    result = run("remap", src, "-o", tmp_path / "o.safetensors", "--dry-run", *R18)
+    result = cli_run_clean("remap", src, "-o", tmp_path / "o.safetensors", "--dry-run", *R18)
     assert result.exit_code == 1
     assert result.stdout.rstrip().endswith("-> INCOMPATIBLE")
     assert "does NOT fit the model; nothing written" in result.stderr
@@ -193,7 +186,7 @@ def test_dry_run_with_a_model_prints_plan_and_report(tmp_path: Path, dp: tuple[P
 def test_json_with_the_gate(tmp_path: Path, dp: tuple[Path, Any]) -> None:
     src, _ = dp
     out = tmp_path / "out.safetensors"
-    result = run("remap", src, "-o", out, *R18, "--json")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--json")
     assert result.exit_code == 1
     refused = json.loads(result.stdout)
     assert refused["written"] is False
@@ -201,14 +194,14 @@ def test_json_with_the_gate(tmp_path: Path, dp: tuple[Path, Any]) -> None:
     assert len(refused["report"]["missing"]) == 122
     assert not out.exists()
 
-    result = run("remap", src, "-o", out, *R18, "--strip-prefix", "module.", "--json")
+    result = cli_run_clean("remap", src, "-o", out, *R18, "--strip-prefix", "module.", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["written"] is True and data["tensors"] == 122
     assert data["report"]["compatible"] is True
     assert data["report"]["missing"] == data["report"]["unexpected"] == []
 
-    result = run("remap", src, "--dry-run", *R18, "--strip-prefix", "module.", "--json")
+    result = cli_run_clean("remap", src, "--dry-run", *R18, "--strip-prefix", "module.", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["report"]["compatible"] is True
 
@@ -224,7 +217,7 @@ def test_json_with_the_gate(tmp_path: Path, dp: tuple[Path, Any]) -> None:
 )
 def test_gate_flags_need_a_model(tmp_path: Path, dp: tuple[Path, Any], flags: list[str]) -> None:
     src, _ = dp
-    result = run("remap", src, "-o", tmp_path / "o.safetensors", *flags)
+    result = cli_run_clean("remap", src, "-o", tmp_path / "o.safetensors", *flags)
     assert result.exit_code == 2
     assert result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
@@ -234,7 +227,9 @@ def test_gate_flags_need_a_model(tmp_path: Path, dp: tuple[Path, Any], flags: li
 
 def test_a_model_spec_that_does_not_resolve(tmp_path: Path, dp: tuple[Path, Any]) -> None:
     src, _ = dp
-    result = run("remap", src, "-o", tmp_path / "o.safetensors", "--model", "torchvision:resnt18")
+    result = cli_run_clean(
+        "remap", src, "-o", tmp_path / "o.safetensors", "--model", "torchvision:resnt18"
+    )
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and "resnet18" in result.stderr
     assert files(tmp_path) == {"dp.pth"}

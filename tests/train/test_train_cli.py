@@ -7,26 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import cli_run
 from safetensors.torch import load_file, save_file
-from test_train_support import make_images, write_tiny_nets
+from test_train_support import BASE, make_images, training_folder
 
-from ckptsurgery.cli import cli
 from ckptsurgery.models import build_model
-
-BASE = ["--model", "tinynets:TinyCNN", "--data", "data", "--image-size", "16", "--batch-size", "4"]
 
 
 @pytest.fixture
 def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    write_tiny_nets(tmp_path)
-    make_images(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return training_folder(tmp_path, monkeypatch)
 
 
 def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, ["train", *args])
+    return cli_run("train", *args)
 
 
 def one_line_error(result: Result) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import tempfile
 import textwrap
 import tomllib
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import import_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -40,13 +40,7 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The module ``cs_recipe_nets``, importable as a model spec."""
-    (tmp_path / "cs_recipe_nets.py").write_text(textwrap.dedent(NETS), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("cs_recipe_nets", None)
-    import cs_recipe_nets  # type: ignore[import-not-found]
-
-    yield cs_recipe_nets
-    sys.modules.pop("cs_recipe_nets", None)
+    yield from import_source(tmp_path, "cs_recipe_nets", NETS, monkeypatch)
 
 
 def write(path: Path, text: str) -> Path:

@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from click.testing import CliRunner
-from conftest import assert_bit_exact, assert_tied, raw, safetensors_header, sample_state_dict
+from conftest import (
+    assert_bit_exact,
+    assert_tied,
+    cli_run,
+    raw,
+    safetensors_header,
+    sample_state_dict,
+)
 
 import ckptsurgery as cs
-from ckptsurgery.cli import cli
 from ckptsurgery.errors import FormatError, OutputError, SourceError, StateDictSelectionError
 from ckptsurgery.io import parse_size
 from ckptsurgery.io.dtypes import TensorInfo
@@ -422,20 +427,18 @@ def test_cli_remap_and_inspect_sharded(tmp_path: Path) -> None:
     src = tmp_path / "src.pt"
     torch.save({"state_dict": {f"module.{n}": t for n, t in sd.items()}}, src)
     out = tmp_path / "hf"
-    runner = CliRunner()
-    result = runner.invoke(
-        cli, ["remap", str(src), "-o", str(out), "--strip-prefix", "module.", "--max-shard-size",
-              "100B"],
-    )  # fmt: skip
+    result = cli_run(
+        "remap", src, "-o", out, "--strip-prefix", "module.", "--max-shard-size", "100B"
+    )
     assert result.exit_code == 0, result.output
     assert re.search(r"wrote 16 tensors, .* in \d+ shards to", result.stderr)
     assert_bit_exact(cs.load_state_dict(out), sd)
-    result = runner.invoke(cli, ["inspect", str(out), "--json"])
+    result = cli_run("inspect", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["format"] == "sharded-safetensors"
     assert [t["key"] for t in report["tensors"]] == list(sd)
-    result = runner.invoke(cli, ["remap", str(src), "-o", str(out), "--max-shard-size", "lots"])
+    result = cli_run("remap", src, "-o", out, "--max-shard-size", "lots")
     assert result.exit_code == 2
     assert "Error: --max-shard-size 'lots'" in result.stderr
 
@@ -514,10 +517,9 @@ def test_cli_merge_and_apply_max_shard_size(tmp_path: Path) -> None:
     names = list(sd)
     cs.save_state_dict({f"backbone.{n}": sd[n] for n in names[:8]}, tmp_path / "a.safetensors")
     torch.save({"state_dict": {n: sd[n] for n in names[8:]}}, tmp_path / "b.pt")
-    runner = CliRunner()
-    result = runner.invoke(
-        cli, ["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pt"), "-o",
-              str(tmp_path / "merged"), "--max-shard-size", "100B"],
+    result = cli_run(
+        "merge", tmp_path / "a.safetensors", tmp_path / "b.pt", "-o", tmp_path / "merged",
+        "--max-shard-size", "100B",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert re.search(r"wrote 16 tensors, .* in \d+ shards to", result.stderr)
@@ -530,10 +532,10 @@ def test_cli_merge_and_apply_max_shard_size(tmp_path: Path) -> None:
         '[[source]]\npath = "b.pt"\nkey = "state_dict"\n'
         '[output]\npath = "from_recipe"\nmax_shard_size = "100B"\n'
     )
-    result = runner.invoke(cli, ["apply", str(recipe)])
+    result = cli_run("apply", recipe)
     assert result.exit_code == 0, result.output
     n = _assert_hf_sharded(tmp_path / "from_recipe", sd)
     # --max-shard-size overrides the recipe's: one shard of everything
-    result = runner.invoke(cli, ["apply", str(recipe), "--force", "--max-shard-size", "1GB"])
+    result = cli_run("apply", recipe, "--force", "--max-shard-size", "1GB")
     assert result.exit_code == 0, result.output
     assert n > 1 and _assert_hf_sharded(tmp_path / "from_recipe", sd) == 1

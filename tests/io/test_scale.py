@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import cli_run
 
-from ckptsurgery.cli import cli
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.reader import open_checkpoint
 from ckptsurgery.io.safetensors_format import encode_header
@@ -42,7 +41,7 @@ def _torch_zip(path: Path) -> Path:
 
 
 def _ok(argv: list[str]) -> None:
-    result = CliRunner().invoke(cli, argv)
+    result = cli_run(*argv)
     assert result.exit_code == 0, result.stderr[-2000:]
     assert "Error:" not in result.stderr
 
