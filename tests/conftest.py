@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,20 @@ def run_without_torch(body: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TORCH-FREE" in proc.stdout
     return proc
+
+
+def garbage_data(path: Path) -> Path:
+    """Overwrite every tensor record of a torch zip with other bytes (same sizes): the header
+    (data.pkl) still reads, any read of tensor data fails its CRC-32."""
+    with zipfile.ZipFile(path) as zf:
+        spans = []
+        for info in zf.infolist():
+            if "/data/" in info.filename and info.file_size:
+                spans.append((info.header_offset, info.file_size))
+    with open(path, "r+b") as f:
+        for offset, size in spans:
+            f.seek(offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(offset + 30 + name_len + extra_len)
+            f.write(bytes((i * 7 + 3) % 256 for i in range(size)))
+    return path

@@ -5,43 +5,20 @@ refusal takes one shape."""
 from __future__ import annotations
 
 import json
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import cli_run, garbage_data
 from safetensors.torch import load_file, save_file
 
 import ckptsurgery as cs
-from ckptsurgery.cli import cli
 from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.model import Plan
 
 REFUSAL_KEYS = {"refused", "reason", "exit_code", "message", "problems", "report", "written"}
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def garbage_data(path: Path) -> Path:
-    """Overwrite every tensor record of a torch zip with other bytes (same sizes): the header
-    (data.pkl) still reads, any read of tensor data fails its CRC-32."""
-    with zipfile.ZipFile(path) as zf:
-        spans = []
-        for info in zf.infolist():
-            if "/data/" in info.filename and info.file_size:
-                spans.append((info.header_offset, info.file_size))
-    with open(path, "r+b") as f:
-        for offset, size in spans:
-            f.seek(offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            f.seek(offset + 30 + name_len + extra_len)
-            f.write(bytes((i * 7 + 3) % 256 for i in range(size)))
-    return path
 
 
 def backbone(prefix: str = "", *, seed: int = 0, head: int = 10) -> dict[str, torch.Tensor]:
@@ -66,20 +43,20 @@ def corrupt(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_data_really_is_garbage(corrupt: tuple[Path, Path], tmp_path: Path) -> None:
-    result = run("remap", corrupt[0], "-o", tmp_path / "o.safetensors")
+    result = cli_run("remap", corrupt[0], "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 2 and "CRC" in result.stderr, result.output
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_remap_dry_run_plan_reads_no_data(corrupt: tuple[Path, Path], tmp_path: Path) -> None:
     args = ["remap", corrupt[0], "-o", tmp_path / "o.pt", "--strip-prefix", "module."]
-    table = run(*args, "--dtype", "bfloat16", "--dry-run")
+    table = cli_run(*args, "--dtype", "bfloat16", "--dry-run")
     assert table.exit_code == 0, table.output
     rows = [line.split() for line in table.stdout.splitlines()]
     assert ["key", "new", "key", "op", "shape", "dtype", "bytes"] in rows
     assert rows[2][:5] == ["module.conv.weight", "->", "conv.weight", "cast", "->bfloat16"]
     assert "6 tensors, 340 B to write; 5 tensors cast to bfloat16 (332 B saved)" in table.stdout
-    data = json.loads(run(*args, "--dry-run", "--json").stdout)
+    data = json.loads(cli_run(*args, "--dry-run", "--json").stdout)
     plan = data["plan"]
     assert plan["mode"] == "remap" and plan["tensors"] == 6
     assert plan["entries"][0] == {
@@ -95,13 +72,13 @@ def test_remap_dry_run_plan_reads_no_data(corrupt: tuple[Path, Path], tmp_path: 
 
 def test_merge_dry_run_plans_read_no_data(corrupt: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = corrupt
-    union = run("merge", a, b, "--on-conflict", "last", "--dry-run")
+    union = cli_run("merge", a, b, "--on-conflict", "last", "--dry-run")
     assert union.exit_code == 0, union.output
     assert "#2 module.fc.weight" in union.stdout and "key in several sources" in union.stdout
-    data = json.loads(run("merge", a, b, "--on-conflict", "last", "--dry-run", "--json").stdout)
+    data = json.loads(cli_run("merge", a, b, "--on-conflict", "last", "--dry-run", "--json").stdout)
     assert data["plan"]["mode"] == "union"
     assert {e["sources"][0]["source"] for e in data["plan"]["entries"]} == {1}
-    avg = run("merge", a, b, "--average", "--dtype", "float16", "--dry-run")
+    avg = cli_run("merge", a, b, "--average", "--dtype", "float16", "--dry-run")
     assert avg.exit_code == 0, avg.output
     row = next(line.split() for line in avg.stdout.splitlines() if "module.conv.weight" in line)
     assert row[:7] == [
@@ -114,7 +91,7 @@ def test_merge_dry_run_plans_read_no_data(corrupt: tuple[Path, Path], tmp_path: 
         "2",
     ]
     data = json.loads(
-        run("merge", a, b, "--average", "--weights", "1", "3", "--dry-run", "--json").stdout
+        cli_run("merge", a, b, "--average", "--weights", "1", "3", "--dry-run", "--json").stdout
     )
     entry = data["plan"]["entries"][0]
     assert entry["op"] == "weighted-sum" and entry["weights"] == [0.25, 0.75]
@@ -130,12 +107,12 @@ def test_apply_dry_run_plan_reads_no_data(corrupt: tuple[Path, Path], tmp_path: 
         '[[source]]\npath = "b.pt"\nkeep = ["module.fc.*"]\nstrip_prefix = ["module."]\n'
         '[output]\npath = "o.safetensors"\ndtype = "bfloat16"\nkeep_dtype = ["bn.*"]\n'
     )
-    result = run("apply", recipe, "--dry-run")
+    result = cli_run("apply", recipe, "--dry-run")
     assert result.exit_code == 0, result.output
     rows = {line.split()[3]: line.split() for line in result.stdout.splitlines() if " -> " in line}
     assert rows["fc.bias"][:5] == ["#2", "module.fc.bias", "->", "fc.bias", "cast"]
     assert rows["bn.weight"][:5] == ["#1", "module.bn.weight", "->", "bn.weight", "copy"]
-    data = json.loads(run("apply", recipe, "--dry-run", "--json").stdout)
+    data = json.loads(cli_run("apply", recipe, "--dry-run", "--json").stdout)
     assert data["plan"]["dtype"] == "bfloat16" and data["plan"]["keep_dtype"] == ["bn.*"]
     assert [e["key"] for e in data["plan"]["entries"]][-2:] == ["fc.weight", "fc.bias"]
 
@@ -161,33 +138,6 @@ def test_train_weights_dry_run_plan_reads_no_data(tmp_path: Path) -> None:
     assert "fc.weight" not in result.plan.names and result.state_dict == {}
     with pytest.raises(cs.FormatError, match="CRC"):
         load_weights(model, head, str(path), rules=rules)
-
-
-def test_train_cli_dry_run_shows_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_train_support import make_images, write_tiny_nets
-
-    from ckptsurgery.models import build_model
-
-    write_tiny_nets(tmp_path)
-    make_images(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    model = build_model("tinynets:TinyCNN", {"num_classes": 10}, device="cpu").module
-    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
-    garbage_data(tmp_path / "w.pt")
-    base = ["train", "--model", "tinynets:TinyCNN", "--data", "data", "--image-size", "16",
-            "--mode", "full"]  # fmt: skip
-    args = [*base, "-o", "run", "--weights", "w.pt", "--strip-prefix", "module.", "--dry-run"]
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    assert ["module.fc.weight"] not in [line.split()[:1] for line in result.stdout.splitlines()]
-    assert any(
-        line.split()[:4] == ["module.features.0.weight", "->", "features.0.weight", "copy"]
-        for line in result.stdout.splitlines()
-    )
-    assert "plan: " in result.stderr and "to load" in result.stderr
-    data = json.loads(run(*args, "--json").stdout)
-    assert data["plan"]["mode"] == "remap"
-    assert "fc.weight" not in [e["key"] for e in data["plan"]["entries"]]
 
 
 # --- the plan as a value ------------------------------------------------------------------------
@@ -244,33 +194,33 @@ def test_every_refusal_has_one_json_shape(tmp_path: Path) -> None:
     out = tmp_path / "o.safetensors"
     # the gate: missing / unexpected / shape mismatch, from remap, merge and apply alike
     gate = ["--model", "torchvision:resnet18", "--json"]
-    r = refusal_of(run("remap", a, "-o", out, *gate), 1)
+    r = refusal_of(cli_run("remap", a, "-o", out, *gate), 1)
     assert r["reason"] == "incompatible" and r["command"] == "remap"
     kinds = {p["kind"] for p in r["problems"]}
     assert kinds == {"missing", "unexpected", "shape_mismatch"}
     assert r["report"]["compatible"] is False
-    m = refusal_of(run("merge", a, "-o", out, *gate), 1)
+    m = refusal_of(cli_run("merge", a, "-o", out, *gate), 1)
     assert m["problems"] == r["problems"] and m["command"] == "merge"
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         '[[source]]\npath = "a.safetensors"\n[target]\nmodel = "torchvision:resnet18"\n[output]\npath = "o.safetensors"\n'
     )
-    ap = refusal_of(run("apply", recipe, "--json"), 1)
+    ap = refusal_of(cli_run("apply", recipe, "--json"), 1)
     assert ap["problems"] == r["problems"] and ap["command"] == "apply"
     # a merge conflict, an unsafe pickle, a collision: exit 2, same shape, one Error: line
-    c = refusal_of(run("merge", a, b, "-o", out, "--json"), 2)
+    c = refusal_of(cli_run("merge", a, b, "-o", out, "--json"), 2)
     assert c["reason"] == "conflict" and c["report"] is None
     assert {"kind": "conflict", "key": "fc.bias", "sources": [str(a), str(b)]} in c["problems"]
-    collide = refusal_of(run("remap", a, "-o", out, "--regex", ".*", "x", "--json"), 2)
+    collide = refusal_of(cli_run("remap", a, "-o", out, "--regex", ".*", "x", "--json"), 2)
     assert collide["reason"] == "collision" and collide["problems"][0]["kind"] == "collision"
     import argparse
 
     unsafe = tmp_path / "u.pt"
     torch.save({"w": torch.zeros(1), "args": argparse.Namespace(lr=1)}, unsafe)
-    u = refusal_of(run("remap", unsafe, "-o", out, "--json"), 2)
+    u = refusal_of(cli_run("remap", unsafe, "-o", out, "--json"), 2)
     assert u["reason"] == "unsafe"
     assert u["problems"] == [{"kind": "unsafe_global", "key": "argparse.Namespace"}]
-    for result in (run("merge", a, b, "-o", out), run("remap", unsafe, "-o", out)):
+    for result in (cli_run("merge", a, b, "-o", out), cli_run("remap", unsafe, "-o", out)):
         assert result.exit_code == 2 and result.stdout == ""
         assert [
             line for line in result.stderr.splitlines() if line.startswith("Error: ")
@@ -289,16 +239,16 @@ def test_emitted_recipe_of_a_remap_with_dtype_reproduces_it(tmp_path: Path) -> N
     recipe.parent.mkdir()
     args = ["remap", src, "-o", out, "--strip-prefix", "module.", "--drop", "*.fc.*",
             "--dtype", "bfloat16", "--keep-dtype", "*.running_*", "--emit-recipe", recipe]  # fmt: skip
-    dry = run(*args, "--dry-run")
+    dry = cli_run(*args, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert recipe.is_file() and not out.exists()  # a dry run writes the recipe only
     text = recipe.read_text()
     assert 'dtype = "bfloat16"' in text and "keep_dtype" in text and "in.pt" in text
     recipe.unlink()
-    assert run(*args).exit_code == 0
+    assert cli_run(*args).exit_code == 0
     first = load_file(str(out))
     out.unlink()
-    result = run("apply", recipe)
+    result = cli_run("apply", recipe)
     assert result.exit_code == 0, result.output
     again = load_file(str(out))
     assert list(again) == list(first)
@@ -320,10 +270,10 @@ def test_emitted_recipe_of_an_average_reproduces_it(tmp_path: Path) -> None:
     out = tmp_path / "soup.safetensors"
     args = ["merge", *paths, "--average", "--weights", "1", "2", "1", "-o", out,
             "--dtype", "float16", "--emit-recipe", tmp_path / "soup.toml"]  # fmt: skip
-    assert run(*args).exit_code == 0
+    assert cli_run(*args).exit_code == 0
     first = load_file(str(out))
     out.unlink()
-    assert run("apply", tmp_path / "soup.toml").exit_code == 0
+    assert cli_run("apply", tmp_path / "soup.toml").exit_code == 0
     again = load_file(str(out))
     for k, v in first.items():
         assert again[k].dtype == v.dtype and torch.equal(
@@ -336,6 +286,6 @@ def test_emit_recipe_refuses_an_existing_file_before_any_work(tmp_path: Path) ->
     save_file(backbone(), str(src))
     recipe = tmp_path / "r.toml"
     recipe.write_text("keep me")
-    result = run("remap", src, "-o", tmp_path / "o.safetensors", "--emit-recipe", recipe)
+    result = cli_run("remap", src, "-o", tmp_path / "o.safetensors", "--emit-recipe", recipe)
     assert result.exit_code == 2 and "exists" in result.stderr
     assert recipe.read_text() == "keep me" and not (tmp_path / "o.safetensors").exists()
