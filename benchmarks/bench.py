@@ -6,6 +6,7 @@ examples:
   python benchmarks/bench.py --size 0.05 --runs 1   # a quick check (inputs 0.05 x 2 GB)
   python benchmarks/bench.py --workdir /tmp/bench   # inputs kept there, reused by later runs
   python benchmarks/bench.py --json                 # the rows as JSON instead of the table
+  python benchmarks/bench.py --base-src /tmp/base/src  # paired against an older checkout
 
 Inputs are generated deterministically into the work folder (nothing is downloaded): a
 checkpoint of a few hundred float32 and bfloat16 tensors with a `module.` prefix (2 GB at
@@ -65,6 +66,7 @@ class Approach:
     name: str
     argv: list[str]
     output: Path | None = None  # removed after every run
+    env: dict[str, str] | None = None  # the child's environment (None: this one's)
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ print(r.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, float]:
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process, which must succeed."""
-    proc = subprocess.run([PY, "-c", _LAUNCHER, *argv], capture_output=True, text=True)
+    proc = subprocess.run([PY, "-c", _LAUNCHER, *argv], capture_output=True, text=True, env=env)
     code, wall, kib = proc.stdout.split()
     if int(code) not in (0, 1):  # diff exits 1 for "incompatible", still a result
         raise RuntimeError(f"{' '.join(argv)} failed ({code}):\n{proc.stderr}")
@@ -498,6 +500,20 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
 
 
+def _from_base(approaches: list[Approach], base_src: Path) -> list[Approach]:
+    """The ckptsurgery approaches again, run from ``base_src`` (its bytecode compiled first)."""
+    base_src = base_src.resolve()
+    subprocess.run([PY, "-m", "compileall", "-q", str(base_src / "ckptsurgery")], check=True)
+    env = {**os.environ, "PYTHONPATH": str(base_src)}
+    out = []
+    for a in approaches:
+        if a.argv[: len(CLI)] == CLI:
+            output = a.output and a.output.with_name(f"base_{a.output.name}")
+            argv = [str(output) if a.output and arg == str(a.output) else arg for arg in a.argv]
+            out.append(Approach(f"{a.name} (base)", argv, output, env))
+    return out
+
+
 def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach]]:
     """Every approach once per run, the order alternating, so none always follows another."""
     for i in range(runs):
@@ -528,6 +544,15 @@ def main() -> None:
         "--keep", action="store_true", help="keep the temporary folder (its path is printed)"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--base-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also run every ckptsurgery approach from another source tree (the src/ folder "
+        "of an older checkout, e.g. made with `git worktree add /tmp/base REV`), paired with "
+        "this one, as rows marked '(base)': a regression check that machine noise cannot fake",
+    )
     args = parser.parse_args()
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
@@ -548,11 +573,13 @@ def main() -> None:
             task.prepare(work, args.size)
             os.sync()  # the inputs' own writeback must not land in the first timed runs
             approaches = task.approaches(work, args.size)
+            if args.base_src is not None:
+                approaches += _from_base(approaches, args.base_src)
             samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in approaches}
             for _, a in _runs(approaches, args.runs):
                 if a.output is not None:
                     a.output.unlink(missing_ok=True)  # a fresh write every time
-                samples[a.name].append(run_child(a.argv))
+                samples[a.name].append(run_child(a.argv, a.env))
             # the outputs of the last run are compared, then removed
             for left, right in task.verify:
                 _same_tensors(work / left, work / right)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from ckptsurgery.io import Checkpoint, WriteResult, write_checkpoint
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan.model import Entry, Plan
+from ckptsurgery.plan import ops
 from ckptsurgery.plan.ops import CastWriter, evaluate
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class PlanSource(Checkpoint):
         self._entries = {e.name: e for e in plan.entries}
         self._compared: set[str] = set()
         self.disagree: list[str] = []  # compared outputs whose sources held other values
+        self._cast_buffer: bytearray | None = None  # shared by the casts, made on first use
 
     def _fetchers(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
         return [partial(self.sources[r.source].tensor, r.key) for r in e.inputs]
@@ -76,7 +78,9 @@ class PlanSource(Checkpoint):
             self._compare(e)
             return src.write_data(ref.key, f)  # a source may stream through a small buffer
         if e.op.name == "cast":
-            sink = CastWriter(f, e.source_dtype, e.info.dtype)
+            if self._cast_buffer is None:
+                self._cast_buffer = bytearray(ops.CAST_CHUNK)
+            sink = CastWriter(f, e.source_dtype, e.info.dtype, buffer=self._cast_buffer)
             src.write_data(ref.key, cast(BinaryIO, sink))
             sink.close()
             return sink.written

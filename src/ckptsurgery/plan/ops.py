@@ -145,13 +145,17 @@ class CastWriter:
     partial element is left.
     """
 
-    def __init__(self, f: BinaryIO, src: str, dst: str) -> None:
+    def __init__(self, f: BinaryIO, src: str, dst: str, *, buffer: bytearray | None = None) -> None:
         from ckptsurgery.io.dtypes import torch_dtype
 
         self._f = f
         self._src, self._dst = torch_dtype(src), torch_dtype(dst)
         self._item = _ITEMSIZE[src]
-        self._buf = bytearray(CAST_CHUNK - CAST_CHUNK % self._item)
+        # A buffer may be shared by the casts of one write (one tensor at a time): allocating
+        # and zeroing a fresh one per tensor costs more than the cast of a small tensor.
+        if buffer is None or len(buffer) < self._item:
+            buffer = bytearray(CAST_CHUNK)
+        self._buf = memoryview(buffer)[: len(buffer) - len(buffer) % self._item]
         self._used = 0
         self.written = 0
 
@@ -175,7 +179,7 @@ class CastWriter:
         whole = self._used - self._used % self._item
         if not whole:
             return
-        chunk = torch.frombuffer(self._buf, dtype=torch.uint8, count=whole)
+        chunk = torch.frombuffer(self._buf.obj, dtype=torch.uint8, count=whole)
         out = chunk.view(self._src).to(self._dst)
         data = tensor_bytes(out)
         self._f.write(data)
