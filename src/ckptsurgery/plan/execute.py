@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ckptsurgery.io import Checkpoint, WriteResult, write_checkpoint
 from ckptsurgery.keygroups import group_keys
-from ckptsurgery.plan.model import Entry, Plan
 from ckptsurgery.plan import ops
+from ckptsurgery.plan.model import Entry, Plan
 from ckptsurgery.plan.ops import CastWriter, evaluate
 
 if TYPE_CHECKING:
