@@ -500,13 +500,15 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
 
 
-def _from_base(approaches: list[Approach], base_src: Path) -> list[Approach]:
-    """The ckptsurgery approaches again, run from ``base_src`` (its bytecode compiled first)."""
+def _with_base(approaches: list[Approach], base_src: Path) -> list[Approach]:
+    """Each ckptsurgery approach followed by the same run from ``base_src`` (its bytecode
+    compiled first), so that the two always meet the same disk and cache state."""
     base_src = base_src.resolve()
     subprocess.run([PY, "-m", "compileall", "-q", str(base_src / "ckptsurgery")], check=True)
     env = {**os.environ, "PYTHONPATH": str(base_src)}
     out = []
     for a in approaches:
+        out.append(a)
         if a.argv[: len(CLI)] == CLI:
             output = a.output and a.output.with_name(f"base_{a.output.name}")
             argv = [str(output) if a.output and arg == str(a.output) else arg for arg in a.argv]
@@ -574,12 +576,22 @@ def main() -> None:
             os.sync()  # the inputs' own writeback must not land in the first timed runs
             approaches = task.approaches(work, args.size)
             if args.base_src is not None:
-                approaches += _from_base(approaches, args.base_src)
+                approaches = _with_base(approaches, args.base_src)
             samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in approaches}
             for _, a in _runs(approaches, args.runs):
+                if a.name not in samples:
+                    continue
                 if a.output is not None:
                     a.output.unlink(missing_ok=True)  # a fresh write every time
-                samples[a.name].append(run_child(a.argv, a.env))
+                try:
+                    samples[a.name].append(run_child(a.argv, a.env))
+                except RuntimeError:
+                    if a.env is None:
+                        raise
+                    # an older version without this task's flags: its rows are left out
+                    print(f"  {a.name}: the base version cannot run it; left out", file=sys.stderr)
+                    del samples[a.name]
+            approaches = [a for a in approaches if a.name in samples]
             # the outputs of the last run are compared, then removed
             for left, right in task.verify:
                 _same_tensors(work / left, work / right)

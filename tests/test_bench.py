@@ -36,6 +36,26 @@ def test_bench_runs_and_compares_with_cp(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
 
 
+def test_bench_pairs_a_base_version_and_leaves_out_what_it_cannot_run(tmp_path: Path) -> None:
+    """--base-src runs ckptsurgery's approaches again from another source tree (here this one,
+    copied); a task the base cannot run (it lacks a flag) loses only the base rows."""
+    import shutil
+
+    base = tmp_path / "base" / "src"
+    shutil.copytree(BENCH.parents[1] / "src", base, ignore=shutil.ignore_patterns("__pycache__"))
+    plan_cli = base / "ckptsurgery" / "cli" / "_options.py"
+    text = plan_cli.read_text().replace('"--dtype",', '"--dtype-renamed",\n        "dtype",')
+    assert "--dtype-renamed" in text
+    plan_cli.write_text(text)  # as a version from before --dtype
+    work = tmp_path / "work"
+    rows = _bench(work, "keep-half", "cast-bf16", "--base-src", str(base))
+    names = {(r["task"], r["approach"]) for r in rows}
+    assert ("keep-half", "ckptsurgery remap --keep (base)") in names
+    assert ("keep-half", "ckptsurgery remap --keep --no-verify (base)") in names
+    assert ("cast-bf16", "ckptsurgery remap --dtype bfloat16") in names
+    assert not any(t == "cast-bf16" and a.endswith("(base)") for t, a in names)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     "CKPTSURGERY_BENCH_ALL" not in os.environ,
@@ -44,7 +64,7 @@ def test_bench_runs_and_compares_with_cp(tmp_path: Path) -> None:
 def test_bench_every_task(tmp_path: Path) -> None:
     rows = _bench(tmp_path)
     tasks = {r["task"] for r in rows}
-    assert {"strip-st", "strip-pt", "pt-to-st", "keep-half", "inspect-st", "inspect-pt",
-            "diff"} <= tasks  # fmt: skip
+    assert {"strip-st", "strip-pt", "pt-to-st", "keep-half", "cast-bf16", "inspect-st",
+            "inspect-pt", "diff"} <= tasks  # fmt: skip
     for r in rows:
         assert r["wall_s"] >= 0 and r["peak_rss_mb"] > 0  # type: ignore[operator]
