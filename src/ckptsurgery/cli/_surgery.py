@@ -11,7 +11,7 @@ import click
 
 from ckptsurgery.cli._common import build_target, echo_json, note
 from ckptsurgery.keygroups import group_keys
-from ckptsurgery.render.plan import plan_summary, plan_table
+from ckptsurgery.plan.table import plan_summary, plan_table
 
 if TYPE_CHECKING:
     from ckptsurgery.plan.gate import Gate

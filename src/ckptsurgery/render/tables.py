@@ -89,11 +89,6 @@ def groups_table(groups: Sequence[Mapping[str, Any]], *, fmt: str = "simple") ->
     return table(rows, ("group", "tensors", "params", "bytes"), fmt=fmt)
 
 
-def plan_table(plan: KeyPlan, *, fmt: str = "simple") -> str:
-    rows = [(old, "->" if old != new else "==", new) for old, new in plan.renames]
-    return table(rows, ("key", "", "new key"), fmt=fmt)
-
-
 def rule_counts_table(plan: KeyPlan, *, fmt: str = "simple") -> str:
     return table(((rule, f"{n:,}") for rule, n in plan.rule_counts), ("rule", "keys"), fmt=fmt)
 

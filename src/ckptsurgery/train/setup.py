@@ -115,7 +115,7 @@ def prepare(
             log(f"using the state dict at '{loaded.source_key}' (other entries: {others})")
         for rule in loaded.keys.unused_rules:
             log(f"note: {rule} matched no key")
-        from ckptsurgery.render.plan import plan_summary, plan_table
+        from ckptsurgery.plan.table import plan_summary, plan_table
 
         if config.dry_run:
             show(plan_table(loaded.plan, fmt=fmt))
