@@ -199,3 +199,24 @@ def test_the_cli_offers_the_dtypes_the_plan_casts_to() -> None:
     from ckptsurgery.cli._options import DTYPES
 
     assert DTYPES == ops.CAST_DTYPES  # kept apart so that --help needs no torch
+
+
+def test_cast_into_shards_and_from_a_sharded_source(tmp_path: Path) -> None:
+    sd = {
+        f"blocks.{i}.w": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))
+        for i in range(4)
+    }
+    sd["steps"] = torch.tensor(3)
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    shards = tmp_path / "shards"
+    cs.remap(src, shards, cs.Rules(), dtype="float16", max_shard_size=20000)
+    got = cs.load_state_dict(shards)
+    assert len(list(shards.glob("*.safetensors"))) > 1
+    for k, v in sd.items():
+        want = v.to(torch.float16) if v.is_floating_point() else v
+        assert got[k].dtype == want.dtype and raw(got[k]) == raw(want)
+    back = tmp_path / "back.pt"
+    cs.remap(shards, back, cs.Rules(), dtype="float32")
+    again = cs.load_state_dict(back)
+    assert raw(again["blocks.0.w"]) == raw(sd["blocks.0.w"].to(torch.float16).to(torch.float32))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from ckptsurgery._types import PathLike
@@ -200,11 +199,6 @@ class Plan:
             e.input_infos[0].nbytes - e.info.nbytes for e in self.cast if e.name not in self.ties
         )
 
-    @property
-    def reads_tensors(self) -> bool:
-        """Whether executing needs torch (any operation other than a byte copy)."""
-        return any(not e.op.is_copy or e.compare for e in self.entries)
-
     def op_groups(self) -> list[dict[str, Any]]:
         """The operations, each with its count and key groups: what the dry run summarises and
         the provenance records."""
@@ -270,9 +264,6 @@ class Plan:
         """A source tensor as shown in tables: its key, prefixed by ``#i`` with several sources."""
         return ref.key if len(self.sources) == 1 else f"#{ref.source + 1} {ref.key}"
 
-    def source_labels(self) -> list[str]:
-        return [s.path for s in self.sources]
-
 
 def _uses(e: Entry, source: int) -> bool:
     return any(r.source == source for r in e.inputs)
@@ -280,7 +271,3 @@ def _uses(e: Entry, source: int) -> bool:
 
 def _new_names(keys: KeyPlan, new: set[str]) -> list[str]:
     return [n for _, n in keys.renames if n in new]
-
-
-def source_name(path: PathLike) -> str:
-    return Path(path).name
