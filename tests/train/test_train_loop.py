@@ -305,29 +305,39 @@ def test_early_stop_after_patience_epochs_without_a_better_top1(
     assert again.stopped_early and len(again.metrics) == 3
 
 
-def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(
+def test_steps_are_reported_to_a_callback_and_epochs_to_the_log(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The library draws nothing: steps go to ``on_step`` (throttled, the last one always),
+    the epoch's line to ``log``; the command line draws the bar with tqdm."""
+    import io
+
+    from ckptsurgery.render.progress import step_progress
     from ckptsurgery.train.runtime import Progress
 
     lines: list[str] = []
+    steps: list[tuple[int, int, int, int, float]] = []
     record = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "top1": 0.75, "top5": None}
     record |= {"lr": {"head": 0.1}, "seconds": 1.25, "best": True}
-    bar = Progress(True, 4, lines.append, epochs=2)
+    reporter = Progress(lambda *a: steps.append(a), 4, lines.append, epochs=2)
     for step in range(4):
-        bar.step(0, step, torch.tensor(0.25))
-    bar.epoch_line(record, 2)
-    err = capsys.readouterr().err
-    assert "\repoch 1/2 [" + "#" * 30 + "] 4/4 loss 0.2500" in err  # the last step is drawn
-    assert "it/s" in err and "0:00 left" in err
-    first = err.split("\r")[1]
-    assert first.startswith("epoch 1/2 [") and "it/s" not in first  # no rate from one step
-    assert err.endswith("\r\033[K")  # the bar is wiped before the epoch line
+        reporter.step(0, step, torch.tensor(0.25))
+    reporter.epoch_line(record, 2)
+    assert steps[0] == (1, 2, 1, 4, 0.25) and steps[-1] == (1, 2, 4, 4, 0.25)
     assert lines == [
         "epoch 1/2: train loss 0.5000, val loss 0.4000, top1 0.7500, lr head=0.1, 1.2s *best*"
     ]
-
-    plain = Progress(False, 4, lines.append, epochs=2)
+    quiet = Progress(None, 4, lines.append, epochs=2)
     for step in range(4):
-        plain.step(0, step, torch.tensor(0.25))
+        quiet.step(0, step, torch.tensor(0.25))
     assert capsys.readouterr().err == ""
+
+    stream = io.StringIO()
+    with step_progress(True, stream=stream) as on_step:
+        assert on_step is not None
+        for args in steps:
+            on_step(*args)
+    drawn = stream.getvalue()
+    assert "epoch 1/2" in drawn and "4/4" in drawn and "loss 0.2500" in drawn
+    with step_progress(None, stream=io.StringIO()) as none:  # not a terminal: no bar
+        assert none is None

@@ -17,6 +17,7 @@ from ckptsurgery.cli._options import (
 )
 from ckptsurgery.errors import IncompatibleCheckpoint
 from ckptsurgery.plan.gate import refusal
+from ckptsurgery.render.progress import step_progress
 from ckptsurgery.rules import Rules
 
 
@@ -240,10 +241,10 @@ def train_cmd(
         **options,
     )
     try:
-        with warnings_as_notes():
+        with warnings_as_notes(), step_progress(config.progress) as on_step:
             # With --json, stdout holds the JSON object only; the tables go to stderr.
             show = note if as_json else click.echo
-            result: TrainResult = train(config, log=note, show=show, fmt=fmt)
+            result: TrainResult = train(config, log=note, show=show, fmt=fmt, on_step=on_step)
     except IncompatibleCheckpoint as e:
         # Under torchrun every process refuses the same weights; rank 0 shows the report.
         r = refusal(e, command="train", weights=weights)

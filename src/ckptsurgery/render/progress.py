@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 AUTO_MIN_BYTES = 256 * 1024 * 1024
 
-__all__ = ["AUTO_MIN_BYTES", "byte_progress", "wanted"]
+__all__ = ["AUTO_MIN_BYTES", "byte_progress", "step_progress", "wanted"]
 
 
 def wanted(total: int | None, progress: bool | None, stream: TextIO | None = None) -> bool:
@@ -63,6 +63,51 @@ def byte_progress(
             )
         if bar is not None:
             bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextmanager
+def step_progress(
+    progress: bool | None, *, stream: TextIO | None = None
+) -> Iterator[Callable[[int, int, int, int, float], None] | None]:
+    """A ``callback(epoch, epochs, step, steps, loss)`` drawing one tqdm bar per training epoch
+    (steps, rate, time left, the batch loss), cleared when the epoch ends so that the epoch's
+    line follows; None when no bar is wanted (``progress`` False, or None and stderr is not a
+    terminal)."""
+    stream = stream or sys.stderr
+    if not (progress if progress is not None else getattr(stream, "isatty", lambda: False)()):
+        yield None
+        return
+    bar: Any = None
+    current = 0
+
+    def update(epoch: int, epochs: int, step: int, steps: int, loss: float) -> None:
+        nonlocal bar, current
+        if bar is None or epoch != current:
+            if bar is not None:
+                bar.close()
+            from tqdm import tqdm
+
+            current = epoch
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}",
+                unit="step",
+                file=stream,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0,  # the trainer reports at most 10 steps a second already
+            )
+        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+        bar.update(step - bar.n)
+        if step == steps:  # the epoch's line comes next
+            bar.close()
+            bar = None
 
     try:
         yield update

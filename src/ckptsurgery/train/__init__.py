@@ -59,11 +59,12 @@ def train(
     log: Callable[[str], None] | None = None,
     show: Callable[[str], None] | None = None,
     fmt: str = "simple",
+    on_step: Callable[[int, int, int, int, float], None] | None = None,
 ) -> TrainResult:
     """Run ``config``; see :func:`ckptsurgery.train.loop.train`."""
     from ckptsurgery.train.loop import train as run
 
-    return run(config, log=log, show=show, fmt=fmt)
+    return run(config, log=log, show=show, fmt=fmt, on_step=on_step)
 
 
 def evaluate(

@@ -140,7 +140,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     dry_run: bool = False
-    progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
+    progress: bool | None = None  # the CLI's bar: None on a terminal only (the library draws none)
 
     def __post_init__(self) -> None:
         _choice("--mode", self.mode, MODES)

@@ -14,8 +14,8 @@ them; rank 0 prints and writes (see :mod:`ckptsurgery.train.distributed`).
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +31,14 @@ if TYPE_CHECKING:
     from ckptsurgery.match import MatchReport
     from ckptsurgery.plan.model import Plan
     from ckptsurgery.train.distributed import Dist
+    from ckptsurgery.train.runtime import StepCallback
 
 __all__ = ["Setup", "TrainResult", "prepare", "train"]
 
 Log = Callable[[str], None]
+
+# Where notes go when the caller gives no ``log``: the library itself never prints.
+_logger = logging.getLogger("ckptsurgery.train")
 
 
 @dataclass
@@ -63,18 +67,21 @@ def train(
     log: Log | None = None,
     show: Log | None = None,
     fmt: str = "simple",
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Fine-tune as ``config`` says and write OUTDIR; see the module docstring.
 
-    ``log`` receives notes and progress (default: stderr), ``show`` the tables (default:
-    stdout) in the tabulate format ``fmt``; under torchrun only rank 0 prints. With
+    ``log`` receives notes and the epoch lines (default: the ``ckptsurgery.train`` logger),
+    ``show`` the tables (default: the same logger) in the tabulate format ``fmt``,
+    ``on_step(epoch, epochs, step, steps, loss)`` the training steps as they go (for a
+    progress bar); under torchrun only rank 0 reports. The library prints nothing itself. With
     ``config.dry_run`` it stops after the loading report and the group table.
     """
     from ckptsurgery.train import distributed, outputs
     from ckptsurgery.train.groups import group_rows
 
-    log = log or _stderr
-    show = show or print
+    log = log or _logger.info
+    show = show or _logger.info
     dist = distributed.from_env()
     if not dist.main:  # one process speaks for all
         log = show = _silent
@@ -93,13 +100,15 @@ def train(
         return result
     dist = distributed.join(dist, s.device)
     try:
-        _run(s, result, dist, log=log)
+        _run(s, result, dist, log=log, on_step=on_step)
     finally:
         distributed.leave(dist)
     return result
 
 
-def _run(s: Setup, result: TrainResult, dist: Dist, *, log: Log) -> None:
+def _run(
+    s: Setup, result: TrainResult, dist: Dist, *, log: Log, on_step: StepCallback | None
+) -> None:
     """The epochs of :func:`train`, after :func:`prepare`; fills ``result``."""
     import torch
     import torch.nn.functional as F
@@ -253,9 +262,7 @@ def _run(s: Setup, result: TrainResult, dist: Dist, *, log: Log) -> None:
     # The model that trains: DistributedDataParallel under torchrun (gradients averaged over
     # the processes). `model` stays the bare module: evaluated, saved, checked.
     net = distributed.wrap(model, dist, device)
-    progress = Progress(
-        config.progress if main else False, steps_per_epoch, log, epochs=config.epochs
-    )
+    progress = Progress(on_step if main else None, steps_per_epoch, log, epochs=config.epochs)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         # The shuffle gets its own stream, distinct from augmentation's and dropout's.
@@ -383,10 +390,6 @@ def _check_outputs(
         replace_head(fresh, find_head(fresh, head.name), num_classes)
         fresh.to_empty(device="cpu")
         outputs.check_reload(out / name, fresh, expected)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _silent(message: str) -> None:

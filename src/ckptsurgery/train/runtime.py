@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -99,54 +97,47 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device.type, dtype=torch.float16)
 
 
-class Progress:
-    """A progress bar on a terminal; otherwise one plain line per epoch.
+StepCallback = Callable[[int, int, int, int, float], None]
+"""``on_step(epoch, epochs, step, steps, loss)``, 1-based epoch and step: what a progress bar
+draws. The command line draws it (:func:`ckptsurgery.render.progress.step_progress`)."""
 
-    The bar shows the step, the batch loss, steps per second and the time left in the epoch;
-    it is redrawn at most ~50 times an epoch and 10 times a second (reading the loss
-    synchronises with the device), and cut to the terminal's width so that it never wraps.
+
+class Progress:
+    """Reports training steps to ``on_step`` and each finished epoch to ``log``.
+
+    Steps are reported at most ~50 times an epoch and 10 times a second, and always at the
+    epoch's last step: reading the loss synchronises with the device, so it is read only when
+    reported. With no ``on_step``, nothing but the epoch lines.
     """
 
     def __init__(
-        self, enabled: bool | None, steps: int, log: Callable[[str], None], *, epochs: int = 0
+        self,
+        on_step: StepCallback | None,
+        steps: int,
+        log: Callable[[str], None],
+        *,
+        epochs: int = 0,
     ) -> None:
-        self.bar = sys.stderr.isatty() if enabled is None else enabled
+        self.on_step = on_step
         self.steps = steps
         self.epochs = epochs
         self.log = log
         self.every = max(1, steps // 50)
-        self.started = 0.0
-        self.drawn = 0.0
+        self.reported = 0.0
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
-        if not self.bar:
+        if self.on_step is None:
             return
         now = time.monotonic()
         if step == 0:
-            self.started, self.drawn = now, 0.0
+            self.reported = 0.0
         last = step + 1 == self.steps
-        if not last and ((step + 1) % self.every or now - self.drawn < 0.1):
+        if not last and ((step + 1) % self.every or now - self.reported < 0.1):
             return
-        self.drawn = now
-        done = (step + 1) * 30 // self.steps
-        # The rate counts the steps after the first (whose start the bar does not see).
-        speed = ""
-        if step and now > self.started:
-            rate = step / (now - self.started)
-            left = round((self.steps - step - 1) / rate)
-            speed = f"  {rate:.2f} it/s  {left // 60}:{left % 60:02d} left"
-        of = f"/{self.epochs}" if self.epochs else ""
-        line = (
-            f"epoch {epoch + 1}{of} [{'#' * done}{'.' * (30 - done)}] {step + 1}/{self.steps} "
-            f"loss {loss.item():.4f}{speed}"
-        )
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        sys.stderr.write("\r" + line[:width] + "\033[K")
-        sys.stderr.flush()
+        self.reported = now
+        self.on_step(epoch + 1, self.epochs, step + 1, self.steps, float(loss.item()))
 
     def epoch_line(self, r: dict[str, Any], epochs: int) -> None:
-        if self.bar:
-            sys.stderr.write("\r\033[K")
         top5 = f" top5 {r['top5']:.4f}" if r["top5"] is not None else ""
         lrs = " ".join(f"{g}={lr:.3g}" for g, lr in r["lr"].items())
         self.log(
