@@ -46,6 +46,8 @@ if TYPE_CHECKING:
         merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
+    from ckptsurgery.plan.model import Plan
+    from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.recipe.model import Recipe, RecipeError
     from ckptsurgery.recipe.read import load_recipe
     from ckptsurgery.recipe.run import apply_recipe
@@ -104,6 +106,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Recipe", "RecipeError"], "ckptsurgery.recipe.model"),
     "load_recipe": "ckptsurgery.recipe.read",
     "apply_recipe": "ckptsurgery.recipe.run",
+    "Plan": "ckptsurgery.plan.model",
+    "SurgeryResult": "ckptsurgery.plan.run",
     **dict.fromkeys(["KeyPlan", "Rules"], "ckptsurgery.rules"),
     **dict.fromkeys(["Suggestion", "suggest"], "ckptsurgery.suggest"),
     **dict.fromkeys(
@@ -142,6 +146,7 @@ __all__ = [
     "MergeResult",
     "ModelSpecError",
     "OutputError",
+    "Plan",
     "Recipe",
     "RecipeError",
     "RemapResult",
@@ -152,6 +157,7 @@ __all__ = [
     "SourceSpec",
     "StateDictSelectionError",
     "Suggestion",
+    "SurgeryResult",
     "TensorInfo",
     "TrainConfig",
     "TrainError",
