@@ -83,8 +83,9 @@ def max_shard_size_option(f: F) -> F:
     )(f)
 
 
-def model_options(f: F) -> F:
-    """``--model SPEC`` and ``--model-arg K=V``."""
+def model_options(f: F, *, required: bool = False) -> F:
+    """``--model SPEC`` and ``--model-arg K=V`` (``required``: for train and evaluate; the
+    gate of remap, merge and diff is optional)."""
     f = click.option(
         "--model-arg",
         "model_args",
@@ -98,8 +99,68 @@ def model_options(f: F) -> F:
         "model_spec",
         metavar="SPEC",
         default=None,
-        help="torchvision:NAME, timm:NAME or package.module:factory (built on the meta device).",
+        required=required,
+        help="torchvision:NAME, timm:NAME or package.module:factory"
+        + (" (built on the meta device)." if not required else "."),
     )(f)
+    return f
+
+
+def required_model_options(f: F) -> F:
+    return model_options(f, required=True)
+
+
+def gate_options(f: F) -> F:
+    """The gate of a surgery that writes: ``--model``, ``--model-arg``, ``--allow-missing``,
+    ``--allow-unexpected`` and ``--drop-mismatched``."""
+    f = click.option(
+        "--drop-mismatched",
+        is_flag=True,
+        help="With --model: drop keys whose shape differs from the model's (they become missing).",
+    )(f)
+    return model_options(allow_options(f))
+
+
+def write_options(f: F) -> F:
+    """What every surgery that writes takes after its sources: ``-o``, ``--format``, the cast,
+    shards, progress, ``--force``, ``--no-verify``, ``--dry-run``, ``--json``, ``--fmt`` and
+    ``--emit-recipe``."""
+    opts = [
+        click.option(
+            "-o",
+            "--output",
+            "out",
+            metavar="OUT",
+            default=None,
+            help="Output file; format from its extension (.safetensors, .pt, .pth, .bin). "
+            "With --max-shard-size, a folder (or its model.safetensors.index.json).",
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["safetensors", "torch"]),
+            default=None,
+            help="Output format, when the extension does not say.",
+        ),
+        dtype_options,
+        max_shard_size_option,
+        progress_option,
+        click.option("--force", is_flag=True, help="Replace OUT if it exists."),
+        verify_option,
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Print the plan (every output tensor, its operation and bytes), the sources "
+            "and the gate's report; write nothing.",
+        ),
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON."
+        ),
+        table_fmt_option,
+        emit_recipe_option,
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
     return f
 
 

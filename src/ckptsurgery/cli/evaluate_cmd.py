@@ -6,6 +6,7 @@ from ckptsurgery.cli._common import echo_json, note, warnings_as_notes
 from ckptsurgery.cli._options import (
     fmt_option,
     parse_transform,
+    required_model_options,
     runtime_options,
     source_options,
     transform_options,
@@ -14,14 +15,7 @@ from ckptsurgery.errors import IncompatibleCheckpoint
 
 
 @click.command("evaluate")
-@click.option("--model", "model_spec", metavar="SPEC", required=True, help="Model SPEC.")
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="K=V",
-    help="Keyword argument for the model factory (a Python literal). Repeatable.",
-)
+@required_model_options
 @click.option("--weights", metavar="CKPT", required=True, help="Checkpoint to evaluate.")
 @click.option(
     "--data",

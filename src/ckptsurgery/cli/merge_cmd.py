@@ -9,15 +9,9 @@ import click
 
 from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
-    allow_options,
-    dtype_options,
-    emit_recipe_option,
-    max_shard_size_option,
-    model_options,
-    progress_option,
+    gate_options,
     source_options,
-    table_fmt_option,
-    verify_option,
+    write_options,
 )
 from ckptsurgery.cli._surgery import (
     check_surgery_flags,
@@ -79,15 +73,7 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
 
 @click.command("merge", cls=_MergeCommand)
 @click.argument("sources", metavar="SRC...", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    metavar="OUT",
-    default=None,
-    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin). "
-    "With --max-shard-size, a folder (or its model.safetensors.index.json).",
-)
+@write_options
 @click.option(
     "--on-conflict",
     type=click.Choice(["error", "first", "last"]),
@@ -108,34 +94,7 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     help="With --average: one positive weight per source, in order (normalised to sum 1), "
     "e.g. --weights 0.5 0.3 0.2 or --weights 0.5,0.3,0.2.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["safetensors", "torch"]),
-    default=None,
-    help="Output format, when the extension does not say.",
-)
-@dtype_options
-@max_shard_size_option
-@progress_option
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@verify_option
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Print the plan (every output tensor, its operation and bytes), the sources and the "
-    "gate's report; write nothing.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@table_fmt_option
-@emit_recipe_option
-@model_options
-@allow_options
-@click.option(
-    "--drop-mismatched",
-    is_flag=True,
-    help="With --model: drop keys whose shape differs from the model's (they become missing).",
-)
+@gate_options
 @source_options
 def merge_cmd(
     sources: tuple[str, ...],

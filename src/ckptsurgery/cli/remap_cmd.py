@@ -6,16 +6,10 @@ import click
 
 from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
-    allow_options,
-    dtype_options,
-    emit_recipe_option,
-    max_shard_size_option,
-    model_options,
-    progress_option,
+    gate_options,
     rule_options,
     source_options,
-    table_fmt_option,
-    verify_option,
+    write_options,
 )
 from ckptsurgery.cli._surgery import (
     check_surgery_flags,
@@ -30,44 +24,9 @@ from ckptsurgery.surgery import remap
 
 @click.command("remap")
 @click.argument("src")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    metavar="OUT",
-    default=None,
-    help="Output file; format from its extension (.safetensors, .pt, .pth, .bin). "
-    "With --max-shard-size, a folder (or its model.safetensors.index.json).",
-)
 @rule_options
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["safetensors", "torch"]),
-    default=None,
-    help="Output format, when the extension does not say.",
-)
-@dtype_options
-@max_shard_size_option
-@progress_option
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@verify_option
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Print the plan (every output tensor, its operation and "
-    "bytes) and the gate's report; write nothing.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as JSON.")
-@table_fmt_option
-@emit_recipe_option
-@model_options
-@allow_options
-@click.option(
-    "--drop-mismatched",
-    is_flag=True,
-    help="With --model: drop keys whose shape differs from the model's (they become missing).",
-)
+@write_options
+@gate_options
 @source_options
 def remap_cmd(
     src: str,

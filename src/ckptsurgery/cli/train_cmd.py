@@ -10,6 +10,7 @@ from ckptsurgery.cli._options import (
     allow_options,
     fmt_option,
     parse_transform,
+    required_model_options,
     rule_options,
     runtime_options,
     source_options,
@@ -22,14 +23,7 @@ from ckptsurgery.rules import Rules
 
 
 @click.command("train")
-@click.option("--model", "model_spec", metavar="SPEC", required=True, help="Model SPEC.")
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="K=V",
-    help="Keyword argument for the model factory (a Python literal). Repeatable.",
-)
+@required_model_options
 @click.option(
     "--weights", metavar="CKPT", default=None, help="Checkpoint to start from (default: scratch)."
 )
