@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
@@ -110,9 +111,69 @@ def required_model_options(f: F) -> F:
     return model_options(f, required=True)
 
 
+@dataclass(frozen=True)
+class GateFlags:
+    """``--model``, ``--model-arg``, ``--allow-missing``, ``--allow-unexpected`` and
+    ``--drop-mismatched``, as the command received them."""
+
+    model_spec: str | None
+    model_args: tuple[str, ...]
+    allow_missing: tuple[str, ...]
+    allow_unexpected: tuple[str, ...]
+    drop_mismatched: bool
+
+
+@dataclass(frozen=True)
+class WriteFlags:
+    """The output options of a surgery command (see :func:`write_options`)."""
+
+    out: str | None
+    fmt: str | None  # --format: the file's
+    dtype: str | None
+    keep_dtype: tuple[str, ...]
+    max_shard_size: str | None
+    progress: bool | None
+    force: bool
+    no_verify: bool
+    dry_run: bool
+    as_json: bool
+    table_fmt: str  # --fmt: the tables'
+    emit_recipe: str | None
+
+    def library_options(self) -> dict[str, Any]:
+        """The library's options (:class:`~ckptsurgery.plan.run.SurgeryOptions`) they set."""
+        return {
+            "format": self.fmt,
+            "force": self.force,
+            "dry_run": self.dry_run,
+            "verify": not self.no_verify,
+            "max_shard_size": self.max_shard_size,
+            "dtype": self.dtype,
+            "keep_dtype": self.keep_dtype,
+        }
+
+
+def _folded(name: str, kind: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator handing the command the options named like ``kind``'s fields as one
+    ``name=kind(...)`` value, so that commands sharing an option group share its handling."""
+    fields = tuple(kind.__dataclass_fields__)  # type: ignore[attr-defined]
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in fields}
+            return f(*args, **{name: kind(**values)}, **kwargs)
+
+        return cast(F, command)
+
+    return decorate
+
+
 def gate_options(f: F) -> F:
-    """The gate of a surgery that writes: ``--model``, ``--model-arg``, ``--allow-missing``,
+    """The gate of a surgery that writes, handed over as ``gate_flags``
+    (:class:`GateFlags`): ``--model``, ``--model-arg``, ``--allow-missing``,
     ``--allow-unexpected`` and ``--drop-mismatched``."""
+    f = _folded("gate_flags", GateFlags)(f)
     f = click.option(
         "--drop-mismatched",
         is_flag=True,
@@ -122,9 +183,10 @@ def gate_options(f: F) -> F:
 
 
 def write_options(f: F) -> F:
-    """What every surgery that writes takes after its sources: ``-o``, ``--format``, the cast,
-    shards, progress, ``--force``, ``--no-verify``, ``--dry-run``, ``--json``, ``--fmt`` and
-    ``--emit-recipe``."""
+    """What every surgery that writes takes after its sources, handed over as ``write``
+    (:class:`WriteFlags`): ``-o``, ``--format``, the cast, shards, progress, ``--force``,
+    ``--no-verify``, ``--dry-run``, ``--json``, ``--fmt`` and ``--emit-recipe``."""
+    f = _folded("write", WriteFlags)(f)
     opts = [
         click.option(
             "-o",

@@ -3,122 +3,137 @@ of its plan and result (tables or JSON on stdout, notes and the summary on stder
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgery.cli._common import build_target, echo_json, note
+from ckptsurgery.cli._common import build_target, echo_json, note, refusals, warnings_as_notes
+from ckptsurgery.cli._options import GateFlags, WriteFlags
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan.table import plan_summary, plan_table
+from ckptsurgery.render.progress import byte_progress
 
 if TYPE_CHECKING:
     from ckptsurgery.plan.gate import Gate
     from ckptsurgery.plan.run import SurgeryResult
+    from ckptsurgery.recipe import Target
     from ckptsurgery.rules import Rules
 
 
-def check_surgery_flags(
+def surgery_command(
+    command: str,
+    write: WriteFlags,
+    gate_flags: GateFlags,
     *,
-    out: str | None,
-    dry_run: bool,
-    emit_recipe: str | None,
-    dtype: str | None,
-    keep_dtype: Sequence[str],
-    inputs: Sequence[str],
-    force: bool,
+    sources: Sequence[tuple[str, str | None, Rules]],
+    run: Callable[..., SurgeryResult],
+    given_key: str | None,
+    recipe: Mapping[str, Any] | None = None,
+    payload: Callable[[SurgeryResult], dict[str, Any]] | None = None,
 ) -> None:
-    """The checks every surgery command makes of its flags before any work."""
-    if out is None and not dry_run:
+    """The body of remap and merge: check the flags, build the gate, call
+    ``run(gate=..., progress=..., **library options)`` under the one refusal rendering,
+    write the ``--emit-recipe`` (``recipe``: its ``[merge]`` settings), and render."""
+    inputs = [path for path, _, _ in sources]
+    if write.out is None and not write.dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
-    if emit_recipe is not None and out is None:
+    if write.emit_recipe is not None and write.out is None:
         raise click.UsageError("--emit-recipe needs -o / --output (the recipe's [output])")
-    if keep_dtype and dtype is None:
+    if write.keep_dtype and write.dtype is None:
         raise click.UsageError("--keep-dtype needs --dtype")
-    check_recipe_path(emit_recipe, inputs=inputs, force=force)
+    if write.emit_recipe is not None:
+        from ckptsurgery.io import check_output_path
+
+        check_output_path(write.emit_recipe, inputs=inputs, force=write.force)
+    gate = gate_from_flags(gate_flags)
+    where = {"source": inputs[0]} if command == "remap" else {"sources": inputs}
+    with (
+        refusals(as_json=write.as_json, fmt=write.table_fmt, command=command, **where,
+                 output=write.out),
+        warnings_as_notes(),
+        byte_progress(f"writing {Path(write.out or '').name}", write.progress) as on_progress,
+    ):  # fmt: skip
+        result = run(gate=gate, progress=on_progress, **write.library_options())
+    if write.emit_recipe is not None:
+        assert write.out is not None  # checked above
+        write_recipe(write.emit_recipe, sources, write.out, write, gate_flags, **(recipe or {}))
+    render(
+        result,
+        given_key=given_key,
+        dry_run=write.dry_run,
+        as_json=write.as_json,
+        fmt=write.table_fmt,
+        payload=payload(result) if payload is not None else None,
+    )
 
 
-def gate_from_flags(
-    model_spec: str | None,
-    model_args: tuple[str, ...],
-    allow_missing: tuple[str, ...],
-    allow_unexpected: tuple[str, ...],
-    drop_mismatched: bool,
-) -> Gate | None:
+def gate_from_flags(flags: GateFlags) -> Gate | None:
     """The gate of ``--model`` and its allowances (None without ``--model``)."""
-    gate_flags = allow_missing or allow_unexpected or drop_mismatched or model_args
-    if gate_flags and model_spec is None:
+    given = flags.allow_missing or flags.allow_unexpected or flags.drop_mismatched
+    if (given or flags.model_args) and flags.model_spec is None:
         raise click.UsageError(
             "--allow-missing, --allow-unexpected, --drop-mismatched and --model-arg need --model"
         )
-    if model_spec is None:
+    if flags.model_spec is None:
         return None
     from ckptsurgery.plan.gate import Gate
 
     return Gate(
-        build_target(model_spec, model_args),
-        allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected,
-        drop_mismatched=drop_mismatched,
+        build_target(flags.model_spec, flags.model_args),
+        allow_missing=flags.allow_missing,
+        allow_unexpected=flags.allow_unexpected,
+        drop_mismatched=flags.drop_mismatched,
     )
 
 
-def check_recipe_path(path: str | None, *, inputs: Sequence[str], force: bool) -> None:
-    """Refuse an --emit-recipe path that exists (without --force) or is an input, before any
-    work is done."""
-    if path is not None:
-        from ckptsurgery.io import check_output_path
+def target_of(flags: GateFlags) -> Target | None:
+    """The gate as a recipe's ``[target]`` (and the provenance's), or None."""
+    if flags.model_spec is None:
+        return None
+    from ckptsurgery.models import parse_model_args
+    from ckptsurgery.recipe import Target
 
-        check_output_path(path, inputs=list(inputs), force=force)
+    return Target(
+        flags.model_spec,
+        parse_model_args(flags.model_args),
+        allow_missing=flags.allow_missing,
+        allow_unexpected=flags.allow_unexpected,
+        drop_mismatched=flags.drop_mismatched,
+    )
 
 
 def write_recipe(
     path: str,
     sources: Sequence[tuple[str, str | None, Rules]],
     output: str,
+    write: WriteFlags,
+    gate_flags: GateFlags,
     *,
-    model_spec: str | None,
-    model_args: tuple[str, ...],
-    gate: Gate | None,
-    force: bool,
     on_conflict: str = "error",
     average: bool = False,
     weights: Sequence[float] = (),
-    dtype: str | None = None,
-    keep_dtype: Sequence[str] = (),
-    fmt: str | None = None,
-    max_shard_size: str | None = None,
 ) -> None:
     """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
     are written relative to the recipe's folder, as ``apply`` reads them."""
     from ckptsurgery.io import atomic_write
-    from ckptsurgery.models import parse_model_args
-    from ckptsurgery.recipe import Target, recipe_toml
+    from ckptsurgery.recipe import recipe_toml
 
-    target = None
-    if model_spec is not None and gate is not None:
-        target = Target(
-            model_spec,
-            parse_model_args(model_args),
-            allow_missing=tuple(gate.allow_missing),
-            allow_unexpected=tuple(gate.allow_unexpected),
-            drop_mismatched=gate.drop_mismatched,
-        )
     text = recipe_toml(
         list(sources),
-        target,
+        target_of(gate_flags),
         output,
         recipe_dir=Path(path).resolve().parent,
         on_conflict=on_conflict,
         average=average,
         weights=list(weights),
-        dtype=dtype,
-        keep_dtype=list(keep_dtype),
-        format=fmt,
-        max_shard_size=max_shard_size,
+        dtype=write.dtype,
+        keep_dtype=list(write.keep_dtype),
+        format=write.fmt,
+        max_shard_size=write.max_shard_size,
     )
-    with atomic_write(path, overwrite=force) as f:
+    with atomic_write(path, overwrite=write.force) as f:
         f.write(text.rstrip("\n").encode("utf-8") + b"\n")
     note(f"wrote the recipe to {path}; run: ckptsurgery apply {path}")
 

@@ -2,27 +2,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
+    GateFlags,
+    WriteFlags,
     gate_options,
     source_options,
     write_options,
 )
-from ckptsurgery.cli._surgery import (
-    check_surgery_flags,
-    gate_from_flags,
-    render,
-    write_recipe,
-)
+from ckptsurgery.cli._surgery import surgery_command, target_of
 from ckptsurgery.merge import average_files, merge_files
-from ckptsurgery.models import parse_model_args
-from ckptsurgery.render.progress import byte_progress
 from ckptsurgery.rules import Rules
+
+if TYPE_CHECKING:
+    from ckptsurgery.plan.run import SurgeryResult
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -98,26 +94,11 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
 @source_options
 def merge_cmd(
     sources: tuple[str, ...],
-    out: str | None,
+    write: WriteFlags,
     on_conflict: str | None,
     average: bool,
     weights_text: tuple[str, ...],
-    fmt: str | None,
-    dtype: str | None,
-    keep_dtype: tuple[str, ...],
-    max_shard_size: str | None,
-    progress: bool | None,
-    force: bool,
-    no_verify: bool,
-    dry_run: bool,
-    as_json: bool,
-    table_fmt: str,
-    emit_recipe: str | None,
-    model_spec: str | None,
-    model_args: tuple[str, ...],
-    allow_missing: tuple[str, ...],
-    allow_unexpected: tuple[str, ...],
-    drop_mismatched: bool,
+    gate_flags: GateFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -146,74 +127,26 @@ def merge_cmd(
         raise click.UsageError("--weights needs --average")
     if average and on_conflict is not None:
         raise click.UsageError("--on-conflict does not apply with --average")
-    check_surgery_flags(
-        out=out,
-        dry_run=dry_run,
-        emit_recipe=emit_recipe,
-        dtype=dtype,
-        keep_dtype=keep_dtype,
-        inputs=list(sources),
-        force=force,
-    )
-    gate = gate_from_flags(model_spec, model_args, allow_missing, allow_unexpected, drop_mismatched)
-    provenance: dict[str, Any] = {}
-    if gate is not None:
-        provenance["target"] = {
-            "model": model_spec,
-            "model_args": parse_model_args(model_args),
-            "allow_missing": list(allow_missing),
-            "allow_unexpected": list(allow_unexpected),
-            "drop_mismatched": drop_mismatched,
-        }
-    common: dict[str, Any] = {
-        "provenance": provenance,
-        "key": key,
-        "format": fmt,
-        "force": force,
-        "dry_run": dry_run,
-        "gate": gate,
-        "allow_globals": allow_globals,
-        "unsafe_pickle": unsafe_pickle,
-        "verify": not no_verify,
-        "max_shard_size": max_shard_size,
-        "dtype": dtype,
-        "keep_dtype": keep_dtype,
-    }
-    with (
-        refusals(
-            as_json=as_json, fmt=table_fmt, command="merge", sources=list(sources), output=out
-        ),
-        warnings_as_notes(),
-        byte_progress(f"writing {Path(out or '').name}", progress) as on_progress,
-    ):
+    target = target_of(gate_flags)
+    provenance = {"target": target.to_dict()} if target is not None else {}
+    trust = {"allow_globals": allow_globals, "unsafe_pickle": unsafe_pickle}
+
+    def run(**options: Any) -> SurgeryResult:
+        common = {"key": key, "provenance": provenance, **trust, **options}
         if average:
-            result = average_files(
-                list(sources), out, weights=weights, progress=on_progress, **common
-            )
-        else:
-            result = merge_files(
-                list(sources),
-                out,
-                on_conflict=on_conflict or "error",
-                progress=on_progress,
-                **common,
-            )
-    if emit_recipe is not None:
-        assert out is not None  # checked above
-        write_recipe(
-            emit_recipe,
-            [(src, key, Rules()) for src in sources],
-            out,
-            model_spec=model_spec,
-            model_args=model_args,
-            gate=gate,
-            on_conflict=on_conflict or "error",
-            average=average,
-            weights=weights or (),
-            dtype=dtype,
-            keep_dtype=keep_dtype,
-            fmt=fmt,
-            max_shard_size=max_shard_size,
-            force=force,
-        )
-    render(result, given_key=key, dry_run=dry_run, as_json=as_json, fmt=table_fmt)
+            return average_files(list(sources), write.out, weights=weights, **common)
+        return merge_files(list(sources), write.out, on_conflict=on_conflict or "error", **common)
+
+    surgery_command(
+        "merge",
+        write,
+        gate_flags,
+        sources=[(src, key, Rules()) for src in sources],
+        run=run,
+        given_key=key,
+        recipe={
+            "on_conflict": on_conflict or "error",
+            "average": average,
+            "weights": weights or (),
+        },
+    )

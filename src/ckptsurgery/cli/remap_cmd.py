@@ -1,25 +1,23 @@
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgery.cli._common import refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
+    GateFlags,
+    WriteFlags,
     gate_options,
     rule_options,
     source_options,
     write_options,
 )
-from ckptsurgery.cli._surgery import (
-    check_surgery_flags,
-    gate_from_flags,
-    render,
-    write_recipe,
-)
-from ckptsurgery.render.progress import byte_progress
+from ckptsurgery.cli._surgery import surgery_command
 from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import remap
+
+if TYPE_CHECKING:
+    from ckptsurgery.plan.run import SurgeryResult
 
 
 @click.command("remap")
@@ -30,25 +28,10 @@ from ckptsurgery.surgery import remap
 @source_options
 def remap_cmd(
     src: str,
-    out: str | None,
     rules: Rules,
     rules_key: str | None,
-    fmt: str | None,
-    dtype: str | None,
-    keep_dtype: tuple[str, ...],
-    max_shard_size: str | None,
-    progress: bool | None,
-    force: bool,
-    no_verify: bool,
-    dry_run: bool,
-    as_json: bool,
-    table_fmt: str,
-    emit_recipe: str | None,
-    model_spec: str | None,
-    model_args: tuple[str, ...],
-    allow_missing: tuple[str, ...],
-    allow_unexpected: tuple[str, ...],
-    drop_mismatched: bool,
+    write: WriteFlags,
+    gate_flags: GateFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -80,69 +63,34 @@ def remap_cmd(
       ckptsurgery remap resnet50.pth -o resnet50-bf16.safetensors --dtype bfloat16 \\
           --keep-dtype '*.running_*' --emit-recipe resnet50-bf16.toml
     """
-    check_surgery_flags(
-        out=out,
-        dry_run=dry_run,
-        emit_recipe=emit_recipe,
-        dtype=dtype,
-        keep_dtype=keep_dtype,
-        inputs=[src],
-        force=force,
-    )
-    gate = gate_from_flags(model_spec, model_args, allow_missing, allow_unexpected, drop_mismatched)
     src_key = key or rules_key
-    with (
-        refusals(as_json=as_json, fmt=table_fmt, command="remap", source=src, output=out),
-        warnings_as_notes(),
-        byte_progress(f"writing {Path(out or '').name}", progress) as on_progress,
-    ):
-        result = remap(
+
+    def run(**options: Any) -> SurgeryResult:
+        return remap(
             src,
-            out,
+            write.out,
             rules,
             key=src_key,
-            format=fmt,
-            force=force,
-            dry_run=dry_run,
-            gate=gate,
             allow_globals=allow_globals,
             unsafe_pickle=unsafe_pickle,
-            max_shard_size=max_shard_size,
-            progress=on_progress,
-            verify=not no_verify,
-            dtype=dtype,
-            keep_dtype=keep_dtype,
+            **options,
         )
-    if emit_recipe is not None:
-        assert out is not None  # checked above
-        write_recipe(
-            emit_recipe,
-            [(src, src_key, rules)],
-            out,
-            model_spec=model_spec,
-            model_args=model_args,
-            gate=gate,
-            dtype=dtype,
-            keep_dtype=keep_dtype,
-            fmt=fmt,
-            max_shard_size=max_shard_size,
-            force=force,
-        )
-    s0 = result.plan.sources[0]
-    payload = {
-        "source": src,
-        "key": result.plan.sources[0].key,
-        "output": out,
-        "rules": rules.to_dict(),
-        **s0.keys.to_dict(),
-    }
-    if result.written is not None:
-        payload.update(tensors=result.written.tensors)
-    render(
-        result,
+
+    def payload(result: SurgeryResult) -> dict[str, Any]:
+        part = result.plan.sources[0]
+        out: dict[str, Any] = {"source": src, "key": part.key, "output": write.out}
+        out["rules"] = rules.to_dict()
+        out.update(part.keys.to_dict())
+        if result.written is not None:
+            out.update(tensors=result.written.tensors)
+        return out
+
+    surgery_command(
+        "remap",
+        write,
+        gate_flags,
+        sources=[(src, src_key, rules)],
+        run=run,
         given_key=src_key,
-        dry_run=dry_run,
-        as_json=as_json,
-        fmt=table_fmt,
         payload=payload,
     )
