@@ -181,13 +181,17 @@ def assert_ok(result: Result) -> None:
 
 
 def assert_error(result: Result, *fragments: str, only_line: bool = True) -> str:
-    """Exit 2, nothing on stdout, and one ``Error:`` line on stderr holding ``fragments``.
+    """Exit 2, one ``Error:`` line on stderr holding ``fragments``, and on stdout nothing, or
+    (with ``--json``) only the refusal's JSON object saying the same.
 
     With ``only_line`` (the default) that line is all of stderr: no hint below it.
     """
     no_traceback(result)
     assert result.exit_code == 2, result.output
-    assert result.stdout == ""
+    if result.stdout:
+        refusal = json.loads(result.stdout)
+        assert refusal["refused"] is True and refusal["exit_code"] == 2, refusal
+        assert f"Error: {' '.join(refusal['message'].split())}" in result.stderr
     lines = result.stderr.splitlines()
     errors = [line for line in lines if line.startswith("Error:")]
     assert len(errors) == 1, result.stderr

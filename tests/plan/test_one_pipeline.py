@@ -220,6 +220,9 @@ def test_every_refusal_has_one_json_shape(tmp_path: Path) -> None:
     u = refusal_of(cli_run("remap", unsafe, "-o", out, "--json"), 2)
     assert u["reason"] == "unsafe"
     assert u["problems"] == [{"kind": "unsafe_global", "key": "argparse.Namespace"}]
+    for command in (("inspect", unsafe), ("diff", unsafe, "--against", a)):
+        same = refusal_of(cli_run(*command, "--json"), 2)
+        assert same["problems"] == u["problems"] and same["command"] == command[0]
     for result in (cli_run("merge", a, b, "-o", out), cli_run("remap", unsafe, "-o", out)):
         assert result.exit_code == 2 and result.stdout == ""
         assert [

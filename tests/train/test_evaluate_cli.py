@@ -84,8 +84,15 @@ def test_a_head_for_another_class_count_exits_1(folder: Path) -> None:
     result = invoke("--weights", str(weights), "--data", "data")
     assert result.exit_code == 1, result.output
     assert "shape mismatch" in result.stdout
-    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and "has 3 classes" in error[0]
+    # a gate's refusal, said as every command says it: the last line, no "Error:"
+    last = result.stderr.splitlines()[-1]
+    assert "has 3 classes" in last and last.endswith("nothing written")
+    assert not any(line.startswith("Error:") for line in result.stderr.splitlines())
+    as_json = invoke("--weights", str(weights), "--data", "data", "--json")
+    refusal = json.loads(as_json.stdout)
+    assert as_json.exit_code == 1 and refusal["reason"] == "incompatible"
+    assert refusal["command"] == "evaluate" and refusal["weights"] == str(weights)
+    assert {p["kind"] for p in refusal["problems"]} == {"shape_mismatch"}
 
 
 def test_bad_inputs_exit_2(folder: Path) -> None:

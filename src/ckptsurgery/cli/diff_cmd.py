@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from ckptsurgery.cli._common import build_target, echo_json, note, selection_note, warnings_as_notes
+from ckptsurgery.cli._common import (
+    build_target,
+    echo_json,
+    note,
+    refusals,
+    selection_note,
+    warnings_as_notes,
+)
 from ckptsurgery.cli._options import allow_options, fmt_option, model_options, source_options
 from ckptsurgery.io import atomic_write, check_output_path
 from ckptsurgery.keygroups import group_keys
@@ -90,7 +97,10 @@ def diff_cmd(
         # Refuse before any work rather than after it.
         check_output_path(emit_recipe, inputs=[src], force=force)
     target: Any = ref if ref is not None else build_target(str(model_spec), model_args)
-    with warnings_as_notes():
+    with (
+        refusals(as_json=as_json, fmt=fmt, command="diff", source=src),
+        warnings_as_notes(),
+    ):
         result = diff(
             src,
             target,

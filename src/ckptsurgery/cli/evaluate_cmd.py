@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from ckptsurgery.cli._common import echo_json, note, warnings_as_notes
+from ckptsurgery.cli._common import echo_json, note, refusals, warnings_as_notes
 from ckptsurgery.cli._options import (
     fmt_option,
     parse_transform,
@@ -11,7 +11,6 @@ from ckptsurgery.cli._options import (
     source_options,
     transform_options,
 )
-from ckptsurgery.errors import IncompatibleCheckpoint
 
 
 @click.command("evaluate")
@@ -74,30 +73,27 @@ def evaluate_cmd(
 
     if batch_size < 1:
         raise click.BadParameter("must be positive", param_hint="--batch-size")
-    try:
-        with warnings_as_notes():
-            result = evaluate(
-                model_spec,
-                weights,
-                data,
-                model_args=parse_model_args(model_args),
-                head=head_name,
-                key=key,
-                transform=parse_transform(image_size, channels, mean, std),
-                batch_size=batch_size,
-                device=device,
-                amp=amp,
-                threads=threads,
-                workers=workers,
-                allow_globals=allow_globals,
-                unsafe_pickle=unsafe_pickle,
-                log=note,
-            )
-    except IncompatibleCheckpoint as e:
-        if e.report is not None and not as_json:
-            click.echo(e.report.table(fmt=fmt))
-        note(f"Error: {' '.join(str(e).split())}")
-        raise click.exceptions.Exit(1) from None
+    with (
+        refusals(as_json=as_json, fmt=fmt, command="evaluate", weights=weights),
+        warnings_as_notes(),
+    ):
+        result = evaluate(
+            model_spec,
+            weights,
+            data,
+            model_args=parse_model_args(model_args),
+            head=head_name,
+            key=key,
+            transform=parse_transform(image_size, channels, mean, std),
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
+            threads=threads,
+            workers=workers,
+            allow_globals=allow_globals,
+            unsafe_pickle=unsafe_pickle,
+            log=note,
+        )
     for line in result.notes:
         note(f"note: {line}")
     m = result.metrics

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ckptsurgery.cli._common import echo_json, open_source
+from ckptsurgery.cli._common import echo_json, open_source, refusals
 from ckptsurgery.cli._options import fmt_option, source_options
 from ckptsurgery.describe import describe
 from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_table, tensors_table
@@ -42,9 +42,10 @@ def inspect_cmd(
       ckptsurgery inspect model.safetensors --depth 1 --json
       ckptsurgery inspect model.safetensors --fmt github
     """
-    with open_source(
-        src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
-    ) as ckpt:
+    with (
+        refusals(as_json=as_json, fmt=fmt, command="inspect", source=src),
+        open_source(src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as ckpt,
+    ):
         report = describe(ckpt, depth=depth)
     if as_json:
         echo_json(report)

@@ -122,13 +122,19 @@ def evaluate(
     The split is ``data/test``, else ``data/val``, else ``data`` itself. The model's head is
     sized to the split's classes and the checkpoint must fill every key (head included), as
     a strict ``load_state_dict`` would: otherwise :class:`IncompatibleCheckpoint` with the
-    report. ``transform`` must be the one the model was trained with.
+    report. The checkpoint goes through the surgery pipeline (:mod:`ckptsurgery.plan`): its
+    header is planned and matched first, and tensors are read only when it fits.
+    ``transform`` must be the one the model was trained with.
     """
     import torch
 
+    from ckptsurgery.io import open_checkpoint
     from ckptsurgery.loading import load_into
     from ckptsurgery.models import build_model
-    from ckptsurgery.surgery import load_state_dict
+    from ckptsurgery.plan.build import build_plan
+    from ckptsurgery.plan.execute import PlanSource, materialize
+    from ckptsurgery.plan.gate import Gate
+    from ckptsurgery.rules import Rules
     from ckptsurgery.train.data import (
         default_workers,
         eval_folder,
@@ -148,25 +154,31 @@ def evaluate(
     options = transform or TransformConfig()
     dataset = image_folder(folder, _eval_transform(options), allow_empty=True)
 
-    sd = load_state_dict(
-        weights, key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
-    )
-    built = build_model(model, model_args or {}, device="cpu")
-    notes = [built.note] if built.note else []
-    found = find_head(built.module, head)
-    say(found.describe())
-    new_head = replace_head(built.module, found, len(classes))
-    say(f"sized to the {len(classes)} classes of {folder}")
-    try:
-        report = load_into(built.module, sd)
-    except IncompatibleCheckpoint as e:
-        hint = ""
-        if any(m.key.startswith(new_head.name + ".") for m in e.report.shape_mismatch):
-            hint = (
-                f" (the data in {folder} has {len(classes)} classes; the checkpoint's head "
-                "was trained for another number)"
+    # The checkpoint's header first: a wrong path or a bad file costs no model build.
+    with open_checkpoint(
+        weights, key=key, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle
+    ) as ckpt:
+        built = build_model(model, model_args or {}, device="cpu")
+        notes = [built.note] if built.note else []
+        found = find_head(built.module, head)
+        say(found.describe())
+        new_head = replace_head(built.module, found, len(classes))
+        say(f"sized to the {len(classes)} classes of {folder}")
+        plan = build_plan([ckpt], [Rules()], mode="remap", labels=[str(weights)])
+        check = Gate(built.module).check(PlanSource(plan, [ckpt]))
+        if not check.compatible:
+            hint = ""
+            if any(m.key.startswith(new_head.name + ".") for m in check.shape_mismatch):
+                hint = (
+                    f" (the data in {folder} has {len(classes)} classes; the checkpoint's "
+                    "head was trained for another number)"
+                )
+            raise IncompatibleCheckpoint(
+                f"{weights}: the checkpoint does not fit the model ({check.problems()}){hint}",
+                report=check,
             )
-        raise IncompatibleCheckpoint(f"{weights}: {e}{hint}", report=e.report) from None
+        sd, _ = materialize(plan, [ckpt])
+    report = load_into(built.module, sd)
     net = built.module.to(dev)
     loader = make_loader(
         dataset,
