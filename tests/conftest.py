@@ -7,6 +7,7 @@ folder on ``sys.path`` when it loads this file.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -280,3 +281,16 @@ def garbage_data(path: Path) -> Path:
             f.seek(offset + 30 + name_len + extra_len)
             f.write(bytes((i * 7 + 3) % 256 for i in range(size)))
     return path
+
+
+def source_digest(path: Path) -> dict[str, str]:
+    """What the provenance records for a source file: ``{algorithm: hex digest}``, computed
+    here independently of ckptsurgery (xxh3-128 with xxhash installed, else sha256)."""
+    from ckptsurgery.io.checksums import DIGEST
+
+    data = Path(path).read_bytes()
+    if DIGEST == "xxh3_128":
+        import xxhash
+
+        return {DIGEST: xxhash.xxh3_128_hexdigest(data)}
+    return {DIGEST: hashlib.sha256(data).hexdigest()}

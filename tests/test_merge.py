@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyNet, assert_bit_exact, assert_tied, raw, safetensors_header
+from conftest import TinyNet, assert_bit_exact, assert_tied, raw, safetensors_header, source_digest
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -331,7 +331,6 @@ def test_output_equal_to_an_input_is_refused(tmp_path: Path) -> None:
 
 
 def test_provenance_of_a_merge(tmp_path: Path) -> None:
-    import hashlib
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.pt"
     save_file({"enc.x": torch.zeros(2), "enc.y": torch.zeros(1)}, a)
@@ -345,11 +344,11 @@ def test_provenance_of_a_merge(tmp_path: Path) -> None:
     assert sources == [
         {
             "name": "a.safetensors",
-            "sha256": hashlib.sha256(a.read_bytes()).hexdigest(),
+            **source_digest(a),
             "key": None,
             "rules": {"strip_prefix": ["enc."]},
         },
-        {"name": "b.pt", "sha256": hashlib.sha256(b.read_bytes()).hexdigest(), "key": "model"},
+        {"name": "b.pt", **source_digest(b), "key": "model"},
     ]
     assert json.loads(meta["ckptsurgery.merge"]) == {"mode": "union", "on_conflict": "error"}
     assert json.loads(meta["ckptsurgery.origin"]) == [

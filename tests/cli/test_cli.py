@@ -6,7 +6,6 @@ Every checkpoint is tiny and built here, in ``tmp_path``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import struct
@@ -16,7 +15,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_error, assert_ok, cli_run, no_traceback, raw, safetensors_header
+from conftest import (
+    assert_error,
+    assert_ok,
+    cli_run,
+    no_traceback,
+    raw,
+    safetensors_header,
+    source_digest,
+)
 from safetensors.torch import load_file, save_file
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -317,7 +324,7 @@ def test_inspect_shows_provenance_of_a_remapped_file(tmp_path: Path) -> None:
     (source,) = report["provenance"]["sources"]
     assert source == {
         "name": "moco_v2.pth.tar",
-        "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+        **source_digest(src),
         "key": "state_dict",
     }
     assert report["provenance"]["rules"] == {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TinyNet, assert_error, assert_ok, cli_run, raw
+from conftest import TinyNet, assert_error, assert_ok, cli_run, raw, source_digest
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -291,12 +290,12 @@ def test_provenance_in_inspect_json(parts: Any, tmp_path: Path) -> None:
     assert prov["sources"] == [
         {
             "name": "backbone.pth",
-            "sha256": hashlib.sha256(backbone.read_bytes()).hexdigest(),
+            **source_digest(backbone),
             "key": "state_dict",
         },
         {
             "name": "head.safetensors",
-            "sha256": hashlib.sha256(head.read_bytes()).hexdigest(),
+            **source_digest(head),
             "key": None,
         },
     ]

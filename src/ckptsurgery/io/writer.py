@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ckptsurgery.errors import OutputError
 from ckptsurgery.io import safetensors_format as stf
 from ckptsurgery.io.atomic import atomic_folder, atomic_write
 from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.checksums import crc32
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.memory import tensor_bytes
 from ckptsurgery.io.progress import ProgressCallback, ProgressWriter
@@ -335,7 +335,7 @@ def _torch_save(
                 t = t.clone()
             made[canon] = t
             if crcs is not None:  # of the values in memory: the source is not read again
-                crcs[new] = zlib.crc32(tensor_bytes(t))
+                crcs[new] = crc32(tensor_bytes(t))
         out[new] = made[canon]
     torch.save(out, f)
     return len(made)

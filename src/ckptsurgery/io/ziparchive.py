@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
+from ckptsurgery.io.checksums import crc32
 from ckptsurgery.io.streams import CrcWriter, FileWindow
 
 ZIP64_LIMIT = 0xFFFFFFFF  # a size or offset this large is written as a zip64 field
@@ -119,7 +119,7 @@ class ZipArchive:
         data = self.f.read(rec.size)
         if len(data) != rec.size:
             raise self.error(f"member {name!r} is cut short (truncated file?)")
-        self.check_crc(name, zlib.crc32(data))
+        self.check_crc(name, crc32(data))
         return data
 
     def check_crc(self, name: str, crc: int) -> None:
@@ -154,7 +154,7 @@ class ZipWriter:
         self._central: list[tuple[bytes, int, int, int]] = []  # name, offset, size, crc
 
     def add(self, name: str, data: bytes) -> None:
-        self.add_stream(name, len(data), lambda f: f.write(data) or 0, crc=zlib.crc32(data))
+        self.add_stream(name, len(data), lambda f: f.write(data) or 0, crc=crc32(data))
 
     def add_stream(
         self,

@@ -4,9 +4,10 @@ Deterministic (no time, no host), so that the same surgery on the same inputs wr
 bytes. Every key holds a string (JSON for structures):
 
 - ``ckptsurgery.version``;
-- ``ckptsurgery.sources``: per source its file name, SHA-256 (of the file, or of a folder's
-  index or DCP metadata; hashed on a helper thread while the tensors are written), nested
-  state dict key and, for merges, its rules;
+- ``ckptsurgery.sources``: per source its file name, digest (of the file, or of a folder's
+  index or DCP metadata; hashed on a helper thread while the tensors are written) under the
+  algorithm's name (``"xxh3_128": "<hex>"``, or ``"sha256"`` without xxhash), nested state
+  dict key and, for merges, its rules;
 - ``ckptsurgery.plan``: the mode and the operations, each with its parameters, count and key
   groups (``{"op": "cast", "dtype": "bfloat16", "from": "float32", "count": 52, ...}``);
 - ``ckptsurgery.rules`` (remap) or ``ckptsurgery.merge`` and ``ckptsurgery.origin``
@@ -23,6 +24,7 @@ from typing import Any
 
 from ckptsurgery._version import __version__
 from ckptsurgery.io import Checkpoint, Deferred, FileDigest, identity_file
+from ckptsurgery.io.checksums import DIGEST, new_digest
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan.model import Plan
 
@@ -41,7 +43,7 @@ def provenance(
     def sources(hashes: Sequence[str]) -> str:
         entries = []
         for part, c, sha in zip(plan.sources, ckpts, hashes, strict=True):
-            entry: dict[str, Any] = {"name": c.path.name, "sha256": sha, "key": c.key}
+            entry: dict[str, Any] = {"name": c.path.name, DIGEST: sha, "key": c.key}
             if plan.mode != "remap" and part.rules:
                 entry["rules"] = part.rules.to_dict()
             entries.append(entry)
@@ -50,7 +52,8 @@ def provenance(
     meta: dict[str, str | Deferred] = {
         "ckptsurgery.version": __version__,
         "ckptsurgery.sources": Deferred(
-            sources(["0" * 64] * len(ckpts)), lambda: sources([d.hexdigest() for d in digests])
+            sources(["0" * len(new_digest().hexdigest())] * len(ckpts)),
+            lambda: sources([d.hexdigest() for d in digests]),
         ),
         "ckptsurgery.plan": _json(
             {
