@@ -4,10 +4,17 @@ import json
 
 import click
 
-from ckptsurgery.cli._common import echo_json, open_source, refusals
+from ckptsurgery.cli._common import echo_json, note, open_source, refusals
 from ckptsurgery.cli._options import fmt_option, source_options
 from ckptsurgery.describe import describe
-from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_table, tensors_table
+from ckptsurgery.render.tables import (
+    count,
+    groups_table,
+    human_bytes,
+    mapping_table,
+    table,
+    tensors_table,
+)
 
 
 @click.command("inspect")
@@ -20,12 +27,21 @@ from ckptsurgery.render.tables import count, groups_table, human_bytes, mapping_
     default=None,
     help="Group keys by their first N dotted parts, with tensor and parameter counts.",
 )
+@click.option(
+    "--verify-source",
+    "verify_sources",
+    multiple=True,
+    metavar="PATH",
+    help="Recompute PATH's digest and compare it with the one SRC's provenance records for "
+    "the source of that name (exit 1 unless every one matches). Repeatable.",
+)
 @source_options
 def inspect_cmd(
     src: str,
     as_json: bool,
     fmt: str,
     depth: int | None,
+    verify_sources: tuple[str, ...],
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -41,14 +57,24 @@ def inspect_cmd(
       ckptsurgery inspect moco_v2.pth.tar
       ckptsurgery inspect model.safetensors --depth 1 --json
       ckptsurgery inspect model.safetensors --fmt github
+      ckptsurgery inspect resnet50.safetensors --verify-source moco_v2.pth.tar
     """
     with (
         refusals(as_json=as_json, fmt=fmt, command="inspect", source=src),
         open_source(src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as ckpt,
     ):
         report = describe(ckpt, depth=depth)
+        checks = []
+        if verify_sources:
+            from ckptsurgery.plan.provenance import check_sources
+
+            checks = check_sources(ckpt.metadata, verify_sources)
+            report["verify_sources"] = [c.to_json() for c in checks]
+    failed = [c for c in checks if not c.ok]
     if as_json:
         echo_json(report)
+        if failed:
+            raise click.exceptions.Exit(1)
         return
     click.echo(
         f"source: {report['source']}  format: {report['format']}"
@@ -74,3 +100,22 @@ def inspect_cmd(
         for name, value in report["provenance"].items():
             text = value if isinstance(value, str) else json.dumps(value)
             click.echo(f"  {name}: {text}")
+    if checks:
+        click.echo()
+        rows = [
+            (
+                c.path,
+                c.algorithm or "-",
+                c.recorded or "(no source of that name)",
+                c.computed or "-",
+                "ok" if c.ok else "DIFFERS",
+            )
+            for c in checks
+        ]
+        headers = ("source", "digest", "recorded", "computed", "")
+        click.echo(table(rows, headers, fmt=fmt))
+    for c in failed:
+        what = "is not a recorded source" if c.recorded is None else "differs from the recorded one"
+        note(f"{c.path}: {what}")
+    if failed:
+        raise click.exceptions.Exit(1)

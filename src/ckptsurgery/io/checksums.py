@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["DIGEST", "crc32", "new_digest"]
+__all__ = ["DIGEST", "DIGESTS", "crc32", "new_digest"]
 
 
 class Digest(Protocol):
@@ -50,7 +50,21 @@ crc32: Callable[..., int] = _crc32()
 DIGEST, _new = _digest()
 
 
-def new_digest() -> Digest:
-    """A fresh hasher of the :data:`DIGEST` algorithm (``update``, ``hexdigest``)."""
-    h: Digest = _new()
-    return h
+DIGESTS = ("xxh3_128", "sha256")  # what provenance may name, newest first
+
+
+def new_digest(algorithm: str | None = None) -> Digest:
+    """A fresh hasher (``update``, ``hexdigest``) of ``algorithm`` (one of :data:`DIGESTS`;
+    default :data:`DIGEST`). ValueError for an unknown one, ImportError for xxh3 without
+    xxhash."""
+    if algorithm is None or algorithm == DIGEST:
+        h: Digest = _new()
+        return h
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        fast: Digest = xxhash.xxh3_128()
+        return fast
+    raise ValueError(f"unknown digest {algorithm!r}; known: {', '.join(DIGESTS)}")

@@ -247,10 +247,9 @@ class FileDigest:
     while a core is free; xxh3 keeps it far ahead of the copy (10 GB/s here, sha256 1.2).
     """
 
-    algorithm = DIGEST
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], algorithm: str = DIGEST) -> None:
         self.path = path
+        self.algorithm = algorithm
         self._digest: str | None = None
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="digest", daemon=True)
@@ -258,7 +257,7 @@ class FileDigest:
 
     def _run(self) -> None:
         try:
-            h = new_digest()
+            h = new_digest(self.algorithm)
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptsurgery._types import PathLike
 from ckptsurgery._version import __version__
 from ckptsurgery.io import Checkpoint, Deferred, FileDigest, identity_file
-from ckptsurgery.io.checksums import DIGEST, new_digest
+from ckptsurgery.io.checksums import DIGEST, DIGESTS, new_digest
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan.model import Plan
 
-__all__ = ["origin_groups", "provenance"]
+__all__ = ["SourceCheck", "check_sources", "origin_groups", "provenance"]
 
 
 def provenance(
@@ -127,3 +129,51 @@ def origin_groups(plan: Plan) -> list[dict[str, Any]]:
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=repr)
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    """A file held against the source the provenance records under its name."""
+
+    path: str
+    name: str  # the recorded source's name (the file's, or a folder's)
+    algorithm: str | None  # the digest the provenance names; None: no source of that name
+    recorded: str | None
+    computed: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.recorded is not None and self.recorded == self.computed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "name": self.name,
+            "algorithm": self.algorithm,
+            "recorded": self.recorded,
+            "computed": self.computed,
+            "match": self.ok,
+        }
+
+
+def check_sources(metadata: Mapping[str, str], paths: Sequence[PathLike]) -> list[SourceCheck]:
+    """Recompute the digest of each of ``paths`` (a file, or the file identifying a folder
+    source) and compare it with what the output's provenance (``metadata``) records for the
+    source of the same name. A path that matches no recorded name is checked against no
+    digest (``ok`` is False)."""
+    try:
+        recorded = json.loads(metadata.get("ckptsurgery.sources", "[]"))
+    except json.JSONDecodeError:
+        recorded = []
+    by_name = {e.get("name"): e for e in recorded if isinstance(e, dict)}
+    out = []
+    for path in paths:
+        name = Path(path).name
+        entry = by_name.get(name)
+        algorithm = next((a for a in DIGESTS if entry and isinstance(entry.get(a), str)), None)
+        if entry is None or algorithm is None:
+            out.append(SourceCheck(str(path), name, None, None, None))
+            continue
+        computed = FileDigest(identity_file(path), algorithm).hexdigest()
+        out.append(SourceCheck(str(path), name, algorithm, entry[algorithm], computed))
+    return out
