@@ -14,6 +14,10 @@ checkpoint of a few hundred float32 and bfloat16 tensors with a `module.` prefix
 At --size 1 a run of every task needs about 15 GB of free disk (inputs, and the outputs of
 one task at a time) and 6 GB of memory (the naive approaches, and making the torch input).
 
+Each default-path ckptsurgery row is run once more with --json to show where its time goes
+(copy: reading, converting, writing and the checksums on the way; fsync; wait: for the helper
+threads' digests and source checks; verify: re-reading the output).
+
 Every approach runs as its own child process, started from a small launcher: wall time is
 measured around it and peak RSS is that child's ru_maxrss, so the numbers include interpreter
 and import costs exactly as a user pays them (ckptsurgery's bytecode is compiled first, as an
@@ -516,6 +520,27 @@ def _with_base(approaches: list[Approach], base_src: Path) -> list[Approach]:
     return out
 
 
+def _default_write(a: Approach) -> bool:
+    """A ckptsurgery approach that writes with the default options (this checkout's)."""
+    return (
+        a.env is None
+        and a.argv[: len(CLI)] == CLI
+        and a.output is not None
+        and ("--no-verify" not in a.argv)
+    )
+
+
+def _breakdown(a: Approach) -> dict[str, float]:
+    """The stages of one more run of ``a`` (its ``--json`` timings: copy, fsync, wait for the
+    helper threads' digests and checks, verify), untimed by the launcher."""
+    assert a.output is not None
+    a.output.unlink(missing_ok=True)
+    proc = subprocess.run([*a.argv, "--json"], capture_output=True, text=True, check=True)
+    a.output.unlink(missing_ok=True)
+    timings: dict[str, float] = json.loads(proc.stdout).get("timings", {})
+    return timings
+
+
 def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach]]:
     """Every approach once per run, the order alternating, so none always follows another."""
     for i in range(runs):
@@ -595,6 +620,7 @@ def main() -> None:
             # the outputs of the last run are compared, then removed
             for left, right in task.verify:
                 _same_tensors(work / left, work / right)
+            breakdowns = {a.name: _breakdown(a) for a in approaches if _default_write(a)}
             for a in approaches:
                 if a.output is not None:
                     a.output.unlink(missing_ok=True)
@@ -614,6 +640,7 @@ def main() -> None:
                         "peak_rss_mb": round(mem),
                         "time_ratio": round(wall / base_wall, 2),
                         "rss_ratio": round(mem / base_mem, 2),
+                        **({"breakdown": breakdowns[a.name]} if a.name in breakdowns else {}),
                     }
                 )
     finally:
@@ -629,6 +656,15 @@ def main() -> None:
         for r in rows
     ]
     print(markdown_table(headers, table))
+    stages = ["copy", "fsync", "wait", "verify"]
+    split = [
+        [r["task"], r["approach"], r["wall_s"], *(r["breakdown"].get(k, "") for k in stages)]
+        for r in rows
+        if "breakdown" in r
+    ]
+    if split:
+        print("\nwhere the default path's time goes (seconds, one extra run each):\n")
+        print(markdown_table(["task", "approach", "wall s (median)", *stages], split))
     print(
         f"\nmedians of {args.runs} paired runs; inputs {2 * args.size:g} GB "
         f"(average: 3 x {args.size:g} GB); {os.cpu_count()} CPUs"

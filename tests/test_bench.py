@@ -32,6 +32,9 @@ def test_bench_runs_and_compares_with_cp(tmp_path: Path) -> None:
     naive = by["strip-pt", "naive torch.load + torch.save"]
     assert surgery["peak_rss_mb"] < naive["peak_rss_mb"]  # type: ignore[operator]
     assert ("inspect-st", "ckptsurgery inspect") in by
+    # the default path's stages, from one more run with --json
+    assert set(surgery["breakdown"]) == {"copy", "fsync", "wait", "verify"}  # type: ignore[arg-type]
+    assert "breakdown" not in by["strip-pt", "ckptsurgery remap --no-verify"]
     # the inputs were generated deterministically and kept in the work folder; outputs gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
 

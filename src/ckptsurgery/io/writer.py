@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -72,6 +73,9 @@ class WriteResult:
     stored: int  # tensors whose data was written (tied aliases stored once)
     bytes: int  # size of the file (of every file, for a sharded output)
     shards: int = 1  # safetensors files written (their index aside)
+    # seconds spent, by stage: copy (reading, converting, writing, checksums on the way),
+    # fsync, wait (for the helper threads' digests and source checks), verify (the re-read)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,15 @@ def write_checkpoint(
                 path, src, plan, metadata or {}, max_shard_size, overwrite, progress, total,
                 expected, verify,
             )  # fmt: skip
-        check = (lambda tmp: verify_output(tmp, expected, out=path)) if verify else None
-        with atomic_write(path, overwrite=overwrite, check=check) as raw:
+        timings: dict[str, float] = {}
+
+        def check(tmp: Path) -> None:
+            start = time.perf_counter()
+            verify_output(tmp, expected, out=path)
+            timings["verify"] = time.perf_counter() - start
+
+        with atomic_write(path, overwrite=overwrite, check=check if verify else None) as raw:
+            start = time.perf_counter()
             f = _tracked(raw, progress, total)
             checks = in_background(src.check_jobs(old for _, old in plan.items))
             finish: Callable[[], None] | None = None
@@ -146,18 +157,23 @@ def write_checkpoint(
                 stored, finish = _write_safetensors(f, src, plan, metadata or {}, crcs)
             else:
                 stored = _write_torch(f, src, names, crcs)
+            timings["copy"] = time.perf_counter() - start
             # The data goes to disk while the helper threads finish (the source's CRC checks,
             # a digest of it for the metadata); then the header is completed, and the
             # atomic rename commits.
+            start = time.perf_counter()
             raw.flush()
             os.fsync(raw.fileno())
+            timings["fsync"] = time.perf_counter() - start
+            start = time.perf_counter()
             checks()
             if finish is not None:
                 finish()
+            timings["wait"] = time.perf_counter() - start
             size = raw.seek(0, os.SEEK_END)
     except OSError as e:
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    return WriteResult(path, fmt, len(names), stored, size)
+    return WriteResult(path, fmt, len(names), stored, size, timings=timings)
 
 
 class _Plan:

@@ -150,7 +150,10 @@ class SurgeryResult:
             out["report"] = self.report.to_json()
         if self.written is not None:
             out.update(
-                format=self.written.format, bytes=self.written.bytes, stored=self.written.stored
+                format=self.written.format,
+                bytes=self.written.bytes,
+                stored=self.written.stored,
+                timings={k: round(v, 3) for k, v in self.written.timings.items()},
             )
         return out
 
