@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from ckptsurgery.io import (
     TensorDictSource,
     WriteResult,
     check_output_path,
-    identity_file,
     open_checkpoint,
     output_format,
     write_checkpoint,
@@ -38,7 +36,6 @@ __all__ = [
     "load_state_dict",
     "remap",
     "save_state_dict",
-    "sha256_file",
 ]
 
 # remap's result is every surgery's: the plan, the gate's report, what was written.
@@ -86,12 +83,6 @@ def save_state_dict(
     return write_checkpoint(
         out, src, names, fmt=fmt, metadata=meta, overwrite=overwrite, verify=verify
     )
-
-
-def sha256_file(path: PathLike) -> str:
-    """Of the file, or of the file that identifies a folder source (its index, DCP metadata)."""
-    with open(identity_file(path), "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def remap(

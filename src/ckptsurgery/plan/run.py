@@ -10,7 +10,7 @@ output tensor at a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -25,6 +25,7 @@ from ckptsurgery.io import (
     output_format,
     parse_size,
 )
+from ckptsurgery.io.progress import ProgressCallback
 from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.execute import PlanSource, execute
 from ckptsurgery.plan.gate import Gate
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SurgeryResult", "run_surgery"]
 
-Progress = Callable[[int, int], None]
+Progress = ProgressCallback  # progress(bytes done, bytes total)
 
 
 class SurgeryOptions(TypedDict, total=False):
