@@ -417,13 +417,13 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
 
     original_write = stf.write_file
 
-    def logging_write(f: Any, items: Any, fetch: Any, metadata: Any) -> int:
+    def logging_write(f: Any, items: Any, fetch: Any, metadata: Any, **kwargs: Any) -> int:
         def logged(name: str, *rest: Any) -> Any:
             data = fetch(name, *rest)
             log.append(("written", name))
             return data
 
-        return original_write(f, items, logged, metadata)
+        return original_write(f, items, logged, metadata, **kwargs)
 
     from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
 

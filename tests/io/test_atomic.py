@@ -77,13 +77,13 @@ def test_failure_mid_write_leaves_nothing(
 def test_failure_inside_safetensors_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = safetensors_format.write_file
 
-    def write_file(f, items, write_data, metadata):  # type: ignore[no-untyped-def]
+    def write_file(f, items, write_data, metadata, **kwargs):  # type: ignore[no-untyped-def]
         def fail_on_third(name: str, out: object) -> int:
             if name == items[2][0]:
                 raise FormatError("the data of 'x' is cut short (truncated file?)")
             return int(write_data(name, out))
 
-        return original(f, items, fail_on_third, metadata)
+        return original(f, items, fail_on_third, metadata, **kwargs)
 
     monkeypatch.setattr(safetensors_format, "write_file", write_file)
     out = tmp_path / "out.safetensors"

@@ -1,13 +1,16 @@
 """After writing, the output is read back and checked before it takes its name.
 
-The checks run on the finished temporary file (or folder): names, shapes, dtypes, ties and
-the CRC-32 of every tensor's bytes as written. Damage found there leaves no output and a
-previous output as it was. ``--no-verify`` skips the read-back.
+Each tensor's bytes are read back from the output and hashed right after they are written
+(a helper thread trailing the copy); the finished temporary file (or folder) is then re-opened
+and checked: names, shapes, dtypes, ties, every tensor lying where it was hashed, and those
+CRC-32s equal to the ones kept while writing. Damage found leaves no output and a previous
+output as it was. ``--no-verify`` skips all of it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from conftest import assert_bit_exact, cli_run, sample_state_dict
 
 import ckptsurgery as cs
 from ckptsurgery.errors import OutputError
-from ckptsurgery.io import writer
+from ckptsurgery.io import verify, writer
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.sharded import read_index
 from ckptsurgery.io.verify import Expected, verify_written
@@ -58,12 +61,56 @@ def _flip_a_tensor_byte(path: Path) -> None:
 
 
 def _damaging(calls: list[Path]) -> Callable[..., None]:
-    def damage_then_verify(path: Path, expected: Expected, *, out: Path) -> None:
+    """A final check that first damages the finished file (the shards' path: they are
+    hashed there, not while written)."""
+
+    def damage_then_verify(path: Path, expected: Expected, **kwargs: object) -> None:
         calls.append(path)
         _flip_a_tensor_byte(path)
-        verify_written(path, expected, out=out)
+        verify_written(path, expected, **kwargs)  # type: ignore[arg-type]
 
     return damage_then_verify
+
+
+def _damaging_read_back(calls: list[list[verify.Span]]) -> Callable[..., dict[str, int]]:
+    """A read-back that first flips a byte of the first range holding any: the file damaged
+    after the tensor was written, before it was read back."""
+    original = verify.read_back
+
+    def damage_then_read(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
+        with_bytes = [s for s in spans if s[2]]
+        if with_bytes and not any(s[2] for batch in calls for s in batch):
+            _, begin, _ = with_bytes[0]
+            os.pwrite(fd, bytes([os.pread(fd, 1, begin)[0] ^ 0x01]), begin)
+        calls.append(spans)
+        return original(fd, spans, what)
+
+    return damage_then_read
+
+
+def _inject_flip(monkeypatch: pytest.MonkeyPatch, out_kind: str) -> list[object]:
+    """Flip a tensor byte between its write and its check: before the read-back of a single
+    file, before the final check of shards. Returns the calls seen."""
+    calls: list[object] = []
+    if out_kind == "sharded":
+        monkeypatch.setattr(writer, "verify_output", _damaging(calls))  # type: ignore[arg-type]
+    else:
+        monkeypatch.setattr(verify, "read_back", _damaging_read_back(calls))  # type: ignore[arg-type]
+    return calls
+
+
+def _truncating(calls: list[Path]) -> Callable[..., None]:
+    """A final check that first cuts the finished file (the last shard of a folder) short."""
+
+    def truncate_then_verify(path: Path, expected: Expected, **kwargs: object) -> None:
+        calls.append(path)
+        target = path
+        if path.name.endswith(".index.json"):
+            target = path.parent / sorted(set(read_index(path).values()))[-1]
+        os.truncate(target, target.stat().st_size - 100)
+        verify_written(path, expected, **kwargs)  # type: ignore[arg-type]
+
+    return truncate_then_verify
 
 
 def _fingerprint(p: Path) -> dict[str, str]:
@@ -75,11 +122,13 @@ def _error_lines(result: Result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
 
 
-@pytest.mark.parametrize("src_fmt", ["safetensors", "torch"])
-@pytest.mark.parametrize("out_kind", list(OUTPUTS))
-def test_damage_between_write_and_verify_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_fmt: str, out_kind: str
-) -> None:
+def _rewrite_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_fmt: str, out_kind: str,
+    inject: Callable[[], list[object]],
+) -> str:  # fmt: skip
+    """Write once, then rewrite with ``inject`` damaging the new output: the rewrite must be
+    refused with one ``Error:`` line, the previous output intact, no temporary file left.
+    Returns that line."""
     src = _source(tmp_path, src_fmt)
     out_args = OUTPUTS[out_kind]
     out = tmp_path / out_args[0]
@@ -89,19 +138,81 @@ def test_damage_between_write_and_verify_is_refused(
     previous = _fingerprint(out)
     listing = sorted(p.name for p in tmp_path.iterdir())
 
-    calls: list[Path] = []
-    monkeypatch.setattr(writer, "verify_output", _damaging(calls))
+    calls = inject()
     result = cli_run(*argv, "--force", "--add-prefix", "new.")
 
-    assert len(calls) == 1
+    assert calls
     assert result.exit_code == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = _error_lines(result)
     assert len(errors) == 1, result.stderr
     assert f"verifying {str(out)!r} after writing it failed" in errors[0]
-    assert "CRC-32" in errors[0] and "nothing was written" in errors[0]
+    assert "nothing was written" in errors[0]
     assert _fingerprint(out) == previous  # the previous output, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no temporary file left
+    return errors[0]
+
+
+@pytest.mark.parametrize("src_fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("out_kind", list(OUTPUTS))
+def test_damage_between_write_and_verify_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_fmt: str, out_kind: str
+) -> None:
+    error = _rewrite_refused(
+        tmp_path, monkeypatch, src_fmt, out_kind, lambda: _inject_flip(monkeypatch, out_kind)
+    )
+    assert "CRC-32" in error
+
+
+@pytest.mark.parametrize("src_fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("out_kind", list(OUTPUTS))
+def test_truncated_output_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_fmt: str, out_kind: str
+) -> None:
+    def inject() -> list[object]:
+        calls: list[object] = []
+        monkeypatch.setattr(writer, "verify_output", _truncating(calls))  # type: ignore[arg-type]
+        return calls
+
+    _rewrite_refused(tmp_path, monkeypatch, src_fmt, out_kind, inject)
+
+
+@pytest.mark.parametrize("out_kind", ["safetensors", "torch"])
+def test_the_final_check_does_not_hash_again_what_was_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_kind: str
+) -> None:
+    """The read-back trails the copy: once the file is complete, only its structure is read
+    (no tensor byte is hashed a second time)."""
+    from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
+    from ckptsurgery.io.torchzip import TorchZipCheckpoint
+
+    src = _source(tmp_path, "safetensors")
+    hashed_late: list[str] = []
+    for cls in (SafetensorsCheckpoint, TorchZipCheckpoint):
+        original = cls.data_crcs
+
+        def spy(self, names, original=original):  # type: ignore[no-untyped-def]
+            names = list(names)
+            hashed_late.extend(names)
+            return original(self, names)
+
+        monkeypatch.setattr(cls, "data_crcs", spy)
+    read: list[list[verify.Span]] = []
+    original_read_back = verify.read_back
+
+    def counting(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
+        read.append(spans)
+        return original_read_back(fd, spans, what)
+
+    monkeypatch.setattr(verify, "read_back", counting)
+    out = tmp_path / OUTPUTS[out_kind][0]
+    assert cli_run("remap", src, "-o", out, "--strip-prefix", "module.").exit_code == 0
+    from ckptsurgery.io.reader import open_checkpoint
+
+    with open_checkpoint(out) as ckpt:
+        stored = {name for name in ckpt.infos if ckpt.canonical(name) == name}
+    assert {name for batch in read for name, _, _ in batch} == stored  # every stored tensor
+    assert hashed_late == []
 
 
 @pytest.mark.parametrize("out_kind", list(OUTPUTS))
@@ -110,9 +221,8 @@ def test_damage_leaves_no_output(
 ) -> None:
     src = _source(tmp_path, "torch")
     out_args = OUTPUTS[out_kind]
-    out = tmp_path / out_args[0]
-    monkeypatch.setattr(writer, "verify_output", _damaging([]))
-    result = cli_run("remap", src, "-o", out, *out_args[1:])
+    _inject_flip(monkeypatch, out_kind)
+    result = cli_run("remap", src, "-o", tmp_path / out_args[0], *out_args[1:])
     assert result.exit_code == 2, result.stderr
     assert len(_error_lines(result)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
@@ -138,8 +248,7 @@ def test_every_writing_command_verifies_unless_told_not_to(
 ) -> None:
     src = _source(tmp_path, "safetensors")
     out = tmp_path / "out.safetensors"
-    calls: list[Path] = []
-    monkeypatch.setattr(writer, "verify_output", _damaging(calls))
+    calls = _inject_flip(monkeypatch, "safetensors")
 
     skipped = cli_run(*command(src, out), "--no-verify")
     assert skipped.exit_code == 0, skipped.stderr
@@ -147,7 +256,7 @@ def test_every_writing_command_verifies_unless_told_not_to(
     out.unlink()
 
     checked = cli_run(*command(src, out))
-    assert len(calls) == 1
+    assert calls
     assert checked.exit_code == 2, checked.stderr
     assert "CRC-32" in _error_lines(checked)[0]
     assert not out.exists()
@@ -163,8 +272,7 @@ def test_verified_outputs_read_back(tmp_path: Path) -> None:
 
 
 def test_library_verify_false(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Path] = []
-    monkeypatch.setattr(writer, "verify_output", _damaging(calls))
+    calls = _inject_flip(monkeypatch, "safetensors")
     cs.save_state_dict(sample_state_dict(), tmp_path / "a.safetensors", verify=False)
     assert calls == []
     with pytest.raises(OutputError, match="CRC-32"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -69,6 +69,23 @@ class Checkpoint(ABC):
         """:meth:`data_crc` of each name; sources on disk override this to hash many small
         tensors in one pass over the file instead of one read each."""
         return {name: self.data_crc(name) for name in names}
+
+    def will_read(self, names: Sequence[str]) -> None:
+        """A hint from a writer: it will now ask for the data of ``names``, in this order.
+
+        A source that computes its tensors may read their inputs ahead on a helper thread;
+        the default ignores it.
+        """
+        return None
+
+    def data_spans(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Where the bytes of each of ``names`` lie in the file, as ``(begin, length)``, for
+        those stored as one contiguous byte range of a single file (others are left out).
+
+        A writer that hashed a tensor's bytes at a place of the output checks here that the
+        file's own header points at that place.
+        """
+        return {}
 
     def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
         """Jobs that check the stored bytes of ``names`` (a torch archive's CRC-32s), for a

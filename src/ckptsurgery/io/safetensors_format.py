@@ -219,6 +219,13 @@ class SafetensorsCheckpoint(Checkpoint):
             spans.append((name, entry.begin, entry.end - entry.begin))
         return crcs_of_spans(self._f, spans, what=str(self.path))
 
+    def data_spans(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name in names:
+            entry = self._entries[self.canonical(name)]
+            out[name] = (entry.begin, entry.end - entry.begin)
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         import torch
 
@@ -313,18 +320,25 @@ def write_file(
     items: list[tuple[str, TensorInfo]],
     write_data: Callable[[str, BinaryIO], int],
     metadata: Mapping[str, str],
+    *,
+    written: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Write header and data; ``write_data(name, f)`` writes one tensor's bytes when its turn
-    comes and returns how many it wrote. Returns the file's size."""
+    comes and returns how many it wrote. Returns the file's size. ``written(name, begin,
+    length)`` is told where each tensor's bytes went (``begin`` from the file's start) once
+    they are handed to ``f``."""
+    start = f.tell() if written is not None else 0
     header, layout = encode_header(items, metadata)
     f.write(header)
-    written = len(header)
+    size = len(header)
     for name, info in layout:
         n = write_data(name, f)
         if n != info.nbytes:
             raise FormatError(f"tensor {name!r}: expected {info.nbytes} bytes of data, got {n}")
-        written += info.nbytes
-    return written
+        if written is not None:
+            written(name, start + size, n)
+        size += info.nbytes
+    return size
 
 
 def rewrite_header(

@@ -54,11 +54,29 @@ def copy_range(
 
 
 def read_range(src: BinaryIO, begin: int, length: int, *, what: str) -> bytearray:
-    """``length`` bytes of ``src`` from ``begin``, in a buffer of their own."""
+    """``length`` bytes of ``src`` from ``begin``, in a buffer of their own.
+
+    A file with a descriptor is read with ``pread``, which leaves its position alone, so a
+    read-ahead thread may read tensors while the writer streams others from the same file.
+    """
     buf = bytearray(length)
-    src.seek(begin)
-    if length and src.readinto(buf) != length:  # type: ignore[attr-defined]
-        raise FormatError(f"{what} is cut short (truncated file?)")
+    if not length:
+        return buf
+    try:
+        fd = src.fileno()
+    except (OSError, AttributeError, ValueError):
+        fd = -1
+    if fd < 0:
+        src.seek(begin)
+        if src.readinto(buf) != length:  # type: ignore[attr-defined]
+            raise FormatError(f"{what} is cut short (truncated file?)")
+        return buf
+    view, done = memoryview(buf), 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], begin + done)
+        if not n:
+            raise FormatError(f"{what} is cut short (truncated file?)")
+        done += n
     return buf
 
 

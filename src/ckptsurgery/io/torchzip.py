@@ -288,6 +288,14 @@ class TorchZipCheckpoint(Checkpoint):
         out.update(super().data_crcs(others))
         return out
 
+    def data_spans(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name in names:
+            ref = self._refs[self.canonical(name)]
+            if ref.whole_storage and ref.is_contiguous:
+                out[name] = (self._zip.begin(ref), ref.nbytes)
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         ref = self._refs[self.canonical(name)]
         return _tensor_from_bytes(self._zip.read(ref, what=self._what(name)), self.infos[name])
@@ -312,10 +320,12 @@ def write_torch_zip(
     *,
     force_zip64: bool = False,
     crcs: dict[str, int] | None = None,
+    written: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Write ``src``'s tensors as a flat torch state dict under new names; return how many
     storages were written. Tied names share one storage; every tensor owns its storage whole.
-    ``crcs`` receives the CRC-32 of each stored tensor's record, under its new name.
+    ``crcs`` receives the CRC-32 of each stored tensor's record, under its new name;
+    ``written(name, begin, length)`` is told where each record's data went.
     """
     keys: dict[str, str] = {}  # source canonical name -> storage key
     stored: list[tuple[str, str]] = []  # (key, source name) in order
@@ -330,6 +340,7 @@ def write_torch_zip(
         info = src.infos[old]
         entries.append(StoredTensor(new, keys[canon], info.dtype, info.shape))
     pickle_bytes = dump_state_dict(entries)
+    src.will_read([name for _, name in stored])
     zw = ZipWriter(f, force_zip64=force_zip64)
     zw.add(f"{ARCHIVE}/data.pkl", pickle_bytes)
     zw.add(f"{ARCHIVE}/.format_version", b"1")
@@ -342,13 +353,15 @@ def write_torch_zip(
             lambda out, name=name: src.write_data(name, out),  # type: ignore[misc]
             crc=src.record_crc(name),
         )
+        if written is not None:
+            written(stored_as[key], *zw.last_data)
     zw.add(f"{ARCHIVE}/version", b"3\n")
     digest = hashlib.sha256(pickle_bytes).digest()
     # torch writes 40 decimal digits here; derived from the content, the output is reproducible
     serial = str(int.from_bytes(digest[:16], "big")).zfill(40)[:40]
     zw.add(f"{ARCHIVE}/.data/serialization_id", serial.encode())
     if crcs is not None:
-        written = zw.crcs()
-        crcs.update((new, written[f"{ARCHIVE}/data/{key}"]) for key, new in stored_as.items())
+        records = zw.crcs()
+        crcs.update((new, records[f"{ARCHIVE}/data/{key}"]) for key, new in stored_as.items())
     zw.close()
     return len(stored)

@@ -28,7 +28,7 @@ from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.memory import tensor_bytes
 from ckptsurgery.io.progress import ProgressCallback, ProgressWriter
 from ckptsurgery.io.streams import CrcWriter, in_background
-from ckptsurgery.io.verify import Expected, verify_written
+from ckptsurgery.io.verify import Expected, ReadBack, verify_written
 
 if TYPE_CHECKING:
     import torch
@@ -142,21 +142,34 @@ def write_checkpoint(
                 expected, verify,
             )  # fmt: skip
         timings: dict[str, float] = {}
+        read_back: ReadBack | None = None
 
         def check(tmp: Path) -> None:
             start = time.perf_counter()
-            verify_output(tmp, expected, out=path)
+            hashed = read_back.result() if read_back is not None else None
+            verify_output(tmp, expected, out=path, hashed=hashed)
             timings["verify"] = time.perf_counter() - start
+            if read_back is not None:
+                timings["read_back"] = read_back.busy
 
         with atomic_write(path, overwrite=overwrite, check=check if verify else None) as raw:
             start = time.perf_counter()
             f = _tracked(raw, progress, total)
             checks = in_background(src.check_jobs(old for _, old in plan.items))
-            finish: Callable[[], None] | None = None
-            if fmt == "safetensors":
-                stored, finish = _write_safetensors(f, src, plan, metadata or {}, crcs)
-            else:
-                stored = _write_torch(f, src, names, crcs)
+            written = None
+            if verify:
+                read_back = ReadBack(raw.fileno(), what=str(path))
+                written = _announcer(f, read_back)
+            try:
+                finish: Callable[[], None] | None = None
+                if fmt == "safetensors":
+                    stored, finish = _write_safetensors(f, src, plan, metadata or {}, crcs, written)
+                else:
+                    stored = _write_torch(f, src, names, crcs, written)
+            except BaseException:
+                if read_back is not None:
+                    read_back.close()
+                raise
             timings["copy"] = time.perf_counter() - start
             # The data goes to disk while the helper threads finish (the source's CRC checks,
             # a digest of it for the metadata); then the header is completed, and the
@@ -174,6 +187,17 @@ def write_checkpoint(
     except OSError as e:
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     return WriteResult(path, fmt, len(names), stored, size, timings=timings)
+
+
+def _announcer(f: BinaryIO, read_back: ReadBack) -> Callable[[str, int, int], None]:
+    """``written(name, begin, length)`` for the format writers: flushes ``f`` (the tail of a
+    tensor may still sit in its buffer) and hands the range to ``read_back``."""
+
+    def written(name: str, begin: int, length: int) -> None:
+        f.flush()
+        read_back.written(name, begin, length)
+
+    return written
 
 
 class _Plan:
@@ -235,14 +259,20 @@ def _shard_metadata(metadata: Mapping[str, str], aliases: Mapping[str, str]) -> 
 
 
 def _write_safetensors(
-    f: BinaryIO, src: Checkpoint, plan: _Plan, metadata: Metadata, crcs: dict[str, int] | None
+    f: BinaryIO,
+    src: Checkpoint,
+    plan: _Plan,
+    metadata: Metadata,
+    crcs: dict[str, int] | None,
+    announce: Callable[[str, int, int], None] | None = None,
 ) -> tuple[int, Callable[[], None]]:
     """Header (late metadata as placeholders) and data; returns the count of stored tensors
     and what completes the header once the late metadata is known."""
     items = plan.infos(src)
     start = f.tell()
+    src.will_read([plan.old_of[new] for new, _ in stf.data_layout(items)])
     first = _shard_metadata(_placeholders(metadata), plan.aliases)
-    written = stf.write_file(f, items, _copier(src, plan, crcs), first)
+    written = stf.write_file(f, items, _copier(src, plan, crcs), first, written=announce)
 
     def finish() -> None:
         final = _shard_metadata(_resolved(metadata), plan.aliases)  # may wait for a digest
@@ -322,12 +352,16 @@ def _write_sharded(
 
 
 def _write_torch(
-    f: BinaryIO, src: Checkpoint, names: Sequence[tuple[str, str]], crcs: dict[str, int] | None
+    f: BinaryIO,
+    src: Checkpoint,
+    names: Sequence[tuple[str, str]],
+    crcs: dict[str, int] | None,
+    announce: Callable[[str, int, int], None] | None = None,
 ) -> int:
     from ckptsurgery.io.torchzip import can_write_torch_zip, write_torch_zip
 
     if can_write_torch_zip([src.infos[old] for _, old in names]):
-        return write_torch_zip(f, src, names, crcs=crcs)
+        return write_torch_zip(f, src, names, crcs=crcs, written=announce)
     return _torch_save(f, src, names, crcs)
 
 

@@ -152,6 +152,7 @@ class ZipWriter:
         self.start = f.tell()
         self._pos = 0  # where the next record starts, relative to ``start`` (tell() is slow)
         self._central: list[tuple[bytes, int, int, int]] = []  # name, offset, size, crc
+        self.last_data = (0, 0)  # (begin, length) in ``f`` of the last record's data
 
     def add(self, name: str, data: bytes) -> None:
         self.add_stream(name, len(data), lambda f: f.write(data) or 0, crc=crc32(data))
@@ -214,6 +215,7 @@ class ZipWriter:
             f.seek(end)
         self._pos = offset + len(header) + size
         self._central.append((raw_name, offset, size, crc))
+        self.last_data = (self.start + offset + len(header), size)
 
     def crcs(self) -> dict[str, int]:
         """Each record written so far: name -> the CRC-32 of its data."""

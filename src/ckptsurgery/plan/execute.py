@@ -8,14 +8,17 @@ the in-memory loader take any plan alike:
   tensor in memory: the source streams it through a small buffer);
 - a ``cast`` streams the source bytes through :class:`~ckptsurgery.plan.ops.CastWriter`, a
   chunk at a time;
-- a ``mean`` / ``weighted-sum`` holds its accumulator and one input at a time.
+- a ``mean`` / ``weighted-sum`` holds its accumulator and one input at a time, while a
+  helper thread reads the next input (:class:`ReadAhead`, when the writer says what it will
+  ask for next): reading from disk and summing overlap on two cores.
 
-Peak memory is thus the largest output tensor (its accumulator, for a mean) plus fixed
-buffers, whatever the checkpoint's size.
+Peak memory is thus the largest output tensor (its accumulator, for a mean), two inputs and
+fixed buffers, whatever the checkpoint's size.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -51,9 +54,33 @@ class PlanSource(Checkpoint):
         self._compared: set[str] = set()
         self.disagree: list[str] = []  # compared outputs whose sources held other values
         self._cast_buffer: bytearray | None = None  # shared by the casts, made on first use
+        self._ahead: ReadAhead | None = None
+
+    def _direct(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
+        return [partial(self.sources[r.source].tensor, r.key) for r in e.inputs]
 
     def _fetchers(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
-        return [partial(self.sources[r.source].tensor, r.key) for r in e.inputs]
+        direct = self._direct(e)
+        ahead = self._ahead
+        if ahead is None:
+            return direct
+        return [partial(ahead.take, (e.name, i), f) for i, f in enumerate(direct)]
+
+    def will_read(self, names: Sequence[str]) -> None:
+        """Read the inputs of the computed tensors among ``names`` ahead, in that order."""
+        if self._ahead is not None:
+            self._ahead.stop()
+        jobs: list[tuple[tuple[str, int], Callable[[], torch.Tensor]]] = []
+        for name in names:
+            e = self._entries[name]
+            if not (e.op.is_copy or e.op.name == "cast"):
+                jobs += [((name, i), f) for i, f in enumerate(self._direct(e))]
+        self._ahead = ReadAhead(jobs) if jobs else None
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
 
     def tensor(self, name: str) -> torch.Tensor:
         e = self._entries[name]
@@ -127,6 +154,61 @@ class PlanSource(Checkpoint):
         ]
 
 
+class ReadAhead:
+    """Fetches tensors on a helper thread, one ahead of the caller, in a known order.
+
+    ``jobs`` are ``(key, fetch)`` pairs in the order they will be taken. :meth:`take` returns
+    the tensor fetched for ``key`` when it is the next one, or calls its own ``fetch`` when
+    the caller asks out of order (the read-ahead then stops). At most one tensor is held
+    ahead, so memory grows by one input, not by the checkpoint.
+    """
+
+    def __init__(self, jobs: Sequence[tuple[object, Callable[[], torch.Tensor]]]) -> None:
+        self._jobs = list(jobs)
+        self._next = 0  # index of the job the caller takes next
+        self._ready = threading.Semaphore(0)  # a fetched result waits
+        self._room = threading.Semaphore(1)  # the thread may fetch one more
+        self._result: tuple[object, torch.Tensor | None, BaseException | None] | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for key, fetch in self._jobs:
+            self._room.acquire()
+            if self._stopped:
+                return
+            try:
+                self._result = (key, fetch(), None)
+            except BaseException as e:  # handed to the caller, who fetches again or raises
+                self._result = (key, None, e)
+            self._ready.release()
+
+    def take(self, key: object, fetch: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._stopped or self._next >= len(self._jobs) or self._jobs[self._next][0] != key:
+            self.stop()
+            return fetch()
+        self._ready.acquire()
+        assert self._result is not None
+        got, value, error = self._result
+        self._result = None
+        self._next += 1
+        self._room.release()
+        if error is not None:
+            raise error
+        assert got == key and value is not None
+        return value
+
+    def stop(self) -> None:
+        """Let the thread end (a fetch under way finishes first) and drop what it holds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._room.release()
+        self._thread.join()
+        self._result = None
+
+
 def execute(
     plan: Plan,
     ckpts: Sequence[Checkpoint],
@@ -143,17 +225,20 @@ def execute(
     returns what was written and the notes made while writing."""
     src = PlanSource(plan, ckpts)
     options: dict[str, Any] = {"progress": progress} if progress is not None else {}
-    written = write_checkpoint(
-        out,
-        src,
-        [(n, n) for n in plan.names],
-        fmt=fmt,
-        metadata=metadata,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        verify=verify,
-        **options,
-    )
+    try:
+        written = write_checkpoint(
+            out,
+            src,
+            [(n, n) for n in plan.names],
+            fmt=fmt,
+            metadata=metadata,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            verify=verify,
+            **options,
+        )
+    finally:
+        src.close()
     return written, src.notes()
 
 

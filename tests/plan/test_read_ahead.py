@@ -1,0 +1,88 @@
+"""The read-ahead of a computed output's inputs: one tensor ahead of the caller, in the order
+the writer announced, on a helper thread; anything else falls back to reading directly."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptsurgery as cs
+from ckptsurgery.plan.execute import PlanSource, ReadAhead
+
+
+def _jobs(n: int, log: list[tuple[str, int]]) -> list[tuple[object, object]]:
+    def fetch(i: int) -> torch.Tensor:
+        log.append((threading.current_thread().name, i))
+        return torch.full((4,), float(i))
+
+    return [(("t", i), lambda i=i: fetch(i)) for i in range(n)]
+
+
+def test_one_ahead_in_order_on_a_helper_thread() -> None:
+    log: list[tuple[str, int]] = []
+    ahead = ReadAhead(_jobs(5, log))  # type: ignore[arg-type]
+    for i in range(5):
+        got = ahead.take(("t", i), lambda: pytest.fail("fetched directly"))  # type: ignore[arg-type, return-value]
+        assert got.tolist() == [float(i)] * 4
+        assert len(log) <= i + 2  # never more than one input held ahead
+    ahead.stop()
+    assert [i for _, i in log] == list(range(5))
+    assert {name for name, _ in log} == {"read-ahead"}
+
+
+def test_out_of_order_falls_back_and_stops() -> None:
+    log: list[tuple[str, int]] = []
+    ahead = ReadAhead(_jobs(5, log))  # type: ignore[arg-type]
+    assert ahead.take(("t", 0), lambda: torch.zeros(1)).tolist() == [0.0] * 4
+    direct = ahead.take(("t", 3), lambda: torch.ones(2))
+    assert direct.tolist() == [1.0, 1.0]  # not the read-ahead's
+    assert ahead.take(("t", 1), lambda: torch.ones(3)).tolist() == [1.0] * 3  # stopped
+    assert len(log) <= 2
+
+
+def test_a_failed_fetch_is_raised_to_the_caller() -> None:
+    def boom() -> torch.Tensor:
+        raise cs.CheckpointError("the data of 'x' is cut short")
+
+    ahead = ReadAhead([(("t", 0), boom)])
+    with pytest.raises(cs.CheckpointError, match="cut short"):
+        ahead.take(("t", 0), boom)
+    ahead.stop()
+
+
+def test_average_reads_ahead_and_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge --average reads its inputs on the helper thread, and the result is the mean."""
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for r in range(3):
+        paths.append(tmp_path / f"run{r}.safetensors")
+        sd = {f"w{i}": torch.randn(100 + i, generator=g) for i in range(8)}
+        sd["steps"] = torch.tensor([r])
+        save_file(sd, paths[-1])
+    threads: list[str] = []
+    original = PlanSource._direct
+
+    def spy(self: PlanSource, e):  # type: ignore[no-untyped-def]
+        def tracked(f):  # type: ignore[no-untyped-def]
+            def run() -> torch.Tensor:
+                threads.append(threading.current_thread().name)
+                return f()
+
+            return run
+
+        return [tracked(f) for f in original(self, e)]
+
+    monkeypatch.setattr(PlanSource, "_direct", spy)
+    out = tmp_path / "soup.safetensors"
+    cs.average_files(paths, out)
+    assert threads and set(threads) == {"read-ahead"}
+    got = load_file(out)
+    inputs = [load_file(p) for p in paths]
+    for i in range(8):
+        want = (inputs[0][f"w{i}"] + inputs[1][f"w{i}"] + inputs[2][f"w{i}"]) / 3
+        torch.testing.assert_close(got[f"w{i}"], want, rtol=1e-6, atol=1e-6)
+    assert got["steps"].tolist() == [0]
