@@ -16,7 +16,9 @@ one task at a time) and 6 GB of memory (the naive approaches, and making the tor
 
 Each default-path ckptsurgery row is run once more with --json to show where its time goes
 (copy: reading, converting, writing and the checksums on the way; fsync; wait: for the helper
-threads' digests and source checks; verify: re-reading the output).
+threads' digests and source checks; verify: the final check of the finished output;
+read_back: the seconds the read-back thread spent hashing each tensor back from the output
+while the copy went on, beside the copy rather than after it).
 
 Every approach runs as its own child process, started from a small launcher: wall time is
 measured around it and peak RSS is that child's ru_maxrss, so the numbers include interpreter
@@ -464,6 +466,37 @@ TASKS = {
 }  # fmt: skip
 
 
+# The goals, as ratios of wall time: (task, approach, compared with, at most). "baseline" is
+# the task's baseline row; the --no-verify rows check that verification costs < 5% more.
+GOALS = [
+    ("strip-st", "ckptsurgery remap", "baseline", 1.15),
+    ("strip-pt", "ckptsurgery remap", "baseline", 1.25),
+    ("pt-to-st", "ckptsurgery remap", "baseline", 1.3),
+    ("keep-half", "ckptsurgery remap --keep", "baseline", 1.0),
+    ("average", "ckptsurgery merge --average", "baseline", 0.7),
+    ("strip-st", "ckptsurgery remap", "ckptsurgery remap --no-verify", 1.05),
+    ("strip-pt", "ckptsurgery remap", "ckptsurgery remap --no-verify", 1.05),
+    ("pt-to-st", "ckptsurgery remap", "ckptsurgery remap --no-verify", 1.05),
+    ("keep-half", "ckptsurgery remap --keep", "ckptsurgery remap --keep --no-verify", 1.05),
+]
+
+
+def goal_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
+    """Each goal whose rows ran: task, approach, compared with, ratio, goal, met."""
+    wall = {(r["task"], r["approach"].removesuffix(" (baseline)")): r["wall_s"] for r in rows}
+    baseline = {r["task"]: r["wall_s"] for r in rows if r["approach"].endswith("(baseline)")}
+    out: list[list[object]] = []
+    for task, approach, against, most in GOALS:
+        if (task, approach) not in wall:
+            continue
+        other = baseline.get(task) if against == "baseline" else wall.get((task, against))
+        if not other:
+            continue
+        ratio = round(wall[task, approach] / other, 2)
+        out.append([task, approach, against, ratio, f"<= {most}", "yes" if ratio <= most else "NO"])
+    return out
+
+
 def _same_tensors(a: Path, b: Path) -> None:
     """Both outputs hold the same names, dtypes, shapes and bytes."""
     sys.path.insert(0, str(SRC))
@@ -532,7 +565,7 @@ def _default_write(a: Approach) -> bool:
 
 def _breakdown(a: Approach) -> dict[str, float]:
     """The stages of one more run of ``a`` (its ``--json`` timings: copy, fsync, wait for the
-    helper threads' digests and checks, verify), untimed by the launcher."""
+    helper threads' digests and checks, verify, read_back), untimed by the launcher."""
     assert a.output is not None
     a.output.unlink(missing_ok=True)
     proc = subprocess.run([*a.argv, "--json"], capture_output=True, text=True, check=True)
@@ -656,7 +689,7 @@ def main() -> None:
         for r in rows
     ]
     print(markdown_table(headers, table))
-    stages = ["copy", "fsync", "wait", "verify"]
+    stages = ["copy", "fsync", "wait", "verify", "read_back"]
     split = [
         [r["task"], r["approach"], r["wall_s"], *(r["breakdown"].get(k, "") for k in stages)]
         for r in rows
@@ -665,6 +698,10 @@ def main() -> None:
     if split:
         print("\nwhere the default path's time goes (seconds, one extra run each):\n")
         print(markdown_table(["task", "approach", "wall s (median)", *stages], split))
+    goals = goal_rows(rows)
+    if goals:
+        print("\nthe goals (ratios of median wall times):\n")
+        print(markdown_table(["task", "approach", "against", "ratio", "goal", "met"], goals))
     print(
         f"\nmedians of {args.runs} paired runs; inputs {2 * args.size:g} GB "
         f"(average: 3 x {args.size:g} GB); {os.cpu_count()} CPUs"

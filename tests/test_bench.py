@@ -33,7 +33,8 @@ def test_bench_runs_and_compares_with_cp(tmp_path: Path) -> None:
     assert surgery["peak_rss_mb"] < naive["peak_rss_mb"]  # type: ignore[operator]
     assert ("inspect-st", "ckptsurgery inspect") in by
     # the default path's stages, from one more run with --json
-    assert set(surgery["breakdown"]) == {"copy", "fsync", "wait", "verify"}  # type: ignore[arg-type]
+    stages = {"copy", "fsync", "wait", "verify", "read_back"}
+    assert set(surgery["breakdown"]) == stages  # type: ignore[arg-type]
     assert "breakdown" not in by["strip-pt", "ckptsurgery remap --no-verify"]
     # the inputs were generated deterministically and kept in the work folder; outputs gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
@@ -71,3 +72,26 @@ def test_bench_every_task(tmp_path: Path) -> None:
             "inspect-pt", "diff"} <= tasks  # fmt: skip
     for r in rows:
         assert r["wall_s"] >= 0 and r["peak_rss_mb"] > 0  # type: ignore[operator]
+
+
+def test_goal_rows_compare_with_the_baseline_and_no_verify() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    rows = [
+        {"task": "strip-st", "approach": "cp + fsync (baseline)", "wall_s": 2.0},
+        {"task": "strip-st", "approach": "ckptsurgery remap", "wall_s": 2.2},
+        {"task": "strip-st", "approach": "ckptsurgery remap --no-verify", "wall_s": 2.0},
+        {"task": "average", "approach": "naive load_file x3 + mean + save_file (baseline)",
+         "wall_s": 10.0},
+        {"task": "average", "approach": "ckptsurgery merge --average", "wall_s": 6.0},
+    ]  # fmt: skip
+    assert bench.goal_rows(rows) == [
+        ["strip-st", "ckptsurgery remap", "baseline", 1.1, "<= 1.15", "yes"],
+        ["average", "ckptsurgery merge --average", "baseline", 0.6, "<= 0.7", "yes"],
+        ["strip-st", "ckptsurgery remap", "ckptsurgery remap --no-verify", 1.1, "<= 1.05", "NO"],
+    ]
