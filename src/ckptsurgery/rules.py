@@ -245,7 +245,7 @@ class Rules:
             if self.add_prefix:
                 new = self.add_prefix + new
                 counts[i_add] += 1
-            if not new:
+            if not new and key:  # a key that is empty already passes through unchanged
                 raise RuleError(f"the rules rename {key!r} to an empty name")
             renames.append((key, new))
 
