@@ -86,3 +86,35 @@ def test_average_reads_ahead_and_matches(tmp_path: Path, monkeypatch: pytest.Mon
         want = (inputs[0][f"w{i}"] + inputs[1][f"w{i}"] + inputs[2][f"w{i}"]) / 3
         torch.testing.assert_close(got[f"w{i}"], want, rtol=1e-6, atol=1e-6)
     assert got["steps"].tolist() == [0]
+
+
+def test_computing_leaves_one_core_to_the_helpers_and_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a mean is written torch computes on one thread fewer (at least one), and the
+    collector skips what was alive before; both are restored afterwards."""
+    import gc
+    import os
+
+    from ckptsurgery.plan import execute as execute_module
+
+    paths = []
+    for r in range(2):
+        paths.append(tmp_path / f"run{r}.safetensors")
+        save_file({"w": torch.full((8,), float(r))}, paths[-1])
+    seen: list[tuple[int, int]] = []
+    original = execute_module.write_checkpoint
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), gc.get_freeze_count()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(execute_module, "write_checkpoint", spy)
+    before = torch.get_num_threads()
+    frozen = gc.get_freeze_count()
+    cs.average_files(paths, tmp_path / "soup.safetensors")
+    cores = len(os.sched_getaffinity(0))
+    assert seen == [(max(1, min(before, cores - 1)), seen[0][1])]
+    assert seen[0][1] > frozen  # the objects alive before were frozen during the write
+    assert torch.get_num_threads() == before
+    assert gc.get_freeze_count() == frozen
