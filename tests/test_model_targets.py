@@ -97,9 +97,7 @@ def test_diff_timm_resnet18_with_num_classes_mismatches_only_the_head(tmp_path: 
 
 def test_timm_missing_extra_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)
-    assert_error(
-        cli_run("diff", "x.pt", "--model", "timm:resnet18"), "ckptsurgery[timm]", only_line=False
-    )
+    assert_error(cli_run("diff", "x.pt", "--model", "timm:resnet18"), "ckptsurgery[timm]")
 
 
 # --- Hugging Face ----------------------------------------------------------------------------
@@ -185,20 +183,17 @@ def test_hf_bad_specs_are_one_error_line(
     ckpt = tmp_path / "c.safetensors"
     save_file({"x": torch.zeros(1)}, ckpt)
     result = cli_run("diff", ckpt, "--model", f"hf:{bert_dir}{spec_tail}")
-    assert_error(result, fragment, only_line=False)
+    assert_error(result, fragment)
 
 
 def test_hf_folder_without_config_and_unknown_field(tmp_path: Path, bert_dir: Path) -> None:
     ckpt = tmp_path / "c.safetensors"
     save_file({"x": torch.zeros(1)}, ckpt)
-    assert_error(
-        cli_run("diff", ckpt, "--model", f"hf:{tmp_path}"), "has no config.json", only_line=False
-    )
+    assert_error(cli_run("diff", ckpt, "--model", f"hf:{tmp_path}"), "has no config.json")
     assert_error(
         cli_run("diff", ckpt, "--model", f"hf:{bert_dir}", "--model-arg", "num_lables=3"),
         "no field 'num_lables'",
         "num_labels",
-        only_line=False,
     )
 
 
@@ -208,9 +203,7 @@ def test_hf_missing_extra_is_one_error_line(
     ckpt = tmp_path / "c.safetensors"
     save_file({"x": torch.zeros(1)}, ckpt)
     monkeypatch.setitem(sys.modules, "transformers", None)
-    assert_error(
-        cli_run("diff", ckpt, "--model", f"hf:{bert_dir}"), "ckptsurgery[hf]", only_line=False
-    )
+    assert_error(cli_run("diff", ckpt, "--model", f"hf:{bert_dir}"), "ckptsurgery[hf]")
 
 
 def test_help_imports_neither_timm_nor_transformers() -> None:
