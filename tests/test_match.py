@@ -21,6 +21,7 @@ from ckptsurgery.io.dtypes import info_of
 from ckptsurgery.loading import load_into
 from ckptsurgery.match import DtypeMismatch, MatchReport, ShapeMismatch, match
 from ckptsurgery.models import build_model
+from ckptsurgery.rules import UnusedPatternWarning
 from ckptsurgery.surgery import save_state_dict
 
 # --- helpers and models ---------------------------------------------------------------------
@@ -130,12 +131,13 @@ def test_changed_head_is_a_shape_mismatch_that_no_glob_allows() -> None:
     assert report.missing == report.unexpected == []
     assert len(report.matched) == 120
     assert not report.compatible
-    everything = match(
-        infos(meta("torchvision:resnet18", num_classes=10)),
-        meta("torchvision:resnet18"),
-        allow_missing=["*"],
-        allow_unexpected=["*"],
-    )
+    with pytest.warns(UnusedPatternWarning, match="glob '\\*' matched no key"):
+        everything = match(
+            infos(meta("torchvision:resnet18", num_classes=10)),
+            meta("torchvision:resnet18"),
+            allow_missing=["*"],
+            allow_unexpected=["*"],
+        )
     assert not everything.compatible
     assert "drop_mismatched=True" in everything.fixes()
 
@@ -305,10 +307,19 @@ def test_globs_match_across_dots_and_a_single_string_is_one_glob() -> None:
 def test_allow_unexpected_and_unused_globs() -> None:
     model = meta("torchvision:resnet18")
     ckpt = {**infos(model), "queue": TensorInfo((128, 65536), "float32", 128 * 65536 * 4)}
-    report = match(ckpt, model, allow_unexpected=["queue", "teacher.*"], allow_missing=["fc.*"])
+    with pytest.warns(UnusedPatternWarning) as caught:
+        report = match(ckpt, model, allow_unexpected=["queue", "teacher.*"], allow_missing=["fc.*"])
     assert report.compatible
     assert report.unexpected == report.allowed_unexpected == ["queue"]
     assert report.unused_allow() == ["fc.*", "teacher.*"]
+    assert (
+        [str(w.message) for w in caught]
+        == report.notes()
+        == [
+            "allow_missing glob 'fc.*' matched no key",
+            "allow_unexpected glob 'teacher.*' matched no key",
+        ]
+    )
 
 
 def test_bad_inputs() -> None:

@@ -8,11 +8,9 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from ckptsurgery.errors import CheckpointError
 from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
@@ -282,26 +280,8 @@ def test_timm_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> No
         build_model("timm:resnet18")
 
 
-def test_timm_is_used_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("timm")
-    calls: list[tuple[str, dict[str, object]]] = []
-
-    def create_model(name: str, **kwargs: object) -> torch.nn.Module:
-        calls.append((name, kwargs))
-        if name != "tiny_net":
-            raise RuntimeError(f"Unknown model ({name})")
-        return torch.nn.Linear(3, int(kwargs.get("num_classes", 4)))  # type: ignore[call-overload]
-
-    fake.create_model = create_model  # type: ignore[attr-defined]
-    fake.list_models = lambda: ["tiny_net", "other_net"]  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "timm", fake)
-
-    built = build_model("timm:tiny_net", {"num_classes": 7})
-    assert built.on_meta
-    assert tuple(built.module.weight.shape) == (7, 3)
-    assert calls == [("tiny_net", {"num_classes": 7})]  # no pretrained= passed for the user
-    with pytest.raises(ModelSpecError, match=r"timm has no model 'tiny_nett'.*tiny_net"):
-        build_model("timm:tiny_nett")
+# The real timm (pretrained=False, num_classes, unknown names) is tested in
+# test_model_targets.py.
 
 
 # --- import cost ----------------------------------------------------------------------------

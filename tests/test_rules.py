@@ -566,6 +566,7 @@ def test_kept_and_dropped_partition_the_input(
     assert all(old == new for old, new in plan.renames)
 
 
+@pytest.mark.filterwarnings("ignore::ckptsurgery.rules.UnusedPatternWarning")
 @given(keys=key_lists, keep=globs, drop=globs)
 def test_apply_equals_plan_mapping(keys: list[str], keep: list[str], drop: list[str]) -> None:
     rules = Rules(keep=keep, drop=drop, add_prefix="p.")

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ckptsurgery.recipe.model import Recipe, RecipeError
     from ckptsurgery.recipe.read import load_recipe
     from ckptsurgery.recipe.run import apply_recipe
-    from ckptsurgery.rules import KeyPlan, Rules
+    from ckptsurgery.rules import KeyPlan, Rules, UnusedPatternWarning
     from ckptsurgery.suggest import Suggestion, suggest
     from ckptsurgery.surgery import (
         DiffResult,
@@ -108,7 +108,7 @@ _EXPORTS: dict[str, str] = {
     "apply_recipe": "ckptsurgery.recipe.run",
     "Plan": "ckptsurgery.plan.model",
     "SurgeryResult": "ckptsurgery.plan.run",
-    **dict.fromkeys(["KeyPlan", "Rules"], "ckptsurgery.rules"),
+    **dict.fromkeys(["KeyPlan", "Rules", "UnusedPatternWarning"], "ckptsurgery.rules"),
     **dict.fromkeys(["Suggestion", "suggest"], "ckptsurgery.suggest"),
     **dict.fromkeys(
         [
@@ -164,6 +164,7 @@ __all__ = [
     "TransformConfig",
     "UnsafePickleError",
     "UnsafePickleWarning",
+    "UnusedPatternWarning",
     "__version__",
     "apply_recipe",
     "average",

@@ -83,8 +83,10 @@ class OutputError(CheckpointError):
 
 
 class IncompatibleCheckpoint(CheckpointError):
-    """The checkpoint does not fit the model; ``report`` says how."""
+    """The checkpoint does not fit the model; ``report`` says how, and ``suggestion`` (when
+    not None) holds the rules that would make more keys match."""
 
-    def __init__(self, message: str, *, report: Any = None) -> None:
+    def __init__(self, message: str, *, report: Any = None, suggestion: Any = None) -> None:
         super().__init__(message)
         self.report = report
+        self.suggestion = suggestion

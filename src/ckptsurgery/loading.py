@@ -7,56 +7,108 @@ checkpoint fits; then it loads the matched keys and checks bit by bit that they 
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ckptsurgery.errors import CheckpointError, FormatError, IncompatibleCheckpoint
+from ckptsurgery.inputs import _side, _tie_groups, checkpoint_input
 from ckptsurgery.io import Checkpoint
-from ckptsurgery.match import MatchReport, _named, _side, _tie_groups, match
+from ckptsurgery.match import MatchReport, _named, match
 from ckptsurgery.models import BuiltModel
+from ckptsurgery.rules import Rules, UnusedPatternWarning
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ckptsurgery.match import CheckpointLike
+    from ckptsurgery.suggest import Suggestion
 
 __all__ = ["load_into", "tie_groups"]
 
 
 def load_into(
     model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor] | Checkpoint,
+    state_dict: Mapping[str, torch.Tensor] | Checkpoint | str | os.PathLike[str],
     *,
     allow_missing: Iterable[str] | str = (),
     allow_unexpected: Iterable[str] | str = (),
     drop_mismatched: bool = False,
+    rules: Rules | None = None,
+    key: str | None = None,
 ) -> MatchReport:
     """Load ``state_dict`` into ``model`` after a :func:`match`, or raise and load nothing.
 
-    Raises :class:`IncompatibleCheckpoint` (with ``.report``) and leaves the model untouched
-    when the match is not compatible, or when the model ties names to which the checkpoint gives
-    different values. Otherwise loads the matched keys only (``strict=False``), then checks
-    bit by bit that every one of them landed (after the cast to the model's dtype). The
-    caller's mapping is never modified. Returns the report.
+    ``state_dict`` is a state dict, an open :class:`Checkpoint` or a path (``key`` picks a
+    nested state dict in a file); from a file, only the matched tensors are read, after the
+    match. ``rules`` rename the checkpoint's keys first.
+
+    Raises :class:`IncompatibleCheckpoint` (with ``.report``, and ``.suggestion`` when renaming
+    would help: its message names the rules, e.g. ``Rules(add_prefix='bert.')``) and leaves the
+    model untouched when the match is not compatible, or when the model ties names to which the
+    checkpoint gives different values. Otherwise loads the matched keys only (``strict=False``),
+    then checks bit by bit that every one of them landed (after the cast to the model's dtype).
+    The caller's mapping is never modified. Returns the report.
     """
-    import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_into needs an nn.Module, got {type(model).__name__}")
+    with checkpoint_input(state_dict, key=key) as (source, _):
+        return _load_into(
+            model,
+            source,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            drop_mismatched=drop_mismatched,
+            rules=rules,
+        )
+
+
+def _load_into(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | Checkpoint,
+    *,
+    allow_missing: Iterable[str] | str,
+    allow_unexpected: Iterable[str] | str,
+    drop_mismatched: bool,
+    rules: Rules | None,
+) -> MatchReport:
+    import torch
+
+    renamed: Mapping[str, torch.Tensor] | Checkpoint = state_dict
+    if rules is not None:
+        # Renamed without warnings here: match() below warns about the unused rules.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnusedPatternWarning)
+            renamed = rules.apply(state_dict)
     report = match(
         state_dict,
         model,
         allow_missing=allow_missing,
         allow_unexpected=allow_unexpected,
         drop_mismatched=drop_mismatched,
+        rules=rules,
     )
+    state_dict = renamed
     if not report.compatible:
+        suggestion = _suggestion(state_dict, model, report)
+        fix = ""
+        if suggestion is not None and suggestion.rules is not None:
+            fix = (
+                f"Try rules={suggestion.rules!r}: {suggestion.matched_after} of "
+                f"{suggestion.model_keys} model keys would match"
+            )
+            if suggestion.allow_missing:
+                fix += f", with allow_missing={list(suggestion.allow_missing)!r}"
+            fix += ". "
         raise IncompatibleCheckpoint(
             f"the checkpoint does not fit the model: {report.problems()}. Nothing was loaded. "
-            f"{report.fixes()}",
+            f"{fix}{report.fixes()}".rstrip(),
             report=report,
+            suggestion=suggestion,
         )
 
     targets = model.state_dict(keep_vars=True)
@@ -132,6 +184,23 @@ def tie_groups(model: nn.Module | BuiltModel | CheckpointLike) -> dict[str, str]
 
 
 # --- small helpers --------------------------------------------------------------------------
+
+
+def _suggestion(
+    checkpoint: Mapping[str, torch.Tensor] | Checkpoint, model: nn.Module, report: MatchReport
+) -> Suggestion | None:
+    """The rules :func:`~ckptsurgery.suggest.suggest` finds, when they would match more keys."""
+    if not (report.missing and report.unexpected):
+        return None  # nothing to rename into: a head of another size, a missing buffer
+    from ckptsurgery.suggest import suggest
+
+    infos = checkpoint.infos if isinstance(checkpoint, Checkpoint) else checkpoint
+    ckpt_shapes = {k: tuple(v.shape) for k, v in infos.items()}
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    found = suggest(ckpt_shapes, model_shapes, ties=tie_groups(model))
+    if found.rules is None or found.matched_after <= found.matched_before:
+        return None
+    return found
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -27,23 +27,30 @@ Decisions:
 
 from __future__ import annotations
 
+import html
 import math
+import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from ckptsurgery.errors import CheckpointError, FormatError
+from ckptsurgery.errors import CheckpointError
+from ckptsurgery.inputs import _Side, _side, checkpoint_input
 from ckptsurgery.io import Checkpoint
-from ckptsurgery.io.dtypes import TensorInfo, dtype_name, info_of
+from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.models import BuiltModel
+from ckptsurgery.rules import Rules, UnusedPatternWarning
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    CheckpointLike: TypeAlias = Mapping[str, torch.Tensor] | Mapping[str, TensorInfo] | Checkpoint
+    CheckpointLike: TypeAlias = (
+        Mapping[str, torch.Tensor] | Mapping[str, TensorInfo] | Checkpoint | str | os.PathLike[str]
+    )
 
 __all__ = ["DtypeMismatch", "MatchReport", "ShapeMismatch", "match"]
 
@@ -63,11 +70,13 @@ class DtypeMismatch(NamedTuple):
     model: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MatchReport:
     """How a checkpoint fits a model; one value drives the table, the JSON and the exit code.
 
     Key lists follow the model's order (``unexpected``: the checkpoint's order).
+    ``print(report)`` shows the table (with :meth:`notes`), a notebook renders it, and
+    ``repr`` is the summary line.
     """
 
     matched: list[str]
@@ -86,6 +95,32 @@ class MatchReport:
     matched_params: int = 0
     allow_missing: tuple[str, ...] = ()
     allow_unexpected: tuple[str, ...] = ()
+    unused_rules: tuple[str, ...] = ()  # rules given to match() that touched no key (CLI flags)
+
+    def __repr__(self) -> str:
+        return f"<MatchReport: {self.summary()}>"
+
+    def __str__(self) -> str:
+        return self.table(notes=True)
+
+    def _repr_html_(self) -> str:
+        """The table in a notebook, monospaced, its verdict in colour."""
+        colour = "#1a7f37" if self.compatible else "#cf222e"
+        verdict = "compatible" if self.compatible else "INCOMPATIBLE"
+        return (
+            f'<pre style="white-space: pre; line-height: 1.25">{html.escape(str(self))}</pre>'
+            f'<p style="color: {colour}; font-weight: bold">{verdict}</p>'
+        )
+
+    def notes(self) -> list[str]:
+        """What was asked for and did nothing: each unused rule and allow glob, one line each."""
+        lines = [f"rule {r} matched no key" for r in self.unused_rules]
+        for name, globs, keys in (
+            ("allow_missing", self.allow_missing, self.missing),
+            ("allow_unexpected", self.allow_unexpected, self.unexpected),
+        ):
+            lines += [f"{name} glob {g!r} matched no key" for g in globs if not _any_match(keys, g)]
+        return lines
 
     @property
     def compatible(self) -> bool:
@@ -165,13 +200,14 @@ class MatchReport:
             f"{', '.join(counts)} -> {verdict}"
         )
 
-    def table(self, *, matched: bool = False, fmt: str = "simple") -> str:
+    def table(self, *, matched: bool = False, fmt: str = "simple", notes: bool = False) -> str:
         """The human report: one section per kind of key, then the summary line.
 
         Key lists are indented lines of grouped keys (``layer1.{0, 1}.bn1.{bias, weight}``),
         allowed ones marked; shape and dtype differences are small tables with both sides.
         ``matched=True`` lists the matched keys first (``diff`` does; the remap gate does not).
-        ``fmt`` is the tabulate format of those tables. The text depends on the report alone.
+        ``fmt`` is the tabulate format of those tables. ``notes=True`` adds :meth:`notes` (the
+        CLI prints them on stderr instead). The text depends on the report alone.
         """
         from ckptsurgery.render.tables import shape_str, table
 
@@ -223,6 +259,8 @@ class MatchReport:
             len(self.dtype_mismatch),
             pair_table(self.dtype_mismatch, shapes=False).splitlines(),
         )
+        if notes:
+            section("notes", len(self.notes()), self.notes())
         sections.append(self.summary())
         return "\n\n".join(sections)
 
@@ -272,21 +310,49 @@ def match(
     allow_missing: Iterable[str] | str = (),
     allow_unexpected: Iterable[str] | str = (),
     drop_mismatched: bool = False,
+    rules: Rules | None = None,
+    key: str | None = None,
 ) -> MatchReport:
     """Match ``checkpoint``'s keys, shapes and dtypes against ``model``'s state dict.
 
-    ``checkpoint`` is a state dict, a mapping of :class:`TensorInfo` or an open
-    :class:`Checkpoint` (matched from its header; no tensor data is read). ``model`` is an
-    ``nn.Module`` (meta is fine), a :class:`BuiltModel`, or another state dict / infos /
-    Checkpoint to match against. Nothing is loaded; see the module docstring for the rules.
+    ``checkpoint`` is a path, an open :class:`Checkpoint` (both matched from the header; no
+    tensor data is read; ``key`` picks a nested state dict in a file), a state dict or a
+    mapping of :class:`TensorInfo`; ``rules`` rename its keys first. ``model`` is an
+    ``nn.Module`` (meta is fine), a :class:`BuiltModel`, or another checkpoint (path, state
+    dict, infos or Checkpoint) to match against. Nothing is loaded; see the module docstring.
 
-    Ties are seen in a module (also on meta), in a state dict of real tensors (shared storage)
-    and in a Checkpoint's ``aliases``; pass the module rather than a meta state dict.
+    A rule or allow glob that matches nothing is an :class:`UnusedPatternWarning` and a line
+    of :meth:`MatchReport.notes`. Ties are seen in a module (also on meta), in a state dict of
+    real tensors (shared storage) and in a Checkpoint's ``aliases``; pass the module rather
+    than a meta state dict.
     """
     allow_m = _globs("allow_missing", allow_missing)
     allow_u = _globs("allow_unexpected", allow_unexpected)
-    ckpt = _side(checkpoint, what="checkpoint")
-    ref = _side(model, what="model")
+    with (
+        checkpoint_input(checkpoint, key=key, rules=rules) as (ckpt_obj, unused),
+        checkpoint_input(model) as (model_obj, _),
+    ):
+        report = _match(
+            _side(ckpt_obj, what="checkpoint"),
+            _side(model_obj, what="model"),
+            allow_m,
+            allow_u,
+            drop_mismatched=drop_mismatched,
+        )
+    report = replace(report, unused_rules=tuple(unused))
+    for line in report.notes():
+        warnings.warn(line, UnusedPatternWarning, stacklevel=2)
+    return report
+
+
+def _match(
+    ckpt: _Side,
+    ref: _Side,
+    allow_m: tuple[str, ...],
+    allow_u: tuple[str, ...],
+    *,
+    drop_mismatched: bool,
+) -> MatchReport:
 
     matched: list[str] = []
     missing: list[str] = []
@@ -346,91 +412,6 @@ def match(
         allow_missing=allow_m,
         allow_unexpected=allow_u,
     )
-
-
-# --- the two sides --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Side:
-    infos: dict[str, TensorInfo]
-    group: dict[str, str]  # key -> first key of its tie group (itself when untied)
-
-
-def _side(obj: object, *, what: str) -> _Side:
-    if isinstance(obj, BuiltModel):
-        obj = obj.module
-    if isinstance(obj, Checkpoint):
-        infos = dict(obj.infos)
-        return _Side(infos, {k: obj.aliases.get(k, k) for k in infos})
-    if isinstance(obj, Mapping):
-        return _mapping_side(obj, what=what)
-    from torch import nn
-    from torch.nn.parameter import is_lazy
-
-    if isinstance(obj, nn.Module):
-        # keep_vars: the Parameter objects themselves, so that ties show even on meta.
-        state = obj.state_dict(keep_vars=True)
-        lazy = [k for k, v in state.items() if is_lazy(v)]
-        if lazy:
-            raise CheckpointError(
-                f"the model's {_named(lazy, 'parameter')} are lazy and have no shape yet; "
-                "run one forward pass (or build the model with explicit sizes) first"
-            )
-        return _Side({k: info_of(v) for k, v in state.items()}, _tie_groups(state))
-    raise TypeError(
-        f"{what} must be a state dict, a mapping of TensorInfo, a Checkpoint or an nn.Module; "
-        f"got {type(obj).__name__}"
-    )
-
-
-def _mapping_side(mapping: Mapping[Any, Any], *, what: str) -> _Side:
-    infos: dict[str, TensorInfo] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in mapping.items():
-        if not isinstance(key, str):
-            raise FormatError(f"{what}: state dict keys are strings; found {key!r}")
-        if isinstance(value, TensorInfo):
-            infos[key] = value
-            continue
-        import torch
-
-        if not isinstance(value, torch.Tensor):
-            raise FormatError(
-                f"{what}: a state dict maps keys to tensors (or TensorInfo); "
-                f"{key!r} maps to a {type(value).__name__}"
-            )
-        infos[key] = info_of(value)
-        tensors[key] = value
-    group = {k: k for k in infos}
-    group.update(_tie_groups(tensors))
-    return _Side(infos, group)
-
-
-def _tie_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Key -> first key holding the same tensor: the same object (meta models included, with
-    ``state_dict(keep_vars=True)``) or the same view of one storage (real tensors)."""
-    first_by_ident: dict[object, str] = {}
-    group: dict[str, str] = {}
-    for key, t in tensors.items():
-        idents: list[object] = [("object", id(t))]
-        if not t.is_meta and t.numel() > 0:
-            idents.append(
-                (
-                    "view",
-                    t.device.type,
-                    t.untyped_storage().data_ptr(),
-                    t.storage_offset(),
-                    tuple(t.shape),
-                    t.stride(),
-                    dtype_name(t.dtype),
-                )
-            )
-        head = next((first_by_ident[i] for i in idents if i in first_by_ident), key)
-        group[key] = head
-        for i in idents:
-            first_by_ident.setdefault(i, head)
-    return group
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -3,13 +3,20 @@
 A SPEC is one of:
 
 - ``torchvision:NAME``: a torchvision model builder (``torchvision:resnet50``);
-- ``timm:NAME``: ``timm.create_model(NAME)`` when timm is installed;
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (the ``timm`` extra);
+- ``hf:PATH[:CLASS]``: a ``transformers`` model from a local ``config.json`` (PATH is the
+  folder holding it, the file itself, or a Hugging Face cache folder ``models--org--name`` or
+  one of its snapshots); CLASS is a ``transformers`` class such as
+  ``BertForSequenceClassification`` or ``AutoModelForSequenceClassification`` (default
+  ``AutoModel``). ``--model-arg`` overrides config fields (``num_labels=3``). Nothing is
+  downloaded and no weights are loaded (the ``hf`` extra);
 - ``package.module:attr``: any importable factory; ``attr`` may be dotted
   (``mypkg.nets:Net``, ``mypkg.nets:Net.from_name``).
 
 Keyword arguments come from ``--model-arg K=V`` (:func:`parse_model_args`), V a Python literal.
-Nothing is ever passed on the user's behalf: no ``weights=`` and no ``pretrained=`` (torchvision
-and timm already default to random initialisation). A factory that tries to download anyway
+Nothing is passed on the user's behalf but timm's ``pretrained=False`` (its default, made
+explicit so that a changed default never downloads); torchvision already defaults to random
+initialisation. A factory that tries to download anyway
 fails with a clean :class:`ModelSpecError`.
 
 The model is built under ``torch.device("meta")``: parameters get a shape and a dtype but no
@@ -29,6 +36,7 @@ import sys
 import urllib.error
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgery.errors import CheckpointError
@@ -243,13 +251,15 @@ def resolve_factory(spec: str) -> tuple[Callable[..., Any], str]:
         return _torchvision_factory(name), f"torchvision:{name}"
     if source == "timm":
         return _timm_factory(name), f"timm:{name}"
+    if source == "hf":
+        return _hf_factory(name, spec=spec)
     return _import_factory(source, name, spec=spec), spec
 
 
 def _no_colon_message(spec: str) -> str:
     msg = (
-        f"model spec {spec!r} is not torchvision:NAME, timm:NAME or package.module:attr "
-        "(e.g. torchvision:resnet50, mypkg.models:Net)"
+        f"model spec {spec!r} is not torchvision:NAME, timm:NAME, hf:PATH[:CLASS] or "
+        "package.module:attr (e.g. torchvision:resnet50, mypkg.models:Net)"
     )
     try:
         tv_models: Any = importlib.import_module("torchvision.models")
@@ -280,10 +290,14 @@ def _timm_factory(name: str) -> Callable[..., Any]:
         timm: Any = importlib.import_module("timm")
     except ImportError as e:
         raise ModelSpecError(
-            f"timm:{name} needs timm, which is not installed; pip install timm ({e})"
+            f"timm:{name} needs timm, which is not installed; pip install 'ckptsurgery[timm]' "
+            f"(or pip install timm) ({e})"
         ) from e
 
     def create(**kwargs: Any) -> Any:
+        # Explicit, so that no timm version ever fetches weights for us: the checkpoint
+        # provides them.
+        kwargs.setdefault("pretrained", False)
         try:
             return timm.create_model(name, **kwargs)
         except RuntimeError as e:
@@ -294,6 +308,88 @@ def _timm_factory(name: str) -> Callable[..., Any]:
             raise ModelSpecError(f"timm has no model {name!r}{_close(name, names)}") from e
 
     return create
+
+
+def _hf_factory(rest: str, *, spec: str) -> tuple[Callable[..., Any], str]:
+    """``hf:PATH[:CLASS]``: a factory that builds CLASS from PATH's config, overrides applied."""
+    path, cls_name = _hf_split(rest)
+    folder = _hf_config_folder(path, spec=spec)
+    try:
+        transformers: Any = importlib.import_module("transformers")
+    except ImportError as e:
+        raise ModelSpecError(
+            f"{spec} needs transformers, which is not installed; pip install "
+            f"'ckptsurgery[hf]' (or pip install transformers) ({e})"
+        ) from e
+    cls_name = cls_name or "AutoModel"
+    try:
+        cls: Any = getattr(transformers, cls_name)
+    except (AttributeError, ImportError, RuntimeError):
+        cls = None
+    if not isinstance(cls, type):
+        models = [n for n in dir(transformers) if n.endswith(("Model", "LMHead")) or "For" in n]
+        raise ModelSpecError(
+            f"{spec}: transformers has no model class {cls_name!r}{_close(cls_name, models)}"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ...
+        raise ModelSpecError(
+            f"{spec}: {folder / 'config.json'} is not a config transformers can read: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+    def create(**overrides: Any) -> Any:
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                fields = [*config.to_dict(), "num_labels"]
+                raise ModelSpecError(
+                    f"{spec}: the config ({type(config).__name__}) has no field {key!r} "
+                    f"(--model-arg overrides config fields){_close(key, fields)}"
+                )
+            setattr(config, key, value)
+        if hasattr(cls, "from_config"):  # the Auto* classes
+            return cls.from_config(config)
+        return cls(config)
+
+    return create, f"hf:{folder}:{cls_name}"
+
+
+def _hf_split(rest: str) -> tuple[str, str | None]:
+    """``PATH[:CLASS]`` -> (PATH, CLASS): a trailing ``:Name`` is a class unless PATH:Name exists."""
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and tail.isidentifier() and not os.path.exists(rest):
+        return head, tail
+    return rest, None
+
+
+def _hf_config_folder(path: str, *, spec: str) -> Path:
+    """The folder holding ``config.json``: PATH, its parent (PATH is the file) or, in a Hugging
+    Face cache folder (``models--org--name``), the snapshot its ``refs/main`` names (or its
+    only snapshot)."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == "config.json":
+        return p.parent
+    if not p.exists():
+        raise ModelSpecError(f"{spec}: {str(p)!r} does not exist; give a folder with a config.json")
+    if (p / "snapshots").is_dir():
+        ref = p / "refs" / "main"
+        snaps = sorted(s for s in (p / "snapshots").iterdir() if (s / "config.json").is_file())
+        chosen = p / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if chosen is None or not (chosen / "config.json").is_file():
+            if len(snaps) != 1:
+                names = ", ".join(s.name for s in snaps) or "none with a config.json"
+                raise ModelSpecError(
+                    f"{spec}: pick one snapshot of {str(p)!r} ({names}): hf:{p}/snapshots/HASH"
+                )
+            chosen = snaps[0]
+        return chosen
+    if not (p / "config.json").is_file():
+        raise ModelSpecError(
+            f"{spec}: {str(p)!r} has no config.json; hf:PATH needs the folder of a model's "
+            "config (save_pretrained writes one; a Hugging Face cache snapshot has one)"
+        )
+    return p
 
 
 def _import_factory(module_path: str, attr: str, *, spec: str) -> Callable[..., Any]:

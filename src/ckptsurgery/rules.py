@@ -11,22 +11,37 @@ The rules run in one fixed order on every key (the order of the contract):
 
 Globs are ``fnmatch``-style on the whole dotted key (``*`` also matches dots) and are matched
 against the original key. A plan only names keys: no tensor is touched until it is written.
+
+:meth:`Rules.apply` takes a state dict (a new dict comes back), an open
+:class:`~ckptsurgery.io.Checkpoint` or a path (a renamed view of its header comes back; tensors
+are read when asked for). A rule that touches no key is an :class:`UnusedPatternWarning`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ckptsurgery.errors import KeyCollisionError, RuleError
 
+if TYPE_CHECKING:
+    from ckptsurgery.io.base import Checkpoint
+
 V = TypeVar("V")
+
+
+class UnusedPatternWarning(UserWarning):
+    """A rule, or an ``allow_missing`` / ``allow_unexpected`` glob, matched no key: a typo, or a
+    checkpoint other than the one the rules were written for."""
+
 
 RULE_FIELDS = ("keep", "drop", "strip_prefix", "replace", "regex", "add_prefix")
 
@@ -88,6 +103,10 @@ class Rules:
                     r"groups the pattern has, as \1 or \g<name>"
                 ) from None
         set_(self, "_compiled", tuple(compiled))
+
+    def __repr__(self) -> str:
+        """Only the rules that are set, as the call that builds them: ``Rules(add_prefix='bert.')``."""
+        return f"Rules({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     # -- construction and serialisation ---------------------------------------------------
 
@@ -270,9 +289,56 @@ class Rules:
             rule_counts=tuple(zip(self.describe(), counts, strict=True)),
         )
 
-    def apply(self, state_dict: Mapping[str, V]) -> dict[str, V]:
-        """A new mapping with the rules applied; the input is left as it was."""
-        return self.plan(state_dict).apply(state_dict)
+    @overload
+    def apply(self, state_dict: Mapping[str, V]) -> dict[str, V]: ...
+
+    @overload
+    def apply(self, state_dict: Checkpoint | str | os.PathLike[str]) -> Checkpoint: ...
+
+    def apply(
+        self, state_dict: Mapping[str, V] | Checkpoint | str | os.PathLike[str]
+    ) -> dict[str, V] | Checkpoint:
+        """The rules applied; the input is left as it was.
+
+        A state dict gives a new dict. An open :class:`~ckptsurgery.io.Checkpoint` gives a view
+        of it under the new names, header only (``match`` on it still reads no tensor data;
+        tensors are read from the source when asked for). A path is opened first (its only
+        state dict; open it with ``open_checkpoint(path, key=...)`` to pick one) and the view
+        closes it when closed (use it as a context manager). A rule that touches no key is an
+        :class:`UnusedPatternWarning`.
+        """
+        if isinstance(state_dict, Mapping):
+            plan = self.plan(state_dict)
+            warn_unused(plan.unused_rules)
+            return plan.apply(state_dict)
+        from ckptsurgery.io.base import Checkpoint
+        from ckptsurgery.io.renamed import RenamedCheckpoint
+
+        if isinstance(state_dict, Checkpoint):
+            plan = self.plan(state_dict.infos)
+            warn_unused(plan.unused_rules)
+            return RenamedCheckpoint(state_dict, plan.renames)
+        if isinstance(state_dict, str | os.PathLike):
+            from ckptsurgery.io.reader import open_checkpoint
+
+            ckpt = open_checkpoint(state_dict)
+            try:
+                plan = self.plan(ckpt.infos)
+            except BaseException:
+                ckpt.close()
+                raise
+            warn_unused(plan.unused_rules)
+            return RenamedCheckpoint(ckpt, plan.renames, owns=True)
+        raise TypeError(
+            "Rules.apply takes a state dict, an open Checkpoint or a path; "
+            f"got {type(state_dict).__name__}"
+        )
+
+
+def warn_unused(rules: Iterable[str], *, stacklevel: int = 2) -> None:
+    """One :class:`UnusedPatternWarning` per rule (as its CLI flag) that matched no key."""
+    for rule in rules:
+        warnings.warn(f"{rule} matched no key", UnusedPatternWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import importlib
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from types import FrameType
 from typing import Any, NoReturn
@@ -23,6 +24,7 @@ import click
 
 from ckptsurgery._version import __version__
 from ckptsurgery.errors import CheckpointError
+from ckptsurgery.rules import UnusedPatternWarning
 
 
 class Terminated(KeyboardInterrupt):
@@ -83,7 +85,9 @@ class _Cli(click.Group):
         _debug = False
         try:
             try:
-                with _sigterm_as_interrupt():
+                with _sigterm_as_interrupt(), warnings.catch_warnings():
+                    # The commands print unused rules and allow globs as notes of their own.
+                    warnings.simplefilter("ignore", UnusedPatternWarning)
                     rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except _Escaped as escaped:
                 raise escaped.original from None

@@ -101,8 +101,8 @@ def model_options(f: F, *, required: bool = False) -> F:
         metavar="SPEC",
         default=None,
         required=required,
-        help="torchvision:NAME, timm:NAME or package.module:factory"
-        + (" (built on the meta device)." if not required else "."),
+        help="torchvision:NAME, timm:NAME, hf:PATH[:CLASS] (a local config.json) or "
+        "package.module:factory" + (" (built on the meta device)." if not required else "."),
     )(f)
     return f
 

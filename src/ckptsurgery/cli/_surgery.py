@@ -200,12 +200,12 @@ def tables(result: SurgeryResult, *, plans: bool, fmt: str = "simple") -> str:
     from ckptsurgery.render.tables import rule_counts_table, table
 
     plan = result.plan
-    parts: list[str] = [plan_table(plan, fmt=fmt) if plan.entries else "(no key kept)"]
+    parts: list[str] = [plan_table(plan, fmt=fmt, group=True) if plan.entries else "(no key kept)"]
     for i, s in enumerate(plan.sources):
         if plans or len(plan.sources) == 1:
             head = f"source {i + 1}: {s.path}" + (f" (key {s.key})" if s.key else "")
             if s.keys.dropped:
-                dropped = s.keys.dropped if len(plan.sources) == 1 else group_keys(s.keys.dropped)
+                dropped = group_keys(s.keys.dropped)
                 parts.append(table(((k,) for k in dropped), ("dropped",), fmt=fmt))
             if s.keys.rule_counts:
                 text = rule_counts_table(s.keys, fmt=fmt)

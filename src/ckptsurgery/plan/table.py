@@ -1,9 +1,17 @@
-"""A plan for people: one row per output tensor, and a one-line summary."""
+"""A plan for people: a row per output tensor (or per group of them), and one-line summaries.
+
+Grouped (``plan_table(plan, group=True)``, what ``--dry-run`` prints), tensors renamed the
+same way with the same operation, shape and dtype share a row whose keys are written as
+``diff`` writes them: ``module.layer.{0..5}.weight -> layer.{0..5}.weight``. The rename is
+what differs between a key and its new name once their common leading and trailing dotted
+parts are set aside; those common parts are grouped (:func:`~ckptsurgery.keygroups.group_keys`).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ckptsurgery.keygroups import group_keys
 from ckptsurgery.render.tables import count, human_bytes, shape_str, table
 
 if TYPE_CHECKING:
@@ -11,9 +19,20 @@ if TYPE_CHECKING:
 
 __all__ = ["plan_summary", "plan_table"]
 
+_HEADERS = ("key", "", "new key", "op", "shape", "dtype", "bytes")
+# Stands for the renamed middle of a key while the keys around it are grouped; one dotted part
+# that no real key holds (group_keys keeps it as it is: no digits, no braces).
+_MIDDLE = "@renamed@"
 
-def plan_table(plan: Plan, *, fmt: str = "simple") -> str:
-    """One row per output tensor: where it comes from, the operation, and what it will be."""
+
+def plan_table(plan: Plan, *, fmt: str = "simple", group: bool = False) -> str:
+    """One row per output tensor: where it comes from, the operation, and what it will be.
+
+    ``group=True`` writes tensors renamed alike (same operation, shape and dtype) as one row of
+    grouped keys, with their bytes added up; a plan of several sources is never grouped.
+    """
+    if group and len(plan.sources) == 1:
+        return table(_grouped_rows(plan), _HEADERS, fmt=fmt)
     rows = []
     for e in plan.entries:
         src = _from(plan, e)
@@ -22,7 +41,70 @@ def plan_table(plan: Plan, *, fmt: str = "simple") -> str:
         rows.append(
             (src, arrow, e.name, e.op.describe(), shape_str(e.info.shape), e.info.dtype, size)
         )
-    return table(rows, ("key", "", "new key", "op", "shape", "dtype", "bytes"), fmt=fmt)
+    return table(rows, _HEADERS, fmt=fmt)
+
+
+# (old middle, new middle, op, shape, dtype, tied to): tensors renamed and made alike
+_Class = tuple[str, str, str, tuple[int, ...], str, str | None]
+
+
+def _grouped_rows(plan: Plan) -> list[tuple[str, ...]]:
+    classes: dict[_Class, list[str]] = {}  # -> the keys with their middle replaced
+    nbytes: dict[_Class, int] = {}
+    for e in plan.entries:
+        old, new = e.inputs[0].key, e.name
+        before, after, template = _split_rename(old, new)
+        if template is None:  # a key that cannot be grouped keeps a row of its own
+            before, after, template = old, new, _MIDDLE
+        sig: _Class = (
+            before,
+            after,
+            e.op.describe(),
+            tuple(e.info.shape),
+            e.info.dtype,
+            plan.ties.get(e.name),
+        )
+        classes.setdefault(sig, []).append(template)
+        nbytes[sig] = nbytes.get(sig, 0) + e.info.nbytes
+    rows: list[tuple[str, ...]] = []
+    for sig, templates in classes.items():
+        before, after, op, shape, dtype, tied = sig
+        size = f"tied to {tied}" if tied is not None else human_bytes(nbytes[sig])
+        for pattern in group_keys(templates):
+            old, new = _fill(pattern, before), _fill(pattern, after)
+            arrow = "==" if old == new else "->"
+            rows.append((old, arrow, new, op, shape_str(shape), dtype, size))
+    return rows
+
+
+def _split_rename(old: str, new: str) -> tuple[str, str, str | None]:
+    """``module.layer.0.w``, ``layer.0.w`` -> (``module``, ``""``, ``@renamed@.layer.0.w``):
+    what differs, and the key with it replaced by one placeholder part (None: ungroupable)."""
+    a, b = old.split("."), new.split(".")
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    if "" in a or "" in b or _MIDDLE in a:
+        return old, new, None
+    middle_a, middle_b = a[head : len(a) - tail], b[head : len(b) - tail]
+    if not middle_a and not middle_b:  # unchanged
+        return "", "", old
+    parts = [*a[:head], _MIDDLE, *a[len(a) - tail :]]
+    return ".".join(middle_a), ".".join(middle_b), ".".join(parts)
+
+
+def _fill(pattern: str, middle: str) -> str:
+    if _MIDDLE not in pattern:
+        return pattern
+    if middle:
+        return pattern.replace(_MIDDLE, middle)
+    for text in (f"{_MIDDLE}.", f".{_MIDDLE}", _MIDDLE):
+        if text in pattern:
+            return pattern.replace(text, "", 1)
+    return pattern
 
 
 def _from(plan: Plan, e: Entry) -> str:
