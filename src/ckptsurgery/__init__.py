@@ -19,7 +19,7 @@ from ckptsurgery._lazy import lazy_exports
 from ckptsurgery._version import __version__
 
 if TYPE_CHECKING:
-    from ckptsurgery.compare import BlockDiff, TensorDiff, ValueDiff, compare
+    from ckptsurgery.compare import compare
     from ckptsurgery.errors import (
         CheckpointError,
         FormatError,
@@ -64,10 +64,12 @@ if TYPE_CHECKING:
         save_state_dict,
     )
     from ckptsurgery.train import TrainConfig, TrainError, TransformConfig, evaluate, train
+    from ckptsurgery.valuediff import BlockDiff, TensorDiff, ValueDiff
 
 # Public name -> the module that defines it. Keep in step with the imports above.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["BlockDiff", "TensorDiff", "ValueDiff", "compare"], "ckptsurgery.compare"),
+    "compare": "ckptsurgery.compare",
+    **dict.fromkeys(["BlockDiff", "TensorDiff", "ValueDiff"], "ckptsurgery.valuediff"),
     **dict.fromkeys(
         [
             "CheckpointError",

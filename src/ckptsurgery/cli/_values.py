@@ -14,8 +14,8 @@ from ckptsurgery.cli._options import _folded
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ckptsurgery.compare import TensorDiff
     from ckptsurgery.rules import Rules
+    from ckptsurgery.valuediff import TensorDiff
 
 F = TypeVar("F", bound="Callable[..., Any]")
 
@@ -153,7 +153,9 @@ def run_values(
         if flags.plot is not None:
             # refuse before any work rather than after it
             check_output_path(flags.plot, inputs=[src, ref], force=force)
-            _check_matplotlib()
+            from ckptsurgery.render.plots import require_matplotlib
+
+            require_matplotlib()
         with byte_progress("comparing", None) as on_progress:
             result = compare(
                 src,
@@ -212,14 +214,3 @@ def _why(t: TensorDiff) -> str:
     if t.dtype_a != t.dtype_b:
         return f"dtype {t.dtype_a} vs {t.dtype_b}, {stats}"
     return f"bytes differ, {stats}"
-
-
-def _check_matplotlib() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        from ckptsurgery.render.plots import MissingPlotExtra
-
-        raise MissingPlotExtra(
-            "--plot needs matplotlib: pip install 'ckptsurgery[plot]' (or matplotlib>=3.7)"
-        )

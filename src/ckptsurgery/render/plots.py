@@ -17,24 +17,31 @@ if TYPE_CHECKING:
     from ckptsurgery._types import PathLike
     from ckptsurgery.compare import ValueDiff
 
-__all__ = ["MissingPlotExtra", "plot_blocks"]
+__all__ = ["MissingPlotExtra", "plot_blocks", "require_matplotlib"]
 
 
 class MissingPlotExtra(OutputError):
     """matplotlib is not installed."""
 
 
+def require_matplotlib() -> None:
+    """Raise :class:`MissingPlotExtra` unless matplotlib can be imported (it then is)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingPlotExtra(
+            "--plot needs matplotlib, which is not installed: "
+            "pip install 'ckptsurgery[plot]' (or matplotlib>=3.7)"
+        ) from None
+
+
 def plot_blocks(diff: ValueDiff, path: PathLike, *, overwrite: bool = False) -> None:
     """A PNG bar chart of the relative L2 change (‖a-b‖ / ‖b‖) of every block, in model order,
     on a log scale. Blocks without change are drawn at the axis' floor in another colour
     and labelled "= (bit-equal)" or "= (no change)"."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingPlotExtra(
-            "--plot needs matplotlib: pip install 'ckptsurgery[plot]' (or matplotlib>=3.7)"
-        ) from None
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     blocks = list(diff.blocks)
     values = [b.rel_l2 for b in blocks]
