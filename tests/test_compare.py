@@ -225,3 +225,13 @@ def test_blocks_follow_the_model() -> None:
 def test_negative_tolerance_is_refused() -> None:
     with pytest.raises(cs.CheckpointError, match="must not be negative"):
         cs.compare({}, {}, atol=-1)
+
+
+def test_the_inputs_are_left_alone() -> None:
+    """float64 chunks are views of the caller's tensors: nothing may write to them."""
+    a = {"w": torch.tensor([-1.0, 2.0, -3.0], dtype=torch.float64)}
+    b = {"w": torch.tensor([-1.5, 2.0, -3.5], dtype=torch.float64)}
+    before = {k: v.clone() for k, v in (*a.items(), *(("b" + k, v) for k, v in b.items()))}
+    cs.compare(a, b, atol=0.1, rtol=0.1)
+    assert torch.equal(a["w"], before["w"])
+    assert torch.equal(b["w"], before["bw"])

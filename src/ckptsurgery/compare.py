@@ -149,8 +149,8 @@ def pair_sums(a: torch.Tensor, b: torch.Tensor, tolerance: Tolerance | None = No
         sq_diff, dot = float(torch.dot(d, d)), float(torch.dot(x, y))
         outside, worst = unequal, (math.inf if unequal else 0.0)
         if tol is not None:
-            # in place: d and y are not needed any more
-            ratio = d.abs_().div_(y.abs_().mul_(tol.rtol).add_(tol.atol))
+            # d in place (not needed any more); y may be the caller's own float64 tensor
+            ratio = d.abs_().div_(y.abs().mul_(tol.rtol).add_(tol.atol))
             ratio = torch.nan_to_num(ratio, nan=0.0)  # 0 / 0: equal where nothing is allowed
             outside += int((ratio > 1).sum())
             worst = max(worst, float(ratio.max()))
