@@ -134,7 +134,7 @@ def test_shape_differences_and_unpaired_keys(tmp_path: Path, ref: Path) -> None:
     check = cli_run_clean("diff", other, "--against", ref, "--atol", "1")
     assert check.exit_code == 1
     assert "head.weight (shapes differ)" in check.stderr
-    assert "1 keys without a pair: embed.weight" in check.stderr
+    assert "1 key without a pair: embed.weight" in check.stderr
     allowed = cli_run_clean(
         "diff", other, "--against", ref, "--bit-equal", "--allow-missing", "embed.*"
     )

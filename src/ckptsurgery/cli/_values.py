@@ -116,8 +116,9 @@ def value_options(f: F) -> F:
             "--plot",
             metavar="FILE.png",
             default=None,
-            help="Draw the relative change per block (bar chart, log scale) to a PNG; needs "
-            "the plot extra (matplotlib). --force replaces an existing FILE.",
+            help="Draw the relative change per block (bar chart, log scale) to a PNG (.svg, "
+            ".pdf: those formats); needs the plot extra (matplotlib). --force replaces an "
+            "existing FILE.",
         ),
     ]
     for opt in reversed(opts):
@@ -145,6 +146,7 @@ def run_values(
     from ckptsurgery.compare import compare
     from ckptsurgery.io import check_output_path
     from ckptsurgery.render.progress import byte_progress
+    from ckptsurgery.render.tables import count
 
     with (
         refusals(as_json=as_json, fmt=fmt, command="diff", source=src),
@@ -192,15 +194,14 @@ def run_values(
             f" and {len(failures) - 5} more" if len(failures) > 5 else ""
         )
         note(
-            f"{len(failures)} of {len(result.tensors)} tensors outside "
+            f"{len(failures)} of {count(len(result.tensors), 'tensor')} outside "
             f"{result.tolerance.describe()}; worst: {worst}"
         )
     if result.unpaired:
         from ckptsurgery.keygroups import group_keys
 
-        note(
-            f"{len(result.unpaired)} keys without a pair: {', '.join(group_keys(result.unpaired))}"
-        )
+        keys = ", ".join(group_keys(result.unpaired))
+        note(f"{count(len(result.unpaired), 'key')} without a pair: {keys}")
     raise click.exceptions.Exit(1)
 
 

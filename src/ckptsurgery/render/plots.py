@@ -8,6 +8,7 @@ and needs no display.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptsurgery.errors import OutputError
@@ -36,7 +37,7 @@ def require_matplotlib() -> None:
 
 
 def plot_blocks(diff: ValueDiff, path: PathLike, *, overwrite: bool = False) -> None:
-    """A PNG bar chart of the relative L2 change (‖a-b‖ / ‖b‖) of every block, in model order,
+    """A PNG (SVG, PDF: by the name's extension) bar chart of the relative L2 change (‖a-b‖ / ‖b‖) of every block, in model order,
     on a log scale. Blocks without change are drawn at the axis' floor in another colour
     and labelled "= (bit-equal)" or "= (no change)"."""
     require_matplotlib()
@@ -68,5 +69,7 @@ def plot_blocks(diff: ValueDiff, path: PathLike, *, overwrite: bool = False) -> 
         if v == 0:
             label = "= (bit-equal)" if b.bit_equal == b.tensors else "= (no change)"
             ax.text(x, floor, label, rotation=90, fontsize=6, ha="center", va="bottom")
+    # PNG unless the name asks for one of the other formats Agg writes without extra libraries
+    suffix = Path(path).suffix.lower().lstrip(".")
     with atomic_write(path, overwrite=overwrite) as f:
-        fig.savefig(f, format="png", dpi=100)
+        fig.savefig(f, format=suffix if suffix in ("svg", "pdf") else "png", dpi=100)
