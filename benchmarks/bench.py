@@ -38,6 +38,10 @@ tasks (and what ckptsurgery should reach at 2 GB):
   average     the mean of 3 x 1 GB (merge --average)  <= import torch + 3 tensors + 200 MB
   inspect-st  names, shapes and dtypes of the safetensors file <= 0.3 s, <= 32 MB
   inspect-pt  the same for the torch zip file                  <= 0.3 s, <= 32 MB
+  values      diff --values of two 2 GB safetensors checkpoints (other values, same keys):
+              `import torch` (the floor), the naive way (load_file both, a float64 loop),
+              ckptsurgery diff --values
+              <= import torch + 2 x the largest tensor + 100 MB, whatever the size
   diff        a checkpoint of torchvision's vit_h_14 (632M parameters; resnet18 below
               --size 0.5) against the model: `import torch, torchvision` alone (the floor),
               ckptsurgery diff (model on meta, header only), the naive way
@@ -385,6 +389,39 @@ def _inspect_pt(work: Path, size: float) -> list[Approach]:
     ]
 
 
+# -- values ----------------------------------------------------------------------------------
+
+
+def _prepare_values(work: Path, size: float) -> None:
+    _write_inputs(work / "model", 2 * GB * size, seed=0, torch_too=False)
+    _write_inputs(work / "model_b", 2 * GB * size, seed=1, torch_too=False)
+
+
+# The same statistics as diff --values, the way a user writes them: both files in memory.
+_NAIVE_VALUES = """
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+for k, x in a.items():
+    y = b[k]
+    equal = x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    x, y = x.double(), y.double()
+    d = x - y
+    print(k, equal, float(d.abs().max()), float(d.norm() / y.norm()),
+          float(torch.dot(x.flatten(), y.flatten()) / (x.norm() * y.norm())),
+          int(x.isnan().sum()), int(y.isnan().sum()), int(x.isinf().sum()), int(y.isinf().sum()))
+"""
+
+
+def _values_approaches(work: Path, size: float) -> list[Approach]:
+    a, b = str(work / "model.safetensors"), str(work / "model_b.safetensors")
+    return [
+        Approach("import torch", [PY, "-c", "import torch"]),
+        Approach("naive load_file x2 + float64 loop", [PY, "-c", _NAIVE_VALUES, a, b]),
+        Approach("ckptsurgery diff --values", [*CLI, "diff", a, "--against", b, "--values"]),
+    ]
+
+
 # -- diff ----------------------------------------------------------------------------------
 
 
@@ -460,6 +497,8 @@ TASKS = {
                        _prepare_model, _inspect_st, "safetensors safe_open (keys, shapes)"),
     "inspect-pt": Task("inspect-pt", "names, shapes, dtypes of the torch zip file",
                        _prepare_model, _inspect_pt, "naive torch.load (keys, shapes)"),
+    "values": Task("values", "value diff of two safetensors checkpoints", _prepare_values,
+                   _values_approaches, "naive load_file x2 + float64 loop"),
     "diff": Task("diff", "checkpoint vs torchvision vit_h_14 (resnet18 below --size 0.5)",
                  _prepare_diff,
                  _diff_approaches, "import torch, torchvision"),

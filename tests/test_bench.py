@@ -69,7 +69,7 @@ def test_bench_every_task(tmp_path: Path) -> None:
     rows = _bench(tmp_path)
     tasks = {r["task"] for r in rows}
     assert {"strip-st", "strip-pt", "pt-to-st", "keep-half", "cast-bf16", "inspect-st",
-            "inspect-pt", "diff"} <= tasks  # fmt: skip
+            "inspect-pt", "diff", "values"} <= tasks  # fmt: skip
     for r in rows:
         assert r["wall_s"] >= 0 and r["peak_rss_mb"] > 0  # type: ignore[operator]
 
@@ -94,4 +94,22 @@ def test_goal_rows_compare_with_the_baseline_and_no_verify() -> None:
         ["strip-st", "ckptsurgery remap", "baseline", 1.1, "<= 1.15", "yes"],
         ["average", "ckptsurgery merge --average", "baseline", 0.6, "<= 0.7", "yes"],
         ["strip-st", "ckptsurgery remap", "ckptsurgery remap --no-verify", 1.1, "<= 1.05", "NO"],
+    ]
+
+
+def test_bench_values_task(tmp_path: Path) -> None:
+    """diff --values against the naive load-both loop; at this size its memory is the import
+    of torch and a fixed cost: the issue's bound with a negligible largest tensor."""
+    rows = _bench(tmp_path, "values")
+    by = {r["approach"]: r for r in rows if r["task"] == "values"}
+    assert set(by) == {
+        "import torch",
+        "naive load_file x2 + float64 loop (baseline)",
+        "ckptsurgery diff --values",
+    }
+    floor = by["import torch"]["peak_rss_mb"]
+    assert by["ckptsurgery diff --values"]["peak_rss_mb"] <= floor + 100  # type: ignore[operator]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors",
+        "model_b.safetensors",
     ]

@@ -19,6 +19,7 @@ from ckptsurgery._lazy import lazy_exports
 from ckptsurgery._version import __version__
 
 if TYPE_CHECKING:
+    from ckptsurgery.compare import compare
     from ckptsurgery.errors import (
         CheckpointError,
         FormatError,
@@ -63,9 +64,12 @@ if TYPE_CHECKING:
         save_state_dict,
     )
     from ckptsurgery.train import TrainConfig, TrainError, TransformConfig, evaluate, train
+    from ckptsurgery.valuediff import BlockDiff, TensorDiff, ValueDiff
 
 # Public name -> the module that defines it. Keep in step with the imports above.
 _EXPORTS: dict[str, str] = {
+    "compare": "ckptsurgery.compare",
+    **dict.fromkeys(["BlockDiff", "TensorDiff", "ValueDiff"], "ckptsurgery.valuediff"),
     **dict.fromkeys(
         [
             "CheckpointError",
@@ -130,6 +134,7 @@ _EXPORTS: dict[str, str] = {
 # Literal, for tools that read it without running this file; a test keeps it equal to
 # _EXPORTS plus __version__.
 __all__ = [
+    "BlockDiff",
     "BuiltModel",
     "Checkpoint",
     "CheckpointError",
@@ -158,6 +163,7 @@ __all__ = [
     "StateDictSelectionError",
     "Suggestion",
     "SurgeryResult",
+    "TensorDiff",
     "TensorInfo",
     "TrainConfig",
     "TrainError",
@@ -165,11 +171,13 @@ __all__ = [
     "UnsafePickleError",
     "UnsafePickleWarning",
     "UnusedPatternWarning",
+    "ValueDiff",
     "__version__",
     "apply_recipe",
     "average",
     "average_files",
     "build_model",
+    "compare",
     "diff",
     "evaluate",
     "group_keys",
@@ -196,9 +204,9 @@ if not TYPE_CHECKING:
 class _Package(types.ModuleType):
     """Keeps ``cs.merge`` the function once ``ckptsurgery.merge`` the module is imported.
 
-    Importing a submodule sets it as an attribute of its package; four public functions
-    (``match``, ``merge``, ``suggest``, ``train``) share their module's name and would be
-    hidden by it. The eager imports this package used to do overwrote the module with the
+    Importing a submodule sets it as an attribute of its package; five public functions
+    (``compare``, ``match``, ``merge``, ``suggest``, ``train``) share their module's name and
+    would be hidden by it. The eager imports this package used to do overwrote the module with the
     function; this does the same, lazily.
     """
 

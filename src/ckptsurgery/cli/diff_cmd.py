@@ -16,6 +16,7 @@ from ckptsurgery.cli._common import (
     warnings_as_notes,
 )
 from ckptsurgery.cli._options import allow_options, fmt_option, model_options, source_options
+from ckptsurgery.cli._values import ValueFlags, run_values, value_options
 from ckptsurgery.io import atomic_write, check_output_path
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.suggest import Suggestion
@@ -50,9 +51,10 @@ OUT_PLACEHOLDER = "OUT.safetensors"
     help="With --suggest: also write the suggested rules (and the model as the gate) as a "
     "recipe that `ckptsurgery apply` runs unchanged.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing --emit-recipe FILE.")
+@click.option("--force", is_flag=True, help="Replace an existing --emit-recipe (or --plot) FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @fmt_option
+@value_options
 @source_options
 def diff_cmd(
     src: str,
@@ -67,6 +69,7 @@ def diff_cmd(
     force: bool,
     as_json: bool,
     fmt: str,
+    values: ValueFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
     unsafe_pickle: bool,
@@ -86,7 +89,34 @@ def diff_cmd(
           --emit-recipe moco.toml && ckptsurgery apply moco.toml
       ckptsurgery diff backbone.safetensors --model torchvision:resnet50 \\
           --model-arg num_classes=10 --allow-missing 'fc.*' --json
+      ckptsurgery diff model-bf16.safetensors --against model.safetensors --values \\
+          --sort rel_l2 --top 10 --plot change.png
+      ckptsurgery diff converted.pt --against original.safetensors --atol 1e-6 --rtol 1e-5
+
+    With --values (or any option that implies it) the tensors' values are compared with
+    REF's, one pair at a time: see --values. --atol/--rtol or --bit-equal make that a check
+    that exits 1 when a tensor falls outside, naming the worst ones.
     """
+    if values.wanted:
+        if ref is None or model_spec is not None:
+            raise click.UsageError("--values compares two checkpoints: give --against REF")
+        if want_suggestion or emit_recipe is not None:
+            raise click.UsageError("--suggest and --emit-recipe do not go with --values")
+        run_values(
+            src,
+            ref,
+            values,
+            key=key,
+            ref_key=ref_key,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            as_json=as_json,
+            fmt=fmt,
+            force=force,
+            allow_globals=allow_globals,
+            unsafe_pickle=unsafe_pickle,
+        )
+        return
     if (model_spec is None) == (ref is None):
         raise click.UsageError("give exactly one of --model SPEC and --against REF")
     if model_args and model_spec is None:
