@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ckptsurgery.cli._adapters import adapter_options
 from ckptsurgery.cli._options import (
     GateFlags,
     WriteFlags,
@@ -17,6 +18,7 @@ from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import remap
 
 if TYPE_CHECKING:
+    from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.run import SurgeryResult
 
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 @click.argument("src")
 @rule_options
 @write_options
+@adapter_options
 @gate_options
 @source_options
 def remap_cmd(
@@ -31,6 +34,7 @@ def remap_cmd(
     rules: Rules,
     rules_key: str | None,
     write: WriteFlags,
+    adapters: tuple[Adapter, ...],
     gate_flags: GateFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -93,4 +97,5 @@ def remap_cmd(
         run=run,
         given_key=src_key,
         payload=payload,
+        adapters=adapters,
     )

@@ -21,7 +21,6 @@ Decisions:
 from __future__ import annotations
 
 import math
-import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,14 @@ from typing import Any, ClassVar
 
 from ckptsurgery.errors import RuleError
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.plan.adapt_text import (
+    AdapterError,
+    check_grid,
+    format_indices,
+    parse_grid,
+    parse_indices,
+    read_indices,
+)
 from ckptsurgery.plan.adapters import (
     ANTIALIASED,
     INTERPOLATIONS,
@@ -50,20 +57,13 @@ __all__ = [
     "adapter_from_dict",
     "bind_adapters",
     "format_indices",
+    "parse_adapter_flags",
     "parse_grid",
     "parse_indices",
     "read_indices",
 ]
 
 _FLOATING = ("float16", "bfloat16", "float32", "float64")
-
-
-class AdapterError(RuleError):
-    """An adapter is malformed; ``field`` names the recipe field at fault (or "")."""
-
-    def __init__(self, message: str, *, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,13 @@ class ResamplePosEmbed:
     ) -> None:
         set_ = object.__setattr__
         set_(self, "key", _glob(key))
-        set_(self, "size", _grid("size", size))
-        set_(self, "old_size", None if old_size is None else _grid("old_size", old_size))
-        if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
+        set_(self, "size", check_grid("size", size))
+        set_(self, "old_size", None if old_size is None else check_grid("old_size", old_size))
+        if (
+            isinstance(prefix_tokens, bool)
+            or not isinstance(prefix_tokens, int)
+            or prefix_tokens < 0
+        ):
             raise AdapterError(
                 f"prefix_tokens must be a whole number >= 0, got {prefix_tokens!r}",
                 field="prefix_tokens",
@@ -170,7 +174,9 @@ class ResamplePosEmbed:
         if antialias is None:
             antialias = interpolation in ANTIALIASED
         if not isinstance(antialias, bool):
-            raise AdapterError(f"antialias must be true or false, got {antialias!r}", field="antialias")
+            raise AdapterError(
+                f"antialias must be true or false, got {antialias!r}", field="antialias"
+            )
         if antialias and interpolation not in ANTIALIASED:
             raise AdapterError(
                 f"antialias applies to {' and '.join(ANTIALIASED)} only, not {interpolation}; "
@@ -218,13 +224,13 @@ class ResamplePosEmbed:
         out: dict[str, Any] = {
             "op": self.op,
             "key": self.key,
-            "size": list(self.size),
+            "size": f"{self.size[0]}x{self.size[1]}",
             "prefix_tokens": self.prefix_tokens,
             "interpolation": self.interpolation,
             "antialias": self.antialias,
         }
         if self.old_size is not None:
-            out["old_size"] = list(self.old_size)
+            out["old_size"] = f"{self.old_size[0]}x{self.old_size[1]}"
         return out
 
     def describe(self) -> str:
@@ -284,11 +290,15 @@ def adapter_from_dict(data: Mapping[str, Any], *, base: Path | str = ".") -> Ada
         if isinstance(raw, str):
             return Rows(key, _field("indices", parse_indices, raw))
         if not isinstance(raw, list):
-            raise AdapterError(f'must be a list of numbers or "0,5,7-9", got {raw!r}', field="indices")
-        return _field("indices", Rows, key, raw)
+            raise AdapterError(
+                f'must be a list of numbers or "0,5,7-9", got {raw!r}', field="indices"
+            )
+        return Rows(key, _field("indices", _indices, raw))
     if op == "in-chans":
         if "channels" not in data:
-            raise AdapterError("missing: the number of input channels, e.g. channels = 1", field="channels")
+            raise AdapterError(
+                "missing: the number of input channels, e.g. channels = 1", field="channels"
+            )
         return InChans(key, data["channels"])
     if "size" not in data:
         raise AdapterError("missing: the new grid, e.g. size = [24, 24]", field="size")
@@ -300,6 +310,50 @@ def adapter_from_dict(data: Mapping[str, Any], *, base: Path | str = ".") -> Ada
         antialias=data.get("antialias"),
         old_size=data.get("old_size"),
     )
+
+
+def parse_adapter_flags(
+    rows: Sequence[tuple[str, str]] = (),
+    in_chans: Sequence[tuple[str, int]] = (),
+    resample_pos_embed: Sequence[tuple[str, str]] = (),
+    *,
+    prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool | None = None,
+    old_size: str | None = None,
+) -> tuple[Adapter, ...]:
+    """The adapters of the CLI's flags: ``--rows GLOB INDICES`` (``@FILE`` read from the
+    current folder), ``--in-chans KEY N`` and ``--resample-pos-embed KEY HxW`` (each with the
+    shared ``--prefix-tokens``, ``--interpolation``, ``--no-antialias``, ``--old-size``)."""
+    out: list[Adapter] = []
+    for glob, text in rows:
+        flag = f"--rows {shlex.quote(glob)} {shlex.quote(text)}"
+        try:
+            found = read_indices(text[1:]) if text.startswith("@") else parse_indices(text)
+            out.append(Rows(glob, found))
+        except AdapterError as e:
+            raise AdapterError(f"{flag}: {e}") from None
+    for key, channels in in_chans:
+        try:
+            out.append(InChans(key, channels))
+        except AdapterError as e:
+            raise AdapterError(f"--in-chans {shlex.quote(key)} {channels}: {e}") from None
+    for key, size in resample_pos_embed:
+        try:
+            out.append(
+                ResamplePosEmbed(
+                    key,
+                    parse_grid(size),
+                    prefix_tokens=prefix_tokens,
+                    interpolation=interpolation,
+                    antialias=antialias,
+                    old_size=None if old_size is None else parse_grid(old_size),
+                )
+            )
+        except AdapterError as e:
+            flag = f"--resample-pos-embed {shlex.quote(key)} {shlex.quote(size)}"
+            raise AdapterError(f"{flag}: {e}") from None
+    return tuple(out)
 
 
 def bind_adapters(
@@ -317,7 +371,7 @@ def bind_adapters(
         if not names:
             notes.append(f"{adapter.describe()} matched no key")
         for name in dict.fromkeys(names):
-            if name in by and by[name] is not adapter:
+            if name in by and by[name] != adapter:
                 raise RuleError(
                     f"{name} is matched by two adapters ({by[name].describe()} and "
                     f"{adapter.describe()}); one adapter per tensor"
@@ -337,74 +391,6 @@ def _biases(names: Sequence[str], infos: Mapping[str, TensorInfo]) -> list[str]:
             if b is not None and w and b.shape and b.shape[0] == w[0]:
                 out.append(bias)
     return out
-
-
-# -- parsing -----------------------------------------------------------------------------------
-
-_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-
-
-def parse_indices(text: str) -> tuple[int, ...]:
-    """``"0,5,7-9"`` -> ``(0, 5, 7, 8, 9)``: numbers and inclusive ranges, separated by commas
-    or whitespace (newlines too), ``#`` starting a comment to the end of its line."""
-    out: list[int] = []
-    words = [w for line in text.splitlines() for w in re.split(r"[,\s]+", line.split("#")[0])]
-    for word in filter(None, words):
-        if word.isdigit():
-            out.append(int(word))
-        elif m := _RANGE.match(word):
-            lo, hi = int(m[1]), int(m[2])
-            if hi < lo:
-                raise AdapterError(f"range {word!r} runs backwards; write {hi}-{lo}")
-            out.extend(range(lo, hi + 1))
-        else:
-            raise AdapterError(
-                f"{word!r} is not a row index (a whole number >= 0) or a range such as 7-9"
-            )
-    if not out:
-        raise AdapterError("no row index given")
-    return tuple(out)
-
-
-def read_indices(path: Path | str) -> tuple[int, ...]:
-    """The indices in the file at ``path``: one a line, or comma-separated (as
-    :func:`parse_indices`)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdapterError(f"indices file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdapterError(f"indices file {str(path)!r} cannot be read: {e}") from None
-    try:
-        return parse_indices(text)
-    except AdapterError as e:
-        raise AdapterError(f"indices file {str(path)!r}: {e}") from None
-
-
-def format_indices(indices: Sequence[int]) -> str:
-    """The shortest :func:`parse_indices` text for ``indices``: ascending runs of three or more
-    become ranges, ``(0, 1, 2, 3, 7, 5)`` -> ``"0-3,7,5"``."""
-    parts: list[str] = []
-    i = 0
-    while i < len(indices):
-        j = i
-        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{indices[i]}-{indices[j]}")
-        else:
-            parts.extend(str(n) for n in indices[i : j + 1])
-        i = j + 1
-    return ",".join(parts)
-
-
-def parse_grid(text: str) -> tuple[int, int]:
-    """``"24x24"`` (or ``"24"``) -> ``(24, 24)``."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", text)
-    if not m:
-        raise AdapterError(f"{text!r} is not a grid size such as 24x24")
-    h = int(m[1])
-    return _grid("size", (h, int(m[2]) if m[2] else h))
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -434,24 +420,6 @@ def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AdapterError(f"{name} must be a whole number >= 1, got {value!r}", field=name)
     return value
-
-
-def _grid(name: str, value: Any) -> tuple[int, int]:
-    if isinstance(value, str):
-        return parse_grid(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        raise AdapterError(
-            f"{name} must be a grid [height, width] of whole numbers >= 1, such as [24, 24], "
-            f"got {value!r}",
-            field=name,
-        )
-    return int(value[0]), int(value[1])
 
 
 def _field(name: str, f: Any, *args: Any) -> Any:

@@ -204,9 +204,12 @@ class Plan:
 
     @property
     def bytes_saved(self) -> int:
-        """Bytes the casts save (negative when they widen)."""
+        """Bytes the casts save (negative when they widen); a shape adapter's change of size
+        is not counted."""
         return sum(
-            e.input_infos[0].nbytes - e.info.nbytes for e in self.cast if e.name not in self.ties
+            e.info.numel * _itemsize(e.input_infos[0]) - e.info.nbytes
+            for e in self.cast
+            if e.name not in self.ties
         )
 
     def op_groups(self) -> list[dict[str, Any]]:
@@ -273,6 +276,10 @@ class Plan:
     def label(self, ref: Ref) -> str:
         """A source tensor as shown in tables: its key, prefixed by ``#i`` with several sources."""
         return ref.key if len(self.sources) == 1 else f"#{ref.source + 1} {ref.key}"
+
+
+def _itemsize(info: TensorInfo) -> int:
+    return info.nbytes // info.numel if info.numel else 0
 
 
 def _uses(e: Entry, source: int) -> bool:
