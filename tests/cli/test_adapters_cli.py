@@ -239,3 +239,27 @@ def test_bad_adapters_exit_2(
     result = cli_run("remap", resnet, "-o", "out.safetensors", *flags)
     assert_error(result, *fragments)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_readme_library_example(vit224: Path, tmp_path: Path) -> None:
+    import ckptsurgery as cs
+
+    out = tmp_path / "vit_384.safetensors"
+    result = cs.remap(
+        vit224,
+        out,
+        cs.Rules(),
+        adapters=[
+            cs.ResamplePosEmbed("pos_embed", (24, 24)),
+            cs.InChans("patch_embed.proj.weight", 1),
+            cs.Rows("head.*", range(10)),
+        ],
+    )
+    assert [e.op.describe() for e in result.plan.entries if not e.op.is_copy] == [
+        "resample-pos-embed 14x14->24x24",
+        "in-chans 3->1",
+        "rows 10 of 1000",
+        "rows 10 of 1000",
+    ]
+    model = timm.create_model("vit_tiny_patch16_384", pretrained=False, in_chans=1, num_classes=10)
+    model.load_state_dict(load_file(out), strict=True)
