@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_error, assert_ok, cli_run, import_source, raw
+from conftest import (
+    assert_error,
+    assert_ok,
+    cli_run,
+    import_source,
+    raw,
+    run_without_torch,
+    write_safetensors,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -263,3 +271,20 @@ def test_the_readme_library_example(vit224: Path, tmp_path: Path) -> None:
     ]
     model = timm.create_model("vit_tiny_patch16_384", pretrained=False, in_chans=1, num_classes=10)
     model.load_state_dict(load_file(out), strict=True)
+
+
+def test_a_dry_run_with_adapters_reads_headers_only(tmp_path: Path) -> None:
+    header = {
+        "fc.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]},
+        "fc.bias": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]},
+    }
+    write_safetensors(tmp_path / "m.safetensors", header, bytes(48))
+    proc = run_without_torch(
+        """
+        cli("remap", "m.safetensors", "-o", "out.safetensors", "--dry-run", "--rows", "fc.*",
+            "2,0", "--emit-recipe", "r.toml")
+        """,
+        tmp_path,
+    )
+    assert "rows 2 of 4" in proc.stdout
+    assert 'indices = "2,0"' in (tmp_path / "r.toml").read_text()
