@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
+    from ckptsurgery.plan.adapt import InChans, ResamplePosEmbed, Rows
     from ckptsurgery.plan.model import Plan
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.recipe.model import Recipe, RecipeError
@@ -110,6 +111,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Recipe", "RecipeError"], "ckptsurgery.recipe.model"),
     "load_recipe": "ckptsurgery.recipe.read",
     "apply_recipe": "ckptsurgery.recipe.run",
+    **dict.fromkeys(["InChans", "ResamplePosEmbed", "Rows"], "ckptsurgery.plan.adapt"),
     "Plan": "ckptsurgery.plan.model",
     "SurgeryResult": "ckptsurgery.plan.run",
     **dict.fromkeys(["KeyPlan", "Rules", "UnusedPatternWarning"], "ckptsurgery.rules"),
@@ -142,6 +144,7 @@ __all__ = [
     "DtypeMismatch",
     "FormatError",
     "Gate",
+    "InChans",
     "IncompatibleCheckpoint",
     "KeyCollisionError",
     "KeyPlan",
@@ -155,6 +158,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RemapResult",
+    "ResamplePosEmbed",
+    "Rows",
     "RuleError",
     "Rules",
     "ShapeMismatch",

@@ -16,6 +16,7 @@ from ckptsurgery.plan.table import plan_summary, plan_table
 from ckptsurgery.render.progress import byte_progress
 
 if TYPE_CHECKING:
+    from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.gate import Gate
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.recipe import Target
@@ -32,10 +33,12 @@ def surgery_command(
     given_key: str | None,
     recipe: Mapping[str, Any] | None = None,
     payload: Callable[[SurgeryResult], dict[str, Any]] | None = None,
+    adapters: Sequence[Adapter] = (),
 ) -> None:
     """The body of remap and merge: check the flags, build the gate, call
     ``run(gate=..., progress=..., **library options)`` under the one refusal rendering,
-    write the ``--emit-recipe`` (``recipe``: its ``[merge]`` settings), and render."""
+    write the ``--emit-recipe`` (``recipe``: its ``[merge]`` settings), and render.
+    ``adapters``: the shape adapters of ``--rows``, ``--in-chans``, ``--resample-pos-embed``."""
     inputs = [path for path, _, _ in sources]
     if write.out is None and not write.dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (only --dry-run may omit it).")
@@ -55,17 +58,31 @@ def surgery_command(
         warnings_as_notes(),
         byte_progress(f"writing {Path(write.out or '').name}", write.progress) as on_progress,
     ):  # fmt: skip
-        result = run(gate=gate, progress=on_progress, **write.library_options())
+        options = write.library_options()
+        if adapters:
+            options["adapters"] = tuple(adapters)
+        result = run(gate=gate, progress=on_progress, **options)
     if write.emit_recipe is not None:
         assert write.out is not None  # checked above
-        write_recipe(write.emit_recipe, sources, write.out, write, gate_flags, **(recipe or {}))
+        write_recipe(
+            write.emit_recipe,
+            sources,
+            write.out,
+            write,
+            gate_flags,
+            adapters=adapters,
+            **(recipe or {}),
+        )
+    extra = payload(result) if payload is not None else {}
+    if adapters:
+        extra["adapters"] = [a.to_dict() for a in adapters]
     render(
         result,
         given_key=given_key,
         dry_run=write.dry_run,
         as_json=write.as_json,
         fmt=write.table_fmt,
-        payload=payload(result) if payload is not None else None,
+        payload=extra or None,
     )
 
 
@@ -114,6 +131,7 @@ def write_recipe(
     on_conflict: str = "error",
     average: bool = False,
     weights: Sequence[float] = (),
+    adapters: Sequence[Adapter] = (),
 ) -> None:
     """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
     are written relative to the recipe's folder, as ``apply`` reads them."""
@@ -132,6 +150,7 @@ def write_recipe(
         keep_dtype=list(write.keep_dtype),
         format=write.fmt,
         max_shard_size=write.max_shard_size,
+        adapters=adapters,
     )
     with atomic_write(path, overwrite=write.force) as f:
         f.write(text.rstrip("\n").encode("utf-8") + b"\n")

@@ -47,8 +47,10 @@ def apply_cmd(
     A recipe lists one or more [[source]] blocks (path, key and the rules of `remap`: keep,
     drop, strip_prefix, replace, regex, add_prefix), an optional [merge] (on_conflict,
     average, weights), an optional [target] gate (model, model_args, allow_missing,
-    allow_unexpected, drop_mismatched) and the [output] path (and format, or max_shard_size
-    for a folder of safetensors shards, which --max-shard-size overrides). Paths are
+    allow_unexpected, drop_mismatched), the [output] path (and format, or max_shard_size
+    for a folder of safetensors shards, which --max-shard-size overrides) and optional
+    [[adapt]] shape adapters (op = "rows", "in-chans" or "resample-pos-embed", key, and the
+    op's fields, as remap's --rows, --in-chans and --resample-pos-embed). Paths are
     relative to the recipe's folder. --key is used for sources that give no key; trusting pickles
     (--allow-global, --unsafe-pickle) is only ever said on the command line.
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ckptsurgery.cli._adapters import adapter_options
 from ckptsurgery.cli._options import (
     GateFlags,
     WriteFlags,
@@ -18,6 +19,7 @@ from ckptsurgery.merge import average_files, merge_files
 from ckptsurgery.rules import Rules
 
 if TYPE_CHECKING:
+    from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.run import SurgeryResult
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -90,6 +92,7 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     help="With --average: one positive weight per source, in order (normalised to sum 1), "
     "e.g. --weights 0.5 0.3 0.2 or --weights 0.5,0.3,0.2.",
 )
+@adapter_options
 @gate_options
 @source_options
 def merge_cmd(
@@ -98,6 +101,7 @@ def merge_cmd(
     on_conflict: str | None,
     average: bool,
     weights_text: tuple[str, ...],
+    adapters: tuple[Adapter, ...],
     gate_flags: GateFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -149,4 +153,5 @@ def merge_cmd(
             "average": average,
             "weights": weights or (),
         },
+        adapters=adapters,
     )

@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ckptsurgery.cli._adapters import adapter_options
 from ckptsurgery.cli._options import (
     GateFlags,
     WriteFlags,
@@ -17,6 +18,7 @@ from ckptsurgery.rules import Rules
 from ckptsurgery.surgery import remap
 
 if TYPE_CHECKING:
+    from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.run import SurgeryResult
 
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 @click.argument("src")
 @rule_options
 @write_options
+@adapter_options
 @gate_options
 @source_options
 def remap_cmd(
@@ -31,6 +34,7 @@ def remap_cmd(
     rules: Rules,
     rules_key: str | None,
     write: WriteFlags,
+    adapters: tuple[Adapter, ...],
     gate_flags: GateFlags,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -47,6 +51,10 @@ def remap_cmd(
     report is printed and nothing is written (exit 1) unless they fit, allowing the keys given
     with --allow-missing / --allow-unexpected.
 
+    Shape adapters, applied to the renamed keys: --rows keeps rows of a head (and its bias),
+    --in-chans adapts a first convolution to N input channels, --resample-pos-embed resamples
+    a ViT position embedding to another grid (the last two as timm does).
+
     \b
     Example (the backbone of a MoCo checkpoint, checked against the model first):
       ckptsurgery remap moco_v2.pth.tar -o resnet50.safetensors \\
@@ -57,6 +65,12 @@ def remap_cmd(
     \b
     Example (a sharded Hugging Face checkpoint, resharded into 5 GB safetensors shards):
       ckptsurgery remap llama-7b/ -o llama-7b-st/ --max-shard-size 5GB
+
+    \b
+    Example (a ViT trained at 224 for 384 inputs, 10 of its classes, checked first):
+      ckptsurgery remap vit_224.pth -o vit_384.safetensors \\
+          --resample-pos-embed pos_embed 24x24 --rows 'head.*' 0-9 \\
+          --model timm:vit_tiny_patch16_384 --model-arg num_classes=10
 
     \b
     Example (bfloat16, BatchNorm statistics kept in float32, saved as a recipe too):
@@ -93,4 +107,5 @@ def remap_cmd(
         run=run,
         given_key=src_key,
         payload=payload,
+        adapters=adapters,
     )

@@ -16,6 +16,8 @@ Decisions:
 - A cast touches real floating tensors only (see :mod:`ckptsurgery.plan.ops`), and none whose
   output key matches a ``keep_dtype`` glob (fnmatch on the whole key, ``*`` matches dots).
 - Outputs made by the same operation from the same stored tensors stay tied (stored once).
+- Shape adapters (:mod:`ckptsurgery.plan.adapt`) apply to the output names, after the rules
+  and the merge, before the cast; not to an average (average first, then adapt the result).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from fnmatch import fnmatchcase
 from ckptsurgery.errors import MergeConflictError, MergeError
 from ckptsurgery.io import Checkpoint, TensorInfo
 from ckptsurgery.keygroups import group_keys
+from ckptsurgery.plan.adapt import Adapter, bind_adapters
+from ckptsurgery.plan.adapters import ADAPTER_OPS
 from ckptsurgery.plan.model import COPY, MODES, Conflict, Entry, Op, Plan, Ref, SourcePart
 from ckptsurgery.plan.ops import accumulator, cast_op, castable, check_dtype, mean_op, output_info
 from ckptsurgery.rules import Rules
@@ -46,11 +50,12 @@ def build_plan(
     weights: Sequence[float] | None = None,
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
+    adapters: Sequence[Adapter] = (),
 ) -> Plan:
     """The plan of a surgery on the opened sources ``ckpts``, each renamed by its ``rules``.
 
     ``mode``: "remap" (one source), "union" or "average" (``weights`` normalised, one per
-    source). ``labels`` name the sources in messages (default: their paths). Raises
+    source). ``adapters`` change the shape of the output tensors they match (after renaming). ``labels`` name the sources in messages (default: their paths). Raises
     :class:`MergeConflictError` for keys in several sources under ``on_conflict="error"``,
     :class:`MergeError` for sources that cannot be averaged.
     """
@@ -72,6 +77,17 @@ def build_plan(
         raw = [(new, COPY, (Ref(i, old),), ()) for new, i, old in triples]
 
     infos = [c.infos for c in ckpts]
+    if adapters:
+        if mode == "average":
+            raise MergeError(
+                "shape adapters apply to a remap or a union, not to an average; average "
+                "first, then adapt the result with remap"
+            )
+        bound, unused = bind_adapters(
+            adapters, {name: infos[r[0].source][r[0].key] for name, _, r, _ in raw}
+        )
+        raw = [(name, bound.get(name, op), refs, cmp) for name, op, refs, cmp in raw]
+        notes += unused
     entries: list[Entry] = []
     used_keep: set[str] = set()
     for name, op, inputs, compare in raw:
@@ -135,6 +151,8 @@ def _with_dtype(
         return cast_op(dtype)
     if op.name in ("mean", "weighted-sum"):
         return mean_op(op.param("weights"), dtype)
+    if op.name in ADAPTER_OPS:
+        return Op(op.name, (*op.params, ("dtype", dtype)))
     return op
 
 

@@ -52,7 +52,8 @@ class Op:
         return dict(self.params).get(name, default)
 
     def describe(self) -> str:
-        """``copy``, ``cast ->bfloat16``, ``mean of 3``, ``weighted-sum 0.5, 0.3, 0.2``."""
+        """``copy``, ``cast ->bfloat16``, ``mean of 3``, ``weighted-sum 0.5, 0.3, 0.2``,
+        ``rows 10 of 1000``, ``in-chans 3->1``, ``resample-pos-embed 14x14->24x24``."""
         if self.name == "cast":
             return f"cast ->{self.param('dtype')}"
         if self.name in ("mean", "weighted-sum"):
@@ -64,7 +65,16 @@ class Op:
             )
             dtype = self.param("dtype")
             return f"{text} ->{dtype}" if dtype else text
-        return self.name
+        text = self.name
+        if self.name == "rows":
+            text = f"rows {len(self.param('indices'))} of {self.param('of')}"
+        elif self.name == "in-chans":
+            text = f"in-chans {self.param('base_chans')}->{self.param('channels')}"
+        elif self.name == "resample-pos-embed":
+            (h, w), (h2, w2) = self.param("old_size"), self.param("size")
+            text = f"resample-pos-embed {h}x{w}->{h2}x{w2}"
+        dtype = self.param("dtype")
+        return f"{text} ->{dtype}" if dtype else text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -194,9 +204,12 @@ class Plan:
 
     @property
     def bytes_saved(self) -> int:
-        """Bytes the casts save (negative when they widen)."""
+        """Bytes the casts save (negative when they widen); a shape adapter's change of size
+        is not counted."""
         return sum(
-            e.input_infos[0].nbytes - e.info.nbytes for e in self.cast if e.name not in self.ties
+            e.info.numel * _itemsize(e.input_infos[0]) - e.info.nbytes
+            for e in self.cast
+            if e.name not in self.ties
         )
 
     def op_groups(self) -> list[dict[str, Any]]:
@@ -263,6 +276,10 @@ class Plan:
     def label(self, ref: Ref) -> str:
         """A source tensor as shown in tables: its key, prefixed by ``#i`` with several sources."""
         return ref.key if len(self.sources) == 1 else f"#{ref.source + 1} {ref.key}"
+
+
+def _itemsize(info: TensorInfo) -> int:
+    return info.nbytes // info.numel if info.numel else 0
 
 
 def _uses(e: Entry, source: int) -> bool:

@@ -8,6 +8,9 @@ byte is read) and from their values (when the executor runs it).
   (weights normalised to sum 1, so it is a mean), accumulated in float32 (float64 when an
   input is float64, complex when one is complex) and stored in the first input's dtype, or
   ``dtype`` when given.
+- ``rows``, ``in-chans``, ``resample-pos-embed``: the shape adapters of
+  :mod:`ckptsurgery.plan.adapters`, one tensor at a time; with ``dtype``, their result is cast
+  as ``cast`` does.
 
 Only the functions that compute values import torch, and only when called.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ckptsurgery.errors import RuleError
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.plan import adapters
 from ckptsurgery.plan.model import Op
 
 if TYPE_CHECKING:
@@ -76,6 +80,9 @@ def output_info(op: Op, inputs: Sequence[TensorInfo]) -> TensorInfo:
     """The facts of what ``op`` makes from tensors with facts ``inputs``; no data is read."""
     first = inputs[0]
     dtype = op.param("dtype") or first.dtype
+    if op.name in adapters.ADAPTER_OPS:
+        item = _ITEMSIZE[dtype] if dtype != first.dtype else first.nbytes // max(first.numel, 1)
+        return adapters.adapted_info(op, first, item)
     if dtype == first.dtype:
         return first
     return TensorInfo(first.shape, dtype, math.prod(first.shape) * _ITEMSIZE[dtype])
@@ -97,6 +104,9 @@ def evaluate(
             accumulate=accumulator([i.dtype for i in inputs]),
             dtype=op.param("dtype") or inputs[0].dtype,
         )
+    if op.name in adapters.ADAPTER_OPS:
+        out = adapters.compute(op, fetch[0]())
+        return cast(out, op.param("dtype")) if op.param("dtype") else out
     raise RuleError(f"unknown operation {op.name!r}")
 
 

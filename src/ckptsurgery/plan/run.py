@@ -26,6 +26,7 @@ from ckptsurgery.io import (
     parse_size,
 )
 from ckptsurgery.io.progress import ProgressCallback
+from ckptsurgery.plan.adapt import Adapter
 from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.execute import PlanSource, execute
 from ckptsurgery.plan.gate import Gate
@@ -51,7 +52,10 @@ class SurgeryOptions(TypedDict, total=False):
     - ``allow_globals`` / ``unsafe_pickle``: trust for the sources' pickles;
     - ``verify`` (default True): read the output back and check it before it takes its name;
     - ``max_shard_size`` (``"5GB"``, ``"2GiB"`` or bytes): write a folder of safetensors shards;
-    - ``progress(done, total)``: called with the bytes written so far.
+    - ``progress(done, total)``: called with the bytes written so far;
+    - ``adapters``: shape adapters (:class:`~ckptsurgery.plan.adapt.Rows`,
+      :class:`~ckptsurgery.plan.adapt.InChans`,
+      :class:`~ckptsurgery.plan.adapt.ResamplePosEmbed`) for the output tensors they match.
     """
 
     dtype: str | None
@@ -65,6 +69,7 @@ class SurgeryOptions(TypedDict, total=False):
     verify: bool
     max_shard_size: int | str | None
     progress: Progress | None
+    adapters: Sequence[Adapter]
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,7 @@ def run_surgery(
             weights=weights,
             dtype=dtype,
             keep_dtype=keep_dtype,
+            adapters=options.get("adapters", ()),
         )
         report = None
         if gate is not None:

@@ -13,6 +13,11 @@
     [[source]]
     path = "head.safetensors"
 
+    [[adapt]]                     # optional shape adapters, on the output names
+    op = "rows"                   # rows | in-chans | resample-pos-embed
+    key = "fc.*"
+    indices = "0-9"               # or [0, 1, 2], or indices_file = "classes.txt"
+
     [merge]                       # optional
     on_conflict = "error"         # error | first | last
     average = false
@@ -42,8 +47,8 @@ command line: a recipe is a file people share.
 :func:`apply_recipe` does not cast yet.
 
 The package's modules: :mod:`.model` (the parsed recipe), :mod:`.read` (TOML to a checked
-:class:`Recipe`; :mod:`.check_in` checks ``[[source]]`` and ``[merge]``, :mod:`.check_out`
-``[target]`` and ``[output]``, and :mod:`.problems` collects what they find), :mod:`.run`
+:class:`Recipe`; :mod:`.check_in` checks ``[[source]]`` and ``[merge]``, :mod:`.check_adapt`
+``[[adapt]]``, :mod:`.check_out` ``[target]`` and ``[output]``, and :mod:`.problems` collects what they find), :mod:`.run`
 (:func:`apply_recipe`) and :mod:`.write` (:func:`recipe_toml`).
 The names below are imported on first use, so ``import ckptsurgery.recipe`` costs nothing.
 """

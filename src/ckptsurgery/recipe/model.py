@@ -12,8 +12,9 @@ from ckptsurgery.rules import RULE_FIELDS
 
 if TYPE_CHECKING:
     from ckptsurgery.merge import MergeResult, SourceSpec
+    from ckptsurgery.plan.adapt import Adapter
 
-TABLES = ("source", "merge", "target", "output")
+TABLES = ("source", "adapt", "merge", "target", "output")
 SOURCE_FIELDS = ("path", "key", *RULE_FIELDS)
 MERGE_FIELDS = ("on_conflict", "average", "weights")
 TARGET_FIELDS = ("model", "model_args", "allow_missing", "allow_unexpected", "drop_mismatched")
@@ -66,6 +67,7 @@ class Recipe:
     max_shard_size: int | None = None  # bytes; the output is then a folder of shards
     dtype: str | None = None  # one of DTYPES: the dtype to write the tensors in
     keep_dtype: tuple[str, ...] = ()  # globs of the tensors that keep their dtype
+    adapters: tuple[Adapter, ...] = ()  # [[adapt]]: shape adapters on the output names
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ class Problems:
 
 
 def label(table: str, index: int | None) -> str:
-    if table == "source":
-        return "[[source]]" if index is None else f"[[source]] #{index + 1}"
+    if table in ("source", "adapt"):
+        return f"[[{table}]]" if index is None else f"[[{table}]] #{index + 1}"
     return f"[{table}]"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsurgery._types import PathLike
+from ckptsurgery.recipe.check_adapt import check_adapters
 from ckptsurgery.recipe.check_in import check_merge, check_sources
 from ckptsurgery.recipe.check_out import check_output, check_target
 from ckptsurgery.recipe.model import TABLES, Recipe, RecipeError
@@ -66,15 +67,16 @@ class _Checker(Problems):
                 )
                 self.located(
                     self.lines.get((key, None, "")),
-                    f"{what}{hint}; allowed: [[source]], [merge], [target], [output]",
+                    f"{what}{hint}; allowed: [[source]], [merge], [target], [output], [[adapt]]",
                 )
         raw_sources = data.get("source")
         sources = check_sources(self, raw_sources, base)
         n_sources = len(raw_sources) if isinstance(raw_sources, list) else None
+        adapters = check_adapters(self, data.get("adapt"), base)
         merge = check_merge(self, data.get("merge"), n_sources)
         target = check_target(self, data.get("target"))
         out = check_output(self, data.get("output"), base)
-        if self.problems or sources is None or out is None or merge is None:
+        if self.problems or sources is None or out is None or merge is None or adapters is None:
             return None
         on_conflict, average, weights = merge
         return Recipe(
@@ -89,6 +91,7 @@ class _Checker(Problems):
             max_shard_size=out.max_shard_size,
             dtype=out.dtype,
             keep_dtype=out.keep_dtype,
+            adapters=adapters,
         )
 
 

@@ -35,7 +35,8 @@ def apply_recipe(
     plans everything (the gate included) and writes nothing. Applying a recipe twice to the
     same inputs writes byte-identical files (the provenance holds no time).
     ``max_shard_size`` overrides the recipe's ``[output] max_shard_size``. The recipe's
-    ``[output] dtype`` and ``keep_dtype`` cast as ``remap --dtype`` does.
+    ``[output] dtype`` and ``keep_dtype`` cast as ``remap --dtype`` does; its ``[[adapt]]``
+    tables adapt the output tensors' shapes as ``remap --rows`` and the like do.
     ``progress(done, total)`` is called with the bytes written so far.
     """
     recipe = load_recipe(path)
@@ -69,6 +70,7 @@ def apply_recipe(
         verify=verify,
         max_shard_size=recipe.max_shard_size if max_shard_size is None else max_shard_size,
         progress=progress,
+        adapters=recipe.adapters,
     )
     return RecipeResult(recipe, result, note)
 

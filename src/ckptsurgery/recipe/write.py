@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsurgery._types import PathLike
+from ckptsurgery.plan.adapt import Adapter
 from ckptsurgery.recipe.model import RecipeError, Target
 from ckptsurgery.rules import Rules
 
@@ -26,9 +27,10 @@ def recipe_toml(
     max_shard_size: str | int | None = None,
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
+    adapters: Sequence[Adapter] = (),
 ) -> str:
     """A recipe that :func:`apply_recipe` accepts as it is: one ``[[source]]`` per
-    ``(path, key, rules)``, ``[merge]`` when it is not the default, the ``[target]`` gate when
+    ``(path, key, rules)``, one ``[[adapt]]`` per shape adapter, ``[merge]`` when it is not the default, the ``[target]`` gate when
     given, and ``[output]`` with the fields given.
 
     Paths are written as given; with ``recipe_dir`` (the folder the recipe will be saved in),
@@ -52,6 +54,8 @@ def recipe_toml(
         source.update(rules.to_dict())
         # Each source on its own: tomli-w would write short ones as one inline array.
         chunks.append("[[source]]\n" + _dumps(source))
+    for adapter in adapters:
+        chunks.append("[[adapt]]\n" + _dumps(adapter.to_dict()))
     tables: dict[str, Any] = {}
     merge: dict[str, Any] = {}
     if on_conflict != "error":
