@@ -75,12 +75,30 @@ def test_moco_command_and_toml_are_ready_to_use(resnet50: Shapes) -> None:
     assert Rules.from_dict(tomllib.loads(s.toml())) == s.rules
 
 
-def test_head_changed_dataparallel_drops_the_old_head(resnet50: Shapes) -> None:
+def test_a_bigger_head_is_cut_to_rows_not_dropped(resnet50: Shapes) -> None:
     model = dict(resnet50, **{"fc.weight": (10, 2048), "fc.bias": (10,)})
     ckpt = {"module." + k: s for k, s in resnet50.items()}
     s = suggest(ckpt, model)
+    assert s.rules == Rules(strip_prefix=["module."])
+    [rows] = s.adapters
+    assert rows.op == "rows" and rows.args == ("--rows", "fc.*", "0-9")
+    assert rows.keys == ("fc.weight", "fc.bias")
+    assert "placeholder" in rows.note  # the user chooses which rows
+    assert s.missing_after == () and s.unexpected_after == () and s.allow_missing == ()
+    assert "--rows 'fc.*' 0-9" in s.remap_command()
+    proposals = s.to_dict()["proposals"]
+    assert {"rule": "--strip-prefix module.", "matches": len(ckpt), "kind": "rule"} in proposals
+    assert {"rule": "--rows 'fc.*' 0-9", "matches": 2, "kind": "adapter"} in proposals
+
+
+def test_a_smaller_head_is_dropped(resnet50: Shapes) -> None:
+    ckpt = {"module." + k: s for k, s in resnet50.items()}
+    ckpt.update({"module.fc.weight": (10, 2048), "module.fc.bias": (10,)})
+    s = suggest(ckpt, resnet50)
     assert s.rules == Rules(drop=["module.fc.*"], strip_prefix=["module."])
+    assert s.adapters == ()
     assert s.missing_after == ("fc.weight", "fc.bias")
+    assert s.allow_missing == ("fc.*",)
 
 
 def test_bert_prefix_is_added_and_pretraining_heads_dropped() -> None:

@@ -15,6 +15,8 @@ tied rule set, complete) instead of choosing.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shlex
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from ckptsurgery.errors import RuleError
+from ckptsurgery.globs import covering_globs
 from ckptsurgery.rules import Rules
+from ckptsurgery.shape_fit import Adapter, propose_adapters
 
 Shape = tuple[int, ...]
 
@@ -52,6 +56,16 @@ class Suggestion:
     # Globs that cover exactly ``missing_after`` among the model's keys (``("fc.*",)``): what a
     # gate needs in ``allow_missing`` to accept the result.
     allow_missing: tuple[str, ...] = ()
+    # Shape mismatches an adapter fixes (``--rows``, ``--in-chans``, ``--resample-pos-embed``),
+    # proposed instead of dropping the keys; their keys are neither missing nor unexpected.
+    adapters: tuple[Adapter, ...] = ()
+    # Each rule of ``rules`` as a CLI flag, and how many checkpoint keys it matches.
+    rule_counts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def adapter_args(self) -> list[str]:
+        """The adapters as ``remap`` command-line words."""
+        return [w for a in self.adapters for w in a.args]
 
     def remap_command(
         self,
@@ -66,12 +80,13 @@ class Suggestion:
         ``key`` is the ``--key`` the source needs; ``extra`` are more words to append (a
         ``--model`` gate). "" when there are no rules.
         """
-        if self.rules is None:
+        if self.rules is None and not self.adapters:
             return ""
         words = ["ckptsurgery", "remap", src, "-o", out]
         if key is not None:
             words += ["--key", key]
-        words.extend(rule_args(self.rules))
+        words.extend(rule_args(self.rules or Rules()))
+        words.extend(self.adapter_args)
         words.extend(extra)
         return " ".join(shlex.quote(w) for w in words)
 
@@ -92,6 +107,14 @@ class Suggestion:
             "notes": list(self.notes),
             "alternatives": [r.to_dict() for r in self.alternatives],
             "allow_missing": list(self.allow_missing),
+            "proposals": [
+                {"rule": rule, "matches": n, "kind": "rule"} for rule, n in self.rule_counts
+            ]
+            + [
+                {"rule": shlex.join(a.args), "matches": len(a.keys), "kind": "adapter"}
+                for a in self.adapters
+            ],
+            "adapters": [a.to_dict() for a in self.adapters],
         }
 
 
@@ -140,12 +163,14 @@ def suggest(
     strips: Counter[str] = Counter()
     adds: Counter[str] = Counter()
     replaces: Counter[tuple[str, str]] = Counter()
+    swaps: Counter[tuple[str, str]] = Counter()  # whole leading prefix -> another (or none)
     for k, m in _partners(ckpt, target):
         kp, mp = _split_common_suffix(k, m)
         if kp == mp:
             continue
         if not mp:
             strips[kp] += 1
+            swaps[(kp, mp)] += 1
         elif not kp:
             adds[mp] += 1
         elif kp.endswith("." + mp):  # whole segments only: "extra." does not end in "a."
@@ -160,6 +185,7 @@ def suggest(
             else:
                 strips[kp] += 1
                 adds[mp] += 1
+                swaps[(kp, mp)] += 1
                 inner = _embedded(kp, mp)
                 if inner is not None:
                     # module.enc.layer3._orig_mod. vs enc.layer3.: strip one, replace the other.
@@ -171,17 +197,25 @@ def suggest(
     replace_opts: list[tuple[tuple[str, str], ...]] = [()] + [
         (r,) for r, _ in replaces.most_common(_TOP)
     ]
+    candidates: list[Rules] = []
+    for strip, add, replace in product(strip_opts, add_opts, replace_opts):
+        if strip or add or replace:
+            with _suppress_rule_error():
+                candidates.append(Rules(strip_prefix=strip, add_prefix=add, replace=replace))
+    for regex in _sibling_regexes(swaps)[:2]:
+        # module.net.slice1.0. .. module.net.slice4.41. -> features.0. .. features.41.
+        for replace in replace_opts:
+            with _suppress_rule_error():
+                candidates.append(Rules(replace=replace, regex=(regex,)))
 
     scored: list[tuple[int, int, Rules]] = []
-    for strip, add, replace in product(strip_opts, add_opts, replace_opts):
-        if not (strip or add or replace):
-            continue
+    for rules in candidates:
         try:
-            rules = Rules(strip_prefix=strip, add_prefix=add, replace=replace)
             score = _score(ckpt, target, rules)
         except RuleError:
             continue  # e.g. the candidate makes two keys collide
-        size = len(strip) + bool(add) + len(replace)
+        size = len(rules.strip_prefix) + bool(rules.add_prefix) + len(rules.replace)
+        size += len(rules.regex)
         scored.append((score, -size, rules))
 
     notes: list[str] = []
@@ -221,10 +255,135 @@ def suggest(
         )
         return _result(ckpt, target, group, None, before, ambiguities, notes, tuple(complete))
 
+    best_rename = _with_inner_renames(ckpt, target, best_rename)
     unsure = _suffix_ambiguities(ckpt, target, best_rename)
     ambiguities.extend(f"{old} could be any of {_some(opts)}" for old, opts in unsure.items())
-    rules = _with_filters(ckpt, target, best_rename, spare=set(unsure))
-    return _result(ckpt, target, group, rules or None, before, ambiguities, notes, ())
+    adapters, adapted = _adapters(ckpt, target, best_rename)
+    rules: Rules | None = _with_filters(ckpt, target, best_rename, spare=set(unsure) | adapted)
+    if rules and (not rules.plan(ckpt).renames or _score(ckpt, target, rules) == 0):
+        # Rules that keep no key, or under which no key matches, make a command that fails
+        # (an empty output) or loads nothing: no suggestion rather than that.
+        if not adapters:
+            notes.append(
+                "no rule found under which a checkpoint key matches a model key by name and "
+                "shape; not suggesting to drop every key"
+            )
+            rules = None
+    return _result(
+        ckpt, target, group, rules or None, before, ambiguities, notes, (), tuple(adapters)
+    )
+
+
+def _suppress_rule_error() -> contextlib.AbstractContextManager[None]:
+    return contextlib.suppress(RuleError)
+
+
+def _sibling_regexes(swaps: Counter[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One regex for sibling prefixes that go to the same place, most voted first.
+
+    ``module.net.slice1.`` .. ``module.net.slice4.`` all going to ``features.`` (the layer
+    indices continuing across the slices) give ``^module\\.net\\.slice\\d+\\.`` ->
+    ``features.``. Only prefixes that differ in the number of one part are siblings.
+    """
+    groups: dict[tuple[str, str], tuple[set[str], int]] = {}
+    for (old, new), votes in swaps.items():
+        parts = old.split(".")[:-1]  # a head ends with "."
+        for i, part in enumerate(parts):
+            m = _NUMBERED_PART.match(part)
+            if m is None:
+                continue
+            pattern = "^" + r"\.".join(
+                re.escape(m.group(1)) + r"\d+" if j == i else re.escape(p)
+                for j, p in enumerate(parts)
+            ) + r"\."
+            members, total = groups.get((pattern, new), (set(), 0))
+            members.add(old)
+            groups[(pattern, new)] = (members, total + votes)
+    ranked = sorted(
+        ((total, key) for key, (members, total) in groups.items() if len(members) > 1),
+        reverse=True,
+    )
+    return [(pattern, new.replace("\\", "\\\\")) for _, (pattern, new) in ranked]
+
+
+_NUMBERED_PART = re.compile(r"^(.*?)\d+$")
+
+
+def _with_inner_renames(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
+) -> Rules:
+    """Add a regex for each leftover module that is, by its tensors' names and shapes, the
+    one missing module of the model: a head stored as ``module.linear.*`` for ``fc.*``."""
+    try:
+        plan = rename.plan(ckpt)
+    except RuleError:
+        return rename
+    result = {new: ckpt[old] for old, new in plan.renames}
+    matched = {n for n, shape in result.items() if model.get(n) == shape}
+    leftover = _modules({n: sh for n, sh in result.items() if n not in matched})
+    missing = _modules({m: sh for m, sh in model.items() if m not in matched})
+    by_signature: dict[frozenset[tuple[str, Shape]], list[str]] = {}
+    for module, signature in missing.items():
+        by_signature.setdefault(signature, []).append(module)
+    leftover_count = Counter(leftover.values())
+    regexes: list[tuple[str, str]] = []
+    add = rename.add_prefix
+    for module, signature in leftover.items():
+        targets = by_signature.get(signature, [])
+        if len(targets) != 1 or leftover_count[signature] != 1 or targets[0] == module:
+            continue
+        if not (module.startswith(add) and targets[0].startswith(add)):
+            continue
+        old, new = module[len(add) :], targets[0][len(add) :]
+        if old and new:
+            regexes.append(("^" + re.escape(old) + r"\.", new.replace("\\", "\\\\") + "."))
+    if not regexes:
+        return rename
+    try:
+        better = Rules(
+            keep=rename.keep,
+            drop=rename.drop,
+            strip_prefix=rename.strip_prefix,
+            replace=rename.replace,
+            regex=rename.regex + tuple(regexes),
+            add_prefix=rename.add_prefix,
+        )
+        if _score(ckpt, model, better) > _score(ckpt, model, rename):
+            return better
+    except RuleError:
+        pass
+    return rename
+
+
+def _modules(shapes: Mapping[str, Shape]) -> dict[str, frozenset[tuple[str, Shape]]]:
+    """Module path -> its tensors (last name part, shape): ``fc`` -> {weight, bias}."""
+    out: dict[str, set[tuple[str, Shape]]] = {}
+    for key, shape in shapes.items():
+        module, dot, leaf = key.rpartition(".")
+        if dot:
+            out.setdefault(module, set()).add((leaf, shape))
+    return {m: frozenset(s) for m, s in out.items()}
+
+
+def _adapters(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
+) -> tuple[list[Adapter], set[str]]:
+    """The adapters that fix the shape mismatches left by ``rename``, and the checkpoint
+    keys they adapt (which the filters then keep)."""
+    try:
+        plan = rename.plan(ckpt)
+    except RuleError:
+        return [], set()
+    mismatched = {
+        new: (ckpt[old], model[new])
+        for old, new in plan.renames
+        if new in model and model[new] != ckpt[old]
+    }
+    if not mismatched:
+        return [], set()
+    adapters = propose_adapters(mismatched, [new for _, new in plan.renames])
+    fixed = {k for a in adapters for k in a.keys}
+    return adapters, {old for old, new in plan.renames if new in fixed}
 
 
 def _some(items: Sequence[str], *, sep: str = ", ") -> str:
@@ -348,7 +507,7 @@ def _with_filters(
         ):
             keep = (prefix + "*",)
     kept = [k for k in ckpt if not keep or any(k.startswith(g[:-1]) for g in keep)]
-    drop = _covering_globs([k for k in leftover if k in set(kept)], kept)
+    drop = covering_globs([k for k in leftover if k in set(kept)], kept)
     return Rules(
         keep=keep,
         drop=drop,
@@ -357,34 +516,6 @@ def _with_filters(
         regex=rename.regex,
         add_prefix=rename.add_prefix,
     )
-
-
-def _covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str, ...]:
-    """Few globs that match every key of ``remove`` and no other key of ``universe``.
-
-    Each key is widened to its highest module path whose keys are all to be removed:
-    ``module.encoder_q.fc.0.weight`` becomes ``module.encoder_q.fc.*`` when the whole ``fc``
-    goes, and stays a full key name when its siblings stay.
-    """
-    removing = set(remove)
-    keep = [k for k in universe if k not in removing]
-    globs: list[str] = []
-    for key in remove:
-        if any(_glob_matches(g, key) for g in globs):
-            continue
-        parts = key.split(".")
-        best = key
-        for depth in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:depth]) + "."
-            if any(k.startswith(prefix) for k in keep):
-                break
-            best = prefix + "*"
-        globs.append(best)
-    return tuple(globs)
-
-
-def _glob_matches(glob: str, key: str) -> bool:
-    return key.startswith(glob[:-1]) if glob.endswith("*") else key == glob
 
 
 def _suffix_ambiguities(
@@ -413,22 +544,32 @@ def _result(
     ambiguities: list[str],
     notes: list[str],
     alternatives: tuple[Rules, ...],
+    adapters: tuple[Adapter, ...] = (),
 ) -> Suggestion:
     applied = (rules or Rules()).plan(ckpt)
     result = {new: ckpt[old] for old, new in applied.renames}
     matched = [m for m, s in model.items() if result.get(m) == s]
-    # A tied name is filled by loading its matched partner (as match() counts it).
-    filled = {group.get(m, m) for m in matched}
+    # A tied name is filled by loading its matched partner (as match() counts it), and an
+    # adapted one by the adapter's output.
+    adapted = {k for a in adapters for k in a.keys}
+    filled = {group.get(m, m) for m in [*matched, *adapted]}
     missing = tuple(m for m in model if group.get(m, m) not in filled)
+    rule_counts = applied.rule_counts if rules is not None else ()
     return Suggestion(
         rules=rules,
         matched_before=before,
         matched_after=len(matched),
         model_keys=len(model),
         missing_after=missing,
-        unexpected_after=tuple(k for k in result if model.get(k) != result[k]),
+        unexpected_after=tuple(
+            k for k in result if model.get(k) != result[k] and k not in adapted
+        ),
         ambiguities=tuple(ambiguities),
         notes=tuple(notes),
         alternatives=alternatives,
-        allow_missing=_covering_globs(missing, list(model)) if rules is not None else (),
+        allow_missing=(
+            covering_globs(missing, list(model)) if rules is not None or adapters else ()
+        ),
+        adapters=adapters,
+        rule_counts=rule_counts,
     )
