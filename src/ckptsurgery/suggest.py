@@ -16,15 +16,26 @@ tied rule set, complete) instead of choosing.
 from __future__ import annotations
 
 import contextlib
-import re
+import dataclasses
 import shlex
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 
 from ckptsurgery.errors import RuleError
 from ckptsurgery.globs import covering_globs
+from ckptsurgery.keypairs import (
+    common_prefix,
+    embedded,
+    outcome,
+    partners,
+    score,
+    sibling_regexes,
+    split_common_suffix,
+    tail,
+    with_inner_renames,
+)
 from ckptsurgery.rules import Rules
 from ckptsurgery.shape_fit import Adapter, propose_adapters
 
@@ -32,8 +43,6 @@ Shape = tuple[int, ...]
 
 # How many of the best-voted renames of each kind are combined into candidates.
 _TOP = 4
-# Keys are compared on at most this many trailing segments when looking for partners.
-_TAIL = 2
 # Tied rule sets or partner keys named in one ambiguity message before "and N more".
 _MAX_OPTIONS = 4
 
@@ -158,14 +167,14 @@ def suggest(
     ckpt = {k: tuple(v) for k, v in checkpoint.items()}
     target = {k: tuple(v) for k, v in model.items()}
     group = dict(ties or {})
-    before = _score(ckpt, target, Rules())
+    before = score(ckpt, target, Rules())
 
     strips: Counter[str] = Counter()
     adds: Counter[str] = Counter()
     replaces: Counter[tuple[str, str]] = Counter()
     swaps: Counter[tuple[str, str]] = Counter()  # whole leading prefix -> another (or none)
-    for k, m in _partners(ckpt, target):
-        kp, mp = _split_common_suffix(k, m)
+    for k, m in partners(ckpt, target):
+        kp, mp = split_common_suffix(k, m)
         if kp == mp:
             continue
         if not mp:
@@ -178,7 +187,7 @@ def suggest(
         elif mp.endswith("." + kp):
             adds[mp[: len(mp) - len(kp)]] += 1
         else:
-            head = _common_prefix(kp, mp)
+            head = common_prefix(kp, mp)
             old, new = kp[len(head) :], mp[len(head) :]
             if head and old:
                 replaces[(old, new)] += 1
@@ -186,7 +195,7 @@ def suggest(
                 strips[kp] += 1
                 adds[mp] += 1
                 swaps[(kp, mp)] += 1
-                inner = _embedded(kp, mp)
+                inner = embedded(kp, mp)
                 if inner is not None:
                     # module.enc.layer3._orig_mod. vs enc.layer3.: strip one, replace the other.
                     strips[inner[0]] += 1
@@ -202,21 +211,21 @@ def suggest(
         if strip or add or replace:
             with _suppress_rule_error():
                 candidates.append(Rules(strip_prefix=strip, add_prefix=add, replace=replace))
-    for regex in _sibling_regexes(swaps)[:2]:
+    for regex in sibling_regexes(swaps)[:2]:
         # module.net.slice1.0. .. module.net.slice4.41. -> features.0. .. features.41.
         for replace in replace_opts:
             with _suppress_rule_error():
                 candidates.append(Rules(replace=replace, regex=(regex,)))
 
     scored: list[tuple[int, int, Rules]] = []
-    for rules in candidates:
+    for candidate in candidates:
         try:
-            score = _score(ckpt, target, rules)
+            points = score(ckpt, target, candidate)
         except RuleError:
             continue  # e.g. the candidate makes two keys collide
-        size = len(rules.strip_prefix) + bool(rules.add_prefix) + len(rules.replace)
-        size += len(rules.regex)
-        scored.append((score, -size, rules))
+        size = len(candidate.strip_prefix) + bool(candidate.add_prefix) + len(candidate.replace)
+        size += len(candidate.regex)
+        scored.append((points, -size, candidate))
 
     notes: list[str] = []
     if not scored or max(s for s, _, _ in scored) <= before:
@@ -228,7 +237,7 @@ def suggest(
         outcomes: dict[frozenset[str], Rules] = {}
         for s, size, r in scored:
             if s == top_score and size == top_size:
-                outcomes.setdefault(_outcome(ckpt, r), r)
+                outcomes.setdefault(outcome(ckpt, r), r)
         tied = list(outcomes.values())
         primary = [r for r in tied if not _is_secondary(r)]
         if primary and len(primary) < len(tied):
@@ -250,119 +259,32 @@ def suggest(
         complete = [_with_filters(ckpt, target, r, spare=set()) for r in [best_rename, *tied]]
         options = _some([" ".join(r.describe()) for r in complete], sep="; ")
         ambiguities.append(
-            f"several rule sets each match {_score(ckpt, target, best_rename)} of "
+            f"several rule sets each match {score(ckpt, target, best_rename)} of "
             f"{len(target)} model keys; pick one for remap: {options}"
         )
         return _result(ckpt, target, group, None, before, ambiguities, notes, tuple(complete))
 
-    best_rename = _with_inner_renames(ckpt, target, best_rename)
+    best_rename = with_inner_renames(ckpt, target, best_rename)
     unsure = _suffix_ambiguities(ckpt, target, best_rename)
     ambiguities.extend(f"{old} could be any of {_some(opts)}" for old, opts in unsure.items())
     adapters, adapted = _adapters(ckpt, target, best_rename)
-    rules: Rules | None = _with_filters(ckpt, target, best_rename, spare=set(unsure) | adapted)
-    if rules and (not rules.plan(ckpt).renames or _score(ckpt, target, rules) == 0):
+    found = _with_filters(ckpt, target, best_rename, spare=set(unsure) | adapted)
+    useless = found and (not found.plan(ckpt).renames or score(ckpt, target, found) == 0)
+    if useless and not adapters:
         # Rules that keep no key, or under which no key matches, make a command that fails
         # (an empty output) or loads nothing: no suggestion rather than that.
-        if not adapters:
-            notes.append(
-                "no rule found under which a checkpoint key matches a model key by name and "
-                "shape; not suggesting to drop every key"
-            )
-            rules = None
+        notes.append(
+            "no rule found under which a checkpoint key matches a model key by name and "
+            "shape; not suggesting to drop every key"
+        )
+        found = Rules()
     return _result(
-        ckpt, target, group, rules or None, before, ambiguities, notes, (), tuple(adapters)
+        ckpt, target, group, found or None, before, ambiguities, notes, (), tuple(adapters)
     )
 
 
 def _suppress_rule_error() -> contextlib.AbstractContextManager[None]:
     return contextlib.suppress(RuleError)
-
-
-def _sibling_regexes(swaps: Counter[tuple[str, str]]) -> list[tuple[str, str]]:
-    """One regex for sibling prefixes that go to the same place, most voted first.
-
-    ``module.net.slice1.`` .. ``module.net.slice4.`` all going to ``features.`` (the layer
-    indices continuing across the slices) give ``^module\\.net\\.slice\\d+\\.`` ->
-    ``features.``. Only prefixes that differ in the number of one part are siblings.
-    """
-    groups: dict[tuple[str, str], tuple[set[str], int]] = {}
-    for (old, new), votes in swaps.items():
-        parts = old.split(".")[:-1]  # a head ends with "."
-        for i, part in enumerate(parts):
-            m = _NUMBERED_PART.match(part)
-            if m is None:
-                continue
-            pattern = "^" + r"\.".join(
-                re.escape(m.group(1)) + r"\d+" if j == i else re.escape(p)
-                for j, p in enumerate(parts)
-            ) + r"\."
-            members, total = groups.get((pattern, new), (set(), 0))
-            members.add(old)
-            groups[(pattern, new)] = (members, total + votes)
-    ranked = sorted(
-        ((total, key) for key, (members, total) in groups.items() if len(members) > 1),
-        reverse=True,
-    )
-    return [(pattern, new.replace("\\", "\\\\")) for _, (pattern, new) in ranked]
-
-
-_NUMBERED_PART = re.compile(r"^(.*?)\d+$")
-
-
-def _with_inner_renames(
-    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
-) -> Rules:
-    """Add a regex for each leftover module that is, by its tensors' names and shapes, the
-    one missing module of the model: a head stored as ``module.linear.*`` for ``fc.*``."""
-    try:
-        plan = rename.plan(ckpt)
-    except RuleError:
-        return rename
-    result = {new: ckpt[old] for old, new in plan.renames}
-    matched = {n for n, shape in result.items() if model.get(n) == shape}
-    leftover = _modules({n: sh for n, sh in result.items() if n not in matched})
-    missing = _modules({m: sh for m, sh in model.items() if m not in matched})
-    by_signature: dict[frozenset[tuple[str, Shape]], list[str]] = {}
-    for module, signature in missing.items():
-        by_signature.setdefault(signature, []).append(module)
-    leftover_count = Counter(leftover.values())
-    regexes: list[tuple[str, str]] = []
-    add = rename.add_prefix
-    for module, signature in leftover.items():
-        targets = by_signature.get(signature, [])
-        if len(targets) != 1 or leftover_count[signature] != 1 or targets[0] == module:
-            continue
-        if not (module.startswith(add) and targets[0].startswith(add)):
-            continue
-        old, new = module[len(add) :], targets[0][len(add) :]
-        if old and new:
-            regexes.append(("^" + re.escape(old) + r"\.", new.replace("\\", "\\\\") + "."))
-    if not regexes:
-        return rename
-    try:
-        better = Rules(
-            keep=rename.keep,
-            drop=rename.drop,
-            strip_prefix=rename.strip_prefix,
-            replace=rename.replace,
-            regex=rename.regex + tuple(regexes),
-            add_prefix=rename.add_prefix,
-        )
-        if _score(ckpt, model, better) > _score(ckpt, model, rename):
-            return better
-    except RuleError:
-        pass
-    return rename
-
-
-def _modules(shapes: Mapping[str, Shape]) -> dict[str, frozenset[tuple[str, Shape]]]:
-    """Module path -> its tensors (last name part, shape): ``fc`` -> {weight, bias}."""
-    out: dict[str, set[tuple[str, Shape]]] = {}
-    for key, shape in shapes.items():
-        module, dot, leaf = key.rpartition(".")
-        if dot:
-            out.setdefault(module, set()).add((leaf, shape))
-    return {m: frozenset(s) for m, s in out.items()}
 
 
 def _adapters(
@@ -401,84 +323,6 @@ def _is_secondary(rules: Rules) -> bool:
     segments = {seg for p in rules.strip_prefix for seg in p.split(".")}
     segments |= {seg for old, _ in rules.replace for seg in old.split(".")}
     return any(seg in _SECONDARY for seg in segments)
-
-
-# -- candidates ----------------------------------------------------------------------------
-
-
-def _tail(key: str) -> str:
-    return ".".join(key.split(".")[-_TAIL:])
-
-
-def _partners(ckpt: Mapping[str, Shape], model: Mapping[str, Shape]) -> Iterable[tuple[str, str]]:
-    """(checkpoint key, model key) pairs with the same shape and the same last segments.
-
-    Of a checkpoint key's candidates, only those that share the most trailing segments with it
-    are paired: ``encoder.layer.3.output.dense.weight`` pairs with
-    ``bert.encoder.layer.3.output.dense.weight`` and not with the same tensor of every other
-    layer, whose votes (one per pair of layers) would drown the one true rename.
-    """
-    by_tail: dict[tuple[str, Shape], list[str]] = {}
-    for m, shape in model.items():
-        by_tail.setdefault((_tail(m), shape), []).append(m)
-    for k, shape in ckpt.items():
-        candidates = by_tail.get((_tail(k), shape), [])
-        lengths = [_common_suffix_length(k, m) for m in candidates]
-        longest = max(lengths, default=0)
-        for m, n in zip(candidates, lengths, strict=True):
-            if n == longest:
-                yield k, m
-
-
-def _common_suffix_length(a: str, b: str) -> int:
-    """How many trailing dotted segments ``a`` and ``b`` share."""
-    pa, pb = a.split("."), b.split(".")
-    n = 0
-    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
-        n += 1
-    return n
-
-
-def _split_common_suffix(a: str, b: str) -> tuple[str, str]:
-    """``("module.fc.weight", "fc.weight")`` -> ``("module.", "")``: the differing heads."""
-    pa, pb = a.split("."), b.split(".")
-    n = _common_suffix_length(a, b)
-    head_a = ".".join(pa[: len(pa) - n])
-    head_b = ".".join(pb[: len(pb) - n])
-    return (head_a + "." if head_a else ""), (head_b + "." if head_b else "")
-
-
-def _embedded(a: str, b: str) -> tuple[str, str] | None:
-    """Where the dotted head ``b`` sits inside ``a`` with segments before and after it:
-    ``("module.enc.layer3._orig_mod.", "enc.layer3.")`` -> ``("module.", "_orig_mod.")``."""
-    pa, pb = a.split(".")[:-1], b.split(".")[:-1]  # heads end with "."
-    for i in range(1, len(pa) - len(pb)):
-        if pa[i : i + len(pb)] == pb:
-            return ".".join(pa[:i]) + ".", ".".join(pa[i + len(pb) :]) + "."
-    return None
-
-
-def _common_prefix(a: str, b: str) -> str:
-    """The longest common prefix of two dotted heads that ends on a segment boundary."""
-    pa, pb = a.split("."), b.split(".")
-    out = []
-    for x, y in zip(pa, pb, strict=False):
-        if x != y or not x:
-            break
-        out.append(x)
-    return ".".join(out) + "." if out else ""
-
-
-# -- scoring -------------------------------------------------------------------------------
-
-
-def _score(ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rules: Rules) -> int:
-    plan = rules.plan(ckpt)
-    return sum(1 for old, new in plan.renames if model.get(new) == ckpt[old])
-
-
-def _outcome(ckpt: Mapping[str, Shape], rules: Rules) -> frozenset[str]:
-    return frozenset(new for _, new in rules.plan(ckpt).renames)
 
 
 # -- filters for what is left over --------------------------------------------------------
@@ -529,7 +373,7 @@ def _suffix_ambiguities(
     for old, new in plan.renames:
         if model.get(new) == ckpt[old]:
             continue
-        options = [m for m, s in missing.items() if s == ckpt[old] and _tail(m) == _tail(new)]
+        options = [m for m, s in missing.items() if s == ckpt[old] and tail(m) == tail(new)]
         if len(options) > 1:
             out[old] = options
     return out
@@ -561,9 +405,7 @@ def _result(
         matched_after=len(matched),
         model_keys=len(model),
         missing_after=missing,
-        unexpected_after=tuple(
-            k for k in result if model.get(k) != result[k] and k not in adapted
-        ),
+        unexpected_after=tuple(k for k in result if model.get(k) != result[k] and k not in adapted),
         ambiguities=tuple(ambiguities),
         notes=tuple(notes),
         alternatives=alternatives,
@@ -573,3 +415,60 @@ def _result(
         adapters=adapters,
         rule_counts=rule_counts,
     )
+
+
+def suggest_after(
+    given: Rules,
+    checkpoint: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    model: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    *,
+    ties: Mapping[str, str] | None = None,
+) -> Suggestion:
+    """:func:`suggest`, starting from the rules the user gave: the result's ``rules`` are the
+    whole set (``given`` and what is suggested on top of them), ready for one ``remap``.
+
+    ``checkpoint`` holds the keys before ``given``. When the two cannot be written as one rule
+    set (an ``add_prefix`` given, then renamed), the result holds only the added rules and a
+    note says that they apply to the keys the given rules make.
+    """
+    if not given:
+        return suggest(checkpoint, model, ties=ties)
+    ckpt = {k: tuple(v) for k, v in checkpoint.items()}
+    first = given.plan(ckpt)
+    renamed = {new: ckpt[old] for old, new in first.renames}
+    then = suggest(renamed, model, ties=ties)
+    if then.rules is None:
+        if then.alternatives or then.ambiguities:
+            return then
+        notes = (*then.notes, "the rules given already make the most keys match")
+        return dataclasses.replace(then, rules=given, notes=notes, rule_counts=first.rule_counts)
+    whole = _compose(given, then.rules, ckpt)
+    if whole is None:
+        note = (
+            "the suggested rules apply to the keys your rules make (run remap with yours first); "
+            "they do not combine into one rule set"
+        )
+        return dataclasses.replace(then, notes=(*then.notes, note))
+    return dataclasses.replace(then, rules=whole, rule_counts=whole.plan(ckpt).rule_counts)
+
+
+def _compose(first: Rules, then: Rules, ckpt: Mapping[str, Shape]) -> Rules | None:
+    """One rule set doing ``first`` then ``then`` to these keys, or None when none is found."""
+    p1 = first.plan(ckpt)
+    p2 = then.plan([new for _, new in p1.renames]).mapping
+    expected = {old: p2[new] for old, new in p1.renames if new in p2}
+    kept = [old for old, _ in p1.renames]
+    gone = [old for old, new in p1.renames if new not in p2]
+    add = then.add_prefix + first.add_prefix if first.add_prefix else then.add_prefix
+    try:
+        whole = Rules(
+            keep=first.keep,
+            drop=first.drop + covering_globs(gone, kept),
+            strip_prefix=first.strip_prefix + then.strip_prefix,
+            replace=first.replace + then.replace,
+            regex=first.regex + then.regex,
+            add_prefix=add,
+        )
+        return whole if whole.plan(ckpt).mapping == expected else None
+    except RuleError:
+        return None
