@@ -2,11 +2,12 @@
 
 :func:`covering_globs` widens each key to the broadest glob that still matches no key to be
 kept. Two shapes of glob are tried, both in the syntax every rule and allow list takes
-(fnmatch, where ``*`` also matches dots):
+(fnmatch, where ``*`` also matches dots, ``?`` one character, ``[4-9]`` one of a range):
 
 - a module path: ``classifier.*`` when every ``classifier`` key goes;
-- a module path with one numbered part left open: ``layer*.0.downsample.*`` or
-  ``blocks.*.attn.*``, when every key it reaches goes too.
+- a module path with one numbered part left open, wholly (``layer*.0.downsample.*``,
+  ``blocks.*.attn.*``) or from its number on (``features.1[4-9].*``, ``features.[2-9]?.*``:
+  the tail of a container), when every key it reaches goes too.
 
 The globs are chosen greedily, the one covering most of what is still uncovered first, so a
 long list of per-index lines (``features.14.*``, ``features.15.*`` ...) becomes one line
@@ -18,7 +19,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 
 __all__ = ["covering_globs", "glob_matches"]
 
@@ -29,9 +30,9 @@ _MAX_OPEN_SEARCH = 1000
 
 def glob_matches(glob: str, key: str) -> bool:
     """Whether ``key`` matches ``glob`` (fnmatch, ``*`` matching dots too)."""
-    if "*" not in glob:
+    if not _SPECIAL.search(glob):
         return key == glob
-    if glob.endswith("*") and "*" not in glob[:-1]:
+    if glob.endswith("*") and not _SPECIAL.search(glob[:-1]):
         return key.startswith(glob[:-1])
     return fnmatchcase(key, glob)
 
@@ -65,7 +66,7 @@ def covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str,
     remove_sorted = sorted(remove_list)
     for glob in list(candidates):
         pattern = _compile(glob)
-        head = glob.split("*", 1)[0]
+        head = _SPECIAL.split(glob, maxsplit=1)[0]
         if any(pattern.match(k) for k in _starting_with(keep_sorted, head)):
             del candidates[glob]
             continue
@@ -76,7 +77,12 @@ def covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str,
         # The widest first; among equals, the one with fewer open parts, then the shorter.
         glob = max(
             candidates,
-            key=lambda g: (len(candidates[g] & uncovered), -g.count("*"), -len(g)),
+            key=lambda g: (
+                len(candidates[g] & uncovered),
+                -_openings(g),
+                -(g.count("?") + g.count("[")),  # a plain * reads easiest
+                -len(g),
+            ),
         )
         gained = candidates[glob] & uncovered
         if not gained:  # cannot happen: every key is its own candidate
@@ -86,6 +92,11 @@ def covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str,
     first = {k: i for i, k in enumerate(remove_list)}
     chosen.sort(key=lambda g: min(first[k] for k in candidates[g]))
     return tuple(chosen)
+
+
+def _openings(glob: str) -> int:
+    """How many parts a glob opens, a trailing ``.*`` (a whole module) not counted."""
+    return len(_SPECIAL.findall(glob.removesuffix(".*")))
 
 
 def _starting_with(sorted_keys: Sequence[str], head: str) -> Sequence[str]:
@@ -106,12 +117,13 @@ def _prefixes(keys: Sequence[str]) -> set[str]:
 
 
 _NUMBER = re.compile(r"^(.*?)(\d+)$")
+_SPECIAL = re.compile(r"[*?\[]")
 
 
 def _open_candidates(keys: Sequence[str]) -> set[str]:
     """Module paths with one numbered part opened: ``features.14.weight`` gives
-    ``features.*.*`` and ``features.*.weight``; ``layer3.0.conv1.weight`` gives
-    ``layer*.0.*``, ``layer*.0.conv1.*`` ..."""
+    ``features.*.*``, ``features.1?.*``, ``features.1[4-9].*``, ``features.[1-9]?.*`` ...;
+    ``layer3.0.conv1.weight`` gives ``layer*.0.*``, ``layer*.0.conv1.*`` ..."""
     out: set[str] = set()
     for key in keys:
         parts = key.split(".")
@@ -119,12 +131,26 @@ def _open_candidates(keys: Sequence[str]) -> set[str]:
             m = _NUMBER.match(part)
             if m is None:
                 continue
-            opened = [*parts[:i], m.group(1) + "*"]
-            for depth in range(i + 1, len(parts)):
-                out.add(".".join(opened + parts[i + 1 : depth]) + ".*")
-            out.add(".".join(opened + parts[i + 1 :]))
+            for opened_part in _opened(m.group(1), m.group(2)):
+                opened = [*parts[:i], opened_part]
+                for depth in range(i + 1, len(parts)):
+                    out.add(".".join(opened + parts[i + 1 : depth]) + ".*")
+                out.add(".".join(opened + parts[i + 1 :]))
+    return out
+
+
+def _opened(stem: str, number: str) -> list[str]:
+    """The ways to open ``stem + number``: any suffix, then ranges of the same length that
+    start at ``number`` (its last digit, or its first digit)."""
+    out = [stem + "*"]
+    last = number[-1]
+    out.append(stem + number[:-1] + "?")
+    if last < "9":
+        out.append(f"{stem}{number[:-1]}[{last}-9]")
+    if len(number) > 1 and number[0] < "9":
+        out.append(f"{stem}[{number[0]}-9]" + "?" * (len(number) - 1))
     return out
 
 
 def _compile(glob: str) -> re.Pattern[str]:
-    return re.compile("(?s:" + ".*".join(re.escape(p) for p in glob.split("*")) + r")\Z")
+    return re.compile(translate(glob))
