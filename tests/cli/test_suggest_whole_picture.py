@@ -268,3 +268,29 @@ def test_emit_recipe_with_several_state_dicts_names_the_key(tmp_path: Path) -> N
     assert_ok(result)
     assert re.search(r'^key = "teacher"$', recipe.read_text(), re.M)
     assert_ok(cli_run_clean("apply", recipe))
+
+
+def test_candidates_alike_without_an_ema_name_are_left_to_the_user(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18().state_dict()
+    torch.save({"left": dict(r18), "right": dict(r18)}, src := tmp_path / "two.pth")
+    result = cli_run_clean("diff", src, *R18, "--suggest")
+    assert result.exit_code == 2
+    assert "left 122 of 122" in result.stderr and "choose one with --key" in result.stderr
+
+
+def test_emitted_recipe_with_an_adapter_still_applies(tmp_path: Path) -> None:
+    """Recipes do not hold adapters here: the recipe drops the keys they would fix, says so,
+    and applies."""
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18().state_dict()
+    torch.save({"module." + k: v for k, v in r18.items()}, src := tmp_path / "dp.pth")
+    model = (*R18, "--model-arg", "num_classes=10")
+    recipe = tmp_path / "dp.toml"
+    result = cli_run_clean("diff", src, *model, "--suggest", "--emit-recipe", recipe)
+    assert result.exit_code == 1
+    assert "--rows 'fc.*' 0-9" in result.stdout
+    assert "add the adapters to it by hand" in result.stderr
+    assert_ok(cli_run_clean("apply", recipe))
+    written = load_file(str(tmp_path / "dp_remapped.safetensors"))
+    assert set(written) == {k for k in r18 if not k.startswith("fc.")}

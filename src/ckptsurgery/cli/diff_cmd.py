@@ -137,7 +137,8 @@ def diff_cmd(
         # Several state dicts: the one recommended is used, and every command made here
         # names it, so that it runs as printed.
         key = result.source_key
-        note(f"recommended --key {result.recommendation}")
+        if as_json:  # the tables say it otherwise
+            note(f"recommended --key {result.recommendation}")
     report, suggestion = result.report, result.suggestion
     for rule, n in result.rule_counts:
         if n == 0:
