@@ -223,13 +223,13 @@ def _fit(src: PathLike, key: str, trust: dict[str, Any], options: dict[str, Any]
         tensors, size = len(ckpt.infos), ckpt.total_bytes
     result = _diff_one(src, key, trust, **{**options, "suggest": True})
     s = result.suggestion
-    assert s is not None
+    matched = len(result.report.matched)
     return CandidateFit(
         key=key,
         tensors=tensors,
         bytes=size,
-        matched=len(result.report.matched),
-        matched_with_rules=max(s.matched_after, s.matched_before),
-        model_keys=s.model_keys,
+        matched=matched,
+        matched_with_rules=max(s.matched_after, s.matched_before) if s is not None else matched,
+        model_keys=s.model_keys if s is not None else len(options["target"][1]),
         compatible=result.report.compatible,
     )

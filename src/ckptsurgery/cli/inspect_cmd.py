@@ -61,15 +61,18 @@ def inspect_cmd(
       ckptsurgery inspect model.safetensors --fmt github
       ckptsurgery inspect resnet50.safetensors --verify-source moco_v2.pth.tar
     """
-    trust = {"allow_globals": allow_globals, "unsafe_pickle": unsafe_pickle}
     with refusals(as_json=as_json, fmt=fmt, command="inspect", source=src):
         try:
-            ckpt = open_source(src, key=key, **trust)  # type: ignore[arg-type]
+            ckpt = open_source(
+                src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+            )
         except StateDictSelectionError as e:
             if key is not None or len(e.candidates) < 2:
                 raise
             # Several state dicts: inspect's job is to show what is there.
-            report = describe_candidates(src, e.candidates, **trust)  # type: ignore[arg-type]
+            report = describe_candidates(
+                src, e.candidates, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+            )
             if as_json:
                 echo_json(report)
             else:
