@@ -266,3 +266,38 @@ def test_recommendation_among_candidates() -> None:
     assert chosen is None and "--key" in reason
     assert preferred(["state_dict", "state_dict_ema"]) == "state_dict_ema"
     assert preferred(["schema", "model"]) is None
+
+
+def test_modules_renamed_beside_a_prefix_added() -> None:
+    """The MNIST CNN of the digits demo: ``conv_layers.*`` go under ``backbone.features.``,
+    ``fc_layers.0`` is ``backbone.embed.0`` and ``fc_layers.2`` the ``head``: an add_prefix
+    cannot say that, anchored regexes can."""
+    ckpt = {
+        "conv_layers.0.weight": (32, 1, 3, 3),
+        "conv_layers.0.bias": (32,),
+        "conv_layers.3.weight": (64, 32, 3, 3),
+        "conv_layers.3.bias": (64,),
+        "fc_layers.0.weight": (256, 1152),
+        "fc_layers.0.bias": (256,),
+        "fc_layers.2.weight": (10, 256),
+        "fc_layers.2.bias": (10,),
+    }
+    model = {
+        "backbone.features.0.weight": (32, 1, 3, 3),
+        "backbone.features.0.bias": (32,),
+        "backbone.features.3.weight": (64, 32, 3, 3),
+        "backbone.features.3.bias": (64,),
+        "backbone.embed.0.weight": (256, 1152),
+        "backbone.embed.0.bias": (256,),
+        "head.weight": (10, 256),
+        "head.bias": (10,),
+    }
+    s = suggest(ckpt, model)
+    assert s.rules == Rules(
+        regex=[
+            (r"^conv_layers\.", "backbone.features."),
+            (r"^fc_layers\.0\.", "backbone.embed.0."),
+            (r"^fc_layers\.2\.", "head."),
+        ]
+    )
+    assert _apply(s.rules, ckpt) == model

@@ -60,7 +60,38 @@ def with_inner_renames(
     ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
 ) -> Rules:
     """Add a regex for each leftover module that is, by its tensors' names and shapes, the
-    one missing module of the model: a head stored as ``module.linear.*`` for ``fc.*``."""
+    one missing module of the model: a head stored as ``module.linear.*`` for ``fc.*``.
+
+    An ``add_prefix`` puts every key under one container, so a module that belongs elsewhere
+    (``fc_layers.0`` -> ``backbone.embed.0`` beside ``conv_layers.`` -> ``backbone.features.``)
+    cannot be renamed after it: the strip and the add are then tried as one anchored regex,
+    which moves only the keys it strips.
+    """
+    better = _with_module_renames(ckpt, model, rename)
+    if better is not rename or not rename.add_prefix or len(rename.strip_prefix) > 1:
+        return better
+    if rename.regex:
+        return rename
+    strip = rename.strip_prefix[0] if rename.strip_prefix else ""
+    try:
+        moved = Rules(
+            keep=rename.keep,
+            drop=rename.drop,
+            replace=rename.replace,
+            regex=(("^" + re.escape(strip), rename.add_prefix.replace("\\", "\\\\")),),
+        )
+        if score(ckpt, model, moved) < score(ckpt, model, rename):
+            return rename
+    except RuleError:
+        return rename
+    alternative = _with_module_renames(ckpt, model, moved)
+    return alternative if alternative is not moved else rename
+
+
+def _with_module_renames(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
+) -> Rules:
+    """:func:`with_inner_renames` for the rules as they are (``rename`` when none helps)."""
     try:
         plan = rename.plan(ckpt)
     except RuleError:
