@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     run("scan", ckpt)
     run("inspect", ckpt)
 
-    heading("3. Does it fit DigitNet? No: other names. --suggest finds the convolutions")
+    heading("3. Does it fit DigitNet? No: other names. --suggest finds every layer's new name")
     run("diff", ckpt, "--model", MODEL, "--suggest", check=False)
 
-    heading("4. The recipe: the suggested rename, one more for the embedding, MNIST's head dropped")
+    heading("4. The recipe: the suggested renames, MNIST's head dropped for a fresh one")
     recipe = out / "digits_recipe.toml"
     shutil.copyfile(HERE / "digits_recipe.toml", recipe)
     print(recipe.read_text().strip())

@@ -181,3 +181,13 @@ def test_remap_safetensors_to_safetensors_does_not_import_torch(tmp_path: Path) 
 def test_scan_safetensors_does_not_import_torch(tmp_path: Path) -> None:
     write_safetensors(tmp_path / "m.safetensors")
     run_without_torch('cli("scan", "m.safetensors")\n', tmp_path)
+
+
+def test_inspect_of_several_state_dicts_does_not_import_torch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    torch.save(
+        {"state_dict": {"w": torch.zeros(2)}, "state_dict_ema": {"w": torch.ones(2)}},
+        tmp_path / "ema.pth",
+    )
+    proc = run_without_torch('cli("inspect", "ema.pth")\n', tmp_path)
+    assert "state_dict_ema" in proc.stdout and "2 state dicts" in proc.stdout

@@ -75,12 +75,30 @@ def test_moco_command_and_toml_are_ready_to_use(resnet50: Shapes) -> None:
     assert Rules.from_dict(tomllib.loads(s.toml())) == s.rules
 
 
-def test_head_changed_dataparallel_drops_the_old_head(resnet50: Shapes) -> None:
+def test_a_bigger_head_is_cut_to_rows_not_dropped(resnet50: Shapes) -> None:
     model = dict(resnet50, **{"fc.weight": (10, 2048), "fc.bias": (10,)})
     ckpt = {"module." + k: s for k, s in resnet50.items()}
     s = suggest(ckpt, model)
+    assert s.rules == Rules(strip_prefix=["module."])
+    [rows] = s.adapters
+    assert rows.op == "rows" and rows.args == ("--rows", "fc.*", "0-9")
+    assert rows.keys == ("fc.weight", "fc.bias")
+    assert "placeholder" in rows.note  # the user chooses which rows
+    assert s.missing_after == () and s.unexpected_after == () and s.allow_missing == ()
+    assert "--rows 'fc.*' 0-9" in s.remap_command()
+    proposals = s.to_dict()["proposals"]
+    assert {"rule": "--strip-prefix module.", "matches": len(ckpt), "kind": "rule"} in proposals
+    assert {"rule": "--rows 'fc.*' 0-9", "matches": 2, "kind": "adapter"} in proposals
+
+
+def test_a_smaller_head_is_dropped(resnet50: Shapes) -> None:
+    ckpt = {"module." + k: s for k, s in resnet50.items()}
+    ckpt.update({"module.fc.weight": (10, 2048), "module.fc.bias": (10,)})
+    s = suggest(ckpt, resnet50)
     assert s.rules == Rules(drop=["module.fc.*"], strip_prefix=["module."])
+    assert s.adapters == ()
     assert s.missing_after == ("fc.weight", "fc.bias")
+    assert s.allow_missing == ("fc.*",)
 
 
 def test_bert_prefix_is_added_and_pretraining_heads_dropped() -> None:
@@ -147,3 +165,139 @@ def test_rule_args_and_toml_round_trip_every_rule_kind() -> None:
     import tomllib
 
     assert Rules.from_dict(tomllib.loads(rules_toml(rules))) == rules
+
+
+def test_first_conv_for_other_input_channels_is_adapted(resnet50: Shapes) -> None:
+    model = dict(resnet50, **{"conv1.weight": (64, 1, 7, 7)})
+    s = suggest({"module." + k: v for k, v in resnet50.items()}, model)
+    [adapter] = s.adapters
+    assert adapter.op == "in_chans" and adapter.args == ("--in-chans", "conv1.weight", "1")
+    assert s.missing_after == () and s.unexpected_after == ()
+
+
+def test_position_embedding_for_another_grid_is_resampled() -> None:
+    vit = {
+        "cls_token": (1, 1, 192),
+        "pos_embed": (1, 197, 192),
+        "patch_embed.proj.weight": (192, 3, 16, 16),
+        "blocks.0.attn.qkv.weight": (576, 192),
+    }
+    model = dict(vit, pos_embed=(1, 577, 192))
+    s = suggest({"model." + k: v for k, v in vit.items()}, model)
+    [adapter] = s.adapters
+    assert adapter.args == ("--resample-pos-embed", "pos_embed", "24x24", "--prefix-tokens", "1")
+    assert adapter.to_dict()["params"] == {"size": [24, 24], "prefix_tokens": 1}
+    assert "--resample-pos-embed pos_embed 24x24 --prefix-tokens 1" in s.remap_command()
+    # no class token (a 14x14 grid to 16x16)
+    s = suggest(
+        {"pos_embed": (1, 196, 8), "a.weight": (2, 2)},
+        {"pos_embed": (1, 256, 8), "a.weight": (2, 2)},
+    )
+    assert [a.args for a in s.adapters] == [
+        ("--resample-pos-embed", "pos_embed", "16x16", "--prefix-tokens", "0")
+    ]
+
+
+def test_sibling_prefixes_with_continuing_indices_become_one_regex() -> None:
+    model = {f"features.{i}.weight": (i + 1, 3) for i in range(12)}
+    ckpt = {f"net.slice{i // 4 + 1}.{i}.weight": (i + 1, 3) for i in range(12)}
+    s = suggest(ckpt, model)
+    assert s.rules == Rules(regex=[(r"^net\.slice\d+\.", "features.")])
+    assert s.matched_after == 12
+    assert s.rule_counts == ((r"--regex '^net\.slice\d+\.' features.", 12),)
+
+
+def test_sibling_prefixes_whose_indices_restart_are_not_merged() -> None:
+    """Each slice counting from 0 would collide under one regex: no such rule is proposed."""
+    model = {f"features.{i}.weight": (3, 3) for i in range(4)}
+    ckpt = {f"net.slice{s}.{i}.weight": (3, 3) for s in (1, 2) for i in range(2)}
+    s = suggest(ckpt, model)
+    assert s.rules is None or not s.rules.regex
+
+
+def test_inner_rename_of_a_head() -> None:
+    body = {"conv1.weight": (8, 3, 3, 3), "bn1.weight": (8,), "bn1.bias": (8,)}
+    ckpt = {"module." + k: v for k, v in body.items()}
+    ckpt.update({"module.linear.weight": (10, 8), "module.linear.bias": (10,)})
+    model = dict(body, **{"fc.weight": (10, 8), "fc.bias": (10,)})
+    s = suggest(ckpt, model)
+    assert s.rules == Rules(strip_prefix=["module."], regex=[(r"^linear\.", "fc.")])
+    assert s.matched_after == len(model)
+
+
+def test_head_only_checkpoint_is_renamed_not_dropped() -> None:
+    s = suggest(
+        {"module.linear.weight": (10, 8), "module.linear.bias": (10,)},
+        {"fc.weight": (10, 8), "fc.bias": (10,)},
+    )
+    assert s.rules == Rules(regex=[(r"^module\.linear\.", "fc.")])
+    assert s.rules.apply({"module.linear.weight": 1, "module.linear.bias": 2}) == {
+        "fc.weight": 1,
+        "fc.bias": 2,
+    }
+
+
+def test_never_drops_every_key() -> None:
+    s = suggest({"module.a.weight": (3, 7), "module.b.weight": (2,)}, {"fc.weight": (10, 8)})
+    assert s.rules is None and s.remap_command() == ""
+    assert any("drop every key" in n for n in s.notes)
+
+
+def test_suggest_after_the_rules_given(resnet50: Shapes) -> None:
+    from ckptsurgery.suggest import suggest_after
+
+    ckpt = _moco(resnet50)
+    s = suggest_after(Rules(strip_prefix=["module."]), ckpt, resnet50)
+    assert s.rules is not None
+    assert _apply(s.rules, ckpt) == {k: v for k, v in resnet50.items() if not k.startswith("fc.")}
+    assert s.rules.strip_prefix[0] == "module."
+
+
+def test_recommendation_among_candidates() -> None:
+    from ckptsurgery.candidates import CandidateFit, preferred, recommend
+
+    def fit(key: str, n: int) -> CandidateFit:
+        return CandidateFit(key, 10, 40, 0, n, 10, False)
+
+    assert recommend([fit("student", 10), fit("teacher", 10)])[0] == "teacher"
+    assert recommend([fit("model", 10), fit("model_ema", 10)])[0] == "model_ema"
+    assert recommend([fit("model", 10), fit("model_ema", 7)])[0] == "model"
+    chosen, reason = recommend([fit("a", 10), fit("b", 10)])
+    assert chosen is None and "--key" in reason
+    assert preferred(["state_dict", "state_dict_ema"]) == "state_dict_ema"
+    assert preferred(["schema", "model"]) is None
+
+
+def test_modules_renamed_beside_a_prefix_added() -> None:
+    """The MNIST CNN of the digits demo: ``conv_layers.*`` go under ``backbone.features.``,
+    ``fc_layers.0`` is ``backbone.embed.0`` and ``fc_layers.2`` the ``head``: an add_prefix
+    cannot say that, anchored regexes can."""
+    ckpt = {
+        "conv_layers.0.weight": (32, 1, 3, 3),
+        "conv_layers.0.bias": (32,),
+        "conv_layers.3.weight": (64, 32, 3, 3),
+        "conv_layers.3.bias": (64,),
+        "fc_layers.0.weight": (256, 1152),
+        "fc_layers.0.bias": (256,),
+        "fc_layers.2.weight": (10, 256),
+        "fc_layers.2.bias": (10,),
+    }
+    model = {
+        "backbone.features.0.weight": (32, 1, 3, 3),
+        "backbone.features.0.bias": (32,),
+        "backbone.features.3.weight": (64, 32, 3, 3),
+        "backbone.features.3.bias": (64,),
+        "backbone.embed.0.weight": (256, 1152),
+        "backbone.embed.0.bias": (256,),
+        "head.weight": (10, 256),
+        "head.bias": (10,),
+    }
+    s = suggest(ckpt, model)
+    assert s.rules == Rules(
+        regex=[
+            (r"^conv_layers\.", "backbone.features."),
+            (r"^fc_layers\.0\.", "backbone.embed.0."),
+            (r"^fc_layers\.2\.", "head."),
+        ]
+    )
+    assert _apply(s.rules, ckpt) == model

@@ -55,3 +55,49 @@ def group_keys(ckpt: Checkpoint, depth: int) -> list[dict[str, Any]]:
             g["params"] += info.numel
             g["bytes"] += info.nbytes
     return list(groups.values())
+
+
+def describe_candidates(
+    path: str,
+    candidates: tuple[str, ...],
+    *,
+    allow_globals: tuple[str, ...] = (),
+    unsafe_pickle: bool = False,
+) -> dict[str, Any]:
+    """What ``inspect`` reports about a file holding several state dicts: each candidate
+    (its path inside the file, tensor and parameter counts, bytes), the other entries, and
+    which one other commands would pick (none: they ask for ``--key``), with the one the names
+    suggest (the EMA / teacher copy). Only headers are read."""
+    from ckptsurgery.candidates import preferred
+    from ckptsurgery.io import open_checkpoint
+
+    rows: list[dict[str, Any]] = []
+    fmt = ""
+    other: dict[str, str] = {}
+    tops = {c.split("/", 1)[0] for c in candidates}
+    for key in candidates:
+        with open_checkpoint(
+            path, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+        ) as ckpt:
+            fmt = ckpt.format
+            rows.append(
+                {
+                    "key": key,
+                    "tensors": len(ckpt.infos),
+                    "params": ckpt.total_params,
+                    "bytes": ckpt.total_bytes,
+                }
+            )
+            other.update({k: v for k, v in ckpt.other_entries.items() if k not in tops})
+    return {
+        "source": path,
+        "format": fmt,
+        "key": None,
+        "tensors": [],
+        "total_params": 0,
+        "total_bytes": 0,
+        "other_entries": other,
+        "candidates": rows,
+        "selected": None,  # other commands refuse to guess: they ask for --key
+        "preferred": preferred(candidates),
+    }

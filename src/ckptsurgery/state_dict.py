@@ -116,10 +116,17 @@ class Selector:
                 f"{source}: no state dict found (looked at the top level and one level below; "
                 f"it holds {what}); pass --key PATH to point at one"
             )
+        from ckptsurgery.candidates import preferred
+
         listing = ", ".join(candidates)
+        pick = preferred(candidates)
+        hint = (
+            f"e.g. --key {pick} (the EMA / teacher weights, what fine-tuning usually starts from)"
+            if pick is not None
+            else f"e.g. --key {candidates[0]}"
+        )
         raise StateDictSelectionError(
-            f"{source}: several state dicts found ({listing}); choose one with --key, "
-            f"e.g. --key {candidates[0]}",
+            f"{source}: several state dicts found ({listing}); choose one with --key, {hint}",
             candidates=tuple(candidates),
         )
 

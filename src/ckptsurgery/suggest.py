@@ -15,21 +15,34 @@ tied rule set, complete) instead of choosing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import shlex
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 
 from ckptsurgery.errors import RuleError
+from ckptsurgery.globs import covering_globs
+from ckptsurgery.keypairs import (
+    common_prefix,
+    embedded,
+    outcome,
+    partners,
+    score,
+    sibling_regexes,
+    split_common_suffix,
+    tail,
+    with_inner_renames,
+)
 from ckptsurgery.rules import Rules
+from ckptsurgery.shape_fit import Adapter, propose_adapters
 
 Shape = tuple[int, ...]
 
 # How many of the best-voted renames of each kind are combined into candidates.
 _TOP = 4
-# Keys are compared on at most this many trailing segments when looking for partners.
-_TAIL = 2
 # Tied rule sets or partner keys named in one ambiguity message before "and N more".
 _MAX_OPTIONS = 4
 
@@ -52,6 +65,16 @@ class Suggestion:
     # Globs that cover exactly ``missing_after`` among the model's keys (``("fc.*",)``): what a
     # gate needs in ``allow_missing`` to accept the result.
     allow_missing: tuple[str, ...] = ()
+    # Shape mismatches an adapter fixes (``--rows``, ``--in-chans``, ``--resample-pos-embed``),
+    # proposed instead of dropping the keys; their keys are neither missing nor unexpected.
+    adapters: tuple[Adapter, ...] = ()
+    # Each rule of ``rules`` as a CLI flag, and how many checkpoint keys it matches.
+    rule_counts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def adapter_args(self) -> list[str]:
+        """The adapters as ``remap`` command-line words."""
+        return [w for a in self.adapters for w in a.args]
 
     def remap_command(
         self,
@@ -66,12 +89,13 @@ class Suggestion:
         ``key`` is the ``--key`` the source needs; ``extra`` are more words to append (a
         ``--model`` gate). "" when there are no rules.
         """
-        if self.rules is None:
+        if self.rules is None and not self.adapters:
             return ""
         words = ["ckptsurgery", "remap", src, "-o", out]
         if key is not None:
             words += ["--key", key]
-        words.extend(rule_args(self.rules))
+        words.extend(rule_args(self.rules or Rules()))
+        words.extend(self.adapter_args)
         words.extend(extra)
         return " ".join(shlex.quote(w) for w in words)
 
@@ -92,6 +116,14 @@ class Suggestion:
             "notes": list(self.notes),
             "alternatives": [r.to_dict() for r in self.alternatives],
             "allow_missing": list(self.allow_missing),
+            "proposals": [
+                {"rule": rule, "matches": n, "kind": "rule"} for rule, n in self.rule_counts
+            ]
+            + [
+                {"rule": shlex.join(a.args), "matches": len(a.keys), "kind": "adapter"}
+                for a in self.adapters
+            ],
+            "adapters": [a.to_dict() for a in self.adapters],
         }
 
 
@@ -135,17 +167,19 @@ def suggest(
     ckpt = {k: tuple(v) for k, v in checkpoint.items()}
     target = {k: tuple(v) for k, v in model.items()}
     group = dict(ties or {})
-    before = _score(ckpt, target, Rules())
+    before = score(ckpt, target, Rules())
 
     strips: Counter[str] = Counter()
     adds: Counter[str] = Counter()
     replaces: Counter[tuple[str, str]] = Counter()
-    for k, m in _partners(ckpt, target):
-        kp, mp = _split_common_suffix(k, m)
+    swaps: Counter[tuple[str, str]] = Counter()  # whole leading prefix -> another (or none)
+    for k, m in partners(ckpt, target):
+        kp, mp = split_common_suffix(k, m)
         if kp == mp:
             continue
         if not mp:
             strips[kp] += 1
+            swaps[(kp, mp)] += 1
         elif not kp:
             adds[mp] += 1
         elif kp.endswith("." + mp):  # whole segments only: "extra." does not end in "a."
@@ -153,14 +187,15 @@ def suggest(
         elif mp.endswith("." + kp):
             adds[mp[: len(mp) - len(kp)]] += 1
         else:
-            head = _common_prefix(kp, mp)
+            head = common_prefix(kp, mp)
             old, new = kp[len(head) :], mp[len(head) :]
             if head and old:
                 replaces[(old, new)] += 1
             else:
                 strips[kp] += 1
                 adds[mp] += 1
-                inner = _embedded(kp, mp)
+                swaps[(kp, mp)] += 1
+                inner = embedded(kp, mp)
                 if inner is not None:
                     # module.enc.layer3._orig_mod. vs enc.layer3.: strip one, replace the other.
                     strips[inner[0]] += 1
@@ -171,18 +206,26 @@ def suggest(
     replace_opts: list[tuple[tuple[str, str], ...]] = [()] + [
         (r,) for r, _ in replaces.most_common(_TOP)
     ]
+    candidates: list[Rules] = []
+    for strip, add, replace in product(strip_opts, add_opts, replace_opts):
+        if strip or add or replace:
+            with _suppress_rule_error():
+                candidates.append(Rules(strip_prefix=strip, add_prefix=add, replace=replace))
+    for regex in sibling_regexes(swaps)[:2]:
+        # module.net.slice1.0. .. module.net.slice4.41. -> features.0. .. features.41.
+        for replace in replace_opts:
+            with _suppress_rule_error():
+                candidates.append(Rules(replace=replace, regex=(regex,)))
 
     scored: list[tuple[int, int, Rules]] = []
-    for strip, add, replace in product(strip_opts, add_opts, replace_opts):
-        if not (strip or add or replace):
-            continue
+    for candidate in candidates:
         try:
-            rules = Rules(strip_prefix=strip, add_prefix=add, replace=replace)
-            score = _score(ckpt, target, rules)
+            points = score(ckpt, target, candidate)
         except RuleError:
             continue  # e.g. the candidate makes two keys collide
-        size = len(strip) + bool(add) + len(replace)
-        scored.append((score, -size, rules))
+        size = len(candidate.strip_prefix) + bool(candidate.add_prefix) + len(candidate.replace)
+        size += len(candidate.regex)
+        scored.append((points, -size, candidate))
 
     notes: list[str] = []
     if not scored or max(s for s, _, _ in scored) <= before:
@@ -194,7 +237,7 @@ def suggest(
         outcomes: dict[frozenset[str], Rules] = {}
         for s, size, r in scored:
             if s == top_score and size == top_size:
-                outcomes.setdefault(_outcome(ckpt, r), r)
+                outcomes.setdefault(outcome(ckpt, r), r)
         tied = list(outcomes.values())
         primary = [r for r in tied if not _is_secondary(r)]
         if primary and len(primary) < len(tied):
@@ -216,15 +259,53 @@ def suggest(
         complete = [_with_filters(ckpt, target, r, spare=set()) for r in [best_rename, *tied]]
         options = _some([" ".join(r.describe()) for r in complete], sep="; ")
         ambiguities.append(
-            f"several rule sets each match {_score(ckpt, target, best_rename)} of "
+            f"several rule sets each match {score(ckpt, target, best_rename)} of "
             f"{len(target)} model keys; pick one for remap: {options}"
         )
         return _result(ckpt, target, group, None, before, ambiguities, notes, tuple(complete))
 
+    best_rename = with_inner_renames(ckpt, target, best_rename)
     unsure = _suffix_ambiguities(ckpt, target, best_rename)
     ambiguities.extend(f"{old} could be any of {_some(opts)}" for old, opts in unsure.items())
-    rules = _with_filters(ckpt, target, best_rename, spare=set(unsure))
-    return _result(ckpt, target, group, rules or None, before, ambiguities, notes, ())
+    adapters, adapted = _adapters(ckpt, target, best_rename)
+    found = _with_filters(ckpt, target, best_rename, spare=set(unsure) | adapted)
+    useless = found and (not found.plan(ckpt).renames or score(ckpt, target, found) == 0)
+    if useless and not adapters:
+        # Rules that keep no key, or under which no key matches, make a command that fails
+        # (an empty output) or loads nothing: no suggestion rather than that.
+        notes.append(
+            "no rule found under which a checkpoint key matches a model key by name and "
+            "shape; not suggesting to drop every key"
+        )
+        found = Rules()
+    return _result(
+        ckpt, target, group, found or None, before, ambiguities, notes, (), tuple(adapters)
+    )
+
+
+def _suppress_rule_error() -> contextlib.AbstractContextManager[None]:
+    return contextlib.suppress(RuleError)
+
+
+def _adapters(
+    ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rename: Rules
+) -> tuple[list[Adapter], set[str]]:
+    """The adapters that fix the shape mismatches left by ``rename``, and the checkpoint
+    keys they adapt (which the filters then keep)."""
+    try:
+        plan = rename.plan(ckpt)
+    except RuleError:
+        return [], set()
+    mismatched = {
+        new: (ckpt[old], model[new])
+        for old, new in plan.renames
+        if new in model and model[new] != ckpt[old]
+    }
+    if not mismatched:
+        return [], set()
+    adapters = propose_adapters(mismatched, [new for _, new in plan.renames])
+    fixed = {k for a in adapters for k in a.keys}
+    return adapters, {old for old, new in plan.renames if new in fixed}
 
 
 def _some(items: Sequence[str], *, sep: str = ", ") -> str:
@@ -242,84 +323,6 @@ def _is_secondary(rules: Rules) -> bool:
     segments = {seg for p in rules.strip_prefix for seg in p.split(".")}
     segments |= {seg for old, _ in rules.replace for seg in old.split(".")}
     return any(seg in _SECONDARY for seg in segments)
-
-
-# -- candidates ----------------------------------------------------------------------------
-
-
-def _tail(key: str) -> str:
-    return ".".join(key.split(".")[-_TAIL:])
-
-
-def _partners(ckpt: Mapping[str, Shape], model: Mapping[str, Shape]) -> Iterable[tuple[str, str]]:
-    """(checkpoint key, model key) pairs with the same shape and the same last segments.
-
-    Of a checkpoint key's candidates, only those that share the most trailing segments with it
-    are paired: ``encoder.layer.3.output.dense.weight`` pairs with
-    ``bert.encoder.layer.3.output.dense.weight`` and not with the same tensor of every other
-    layer, whose votes (one per pair of layers) would drown the one true rename.
-    """
-    by_tail: dict[tuple[str, Shape], list[str]] = {}
-    for m, shape in model.items():
-        by_tail.setdefault((_tail(m), shape), []).append(m)
-    for k, shape in ckpt.items():
-        candidates = by_tail.get((_tail(k), shape), [])
-        lengths = [_common_suffix_length(k, m) for m in candidates]
-        longest = max(lengths, default=0)
-        for m, n in zip(candidates, lengths, strict=True):
-            if n == longest:
-                yield k, m
-
-
-def _common_suffix_length(a: str, b: str) -> int:
-    """How many trailing dotted segments ``a`` and ``b`` share."""
-    pa, pb = a.split("."), b.split(".")
-    n = 0
-    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
-        n += 1
-    return n
-
-
-def _split_common_suffix(a: str, b: str) -> tuple[str, str]:
-    """``("module.fc.weight", "fc.weight")`` -> ``("module.", "")``: the differing heads."""
-    pa, pb = a.split("."), b.split(".")
-    n = _common_suffix_length(a, b)
-    head_a = ".".join(pa[: len(pa) - n])
-    head_b = ".".join(pb[: len(pb) - n])
-    return (head_a + "." if head_a else ""), (head_b + "." if head_b else "")
-
-
-def _embedded(a: str, b: str) -> tuple[str, str] | None:
-    """Where the dotted head ``b`` sits inside ``a`` with segments before and after it:
-    ``("module.enc.layer3._orig_mod.", "enc.layer3.")`` -> ``("module.", "_orig_mod.")``."""
-    pa, pb = a.split(".")[:-1], b.split(".")[:-1]  # heads end with "."
-    for i in range(1, len(pa) - len(pb)):
-        if pa[i : i + len(pb)] == pb:
-            return ".".join(pa[:i]) + ".", ".".join(pa[i + len(pb) :]) + "."
-    return None
-
-
-def _common_prefix(a: str, b: str) -> str:
-    """The longest common prefix of two dotted heads that ends on a segment boundary."""
-    pa, pb = a.split("."), b.split(".")
-    out = []
-    for x, y in zip(pa, pb, strict=False):
-        if x != y or not x:
-            break
-        out.append(x)
-    return ".".join(out) + "." if out else ""
-
-
-# -- scoring -------------------------------------------------------------------------------
-
-
-def _score(ckpt: Mapping[str, Shape], model: Mapping[str, Shape], rules: Rules) -> int:
-    plan = rules.plan(ckpt)
-    return sum(1 for old, new in plan.renames if model.get(new) == ckpt[old])
-
-
-def _outcome(ckpt: Mapping[str, Shape], rules: Rules) -> frozenset[str]:
-    return frozenset(new for _, new in rules.plan(ckpt).renames)
 
 
 # -- filters for what is left over --------------------------------------------------------
@@ -348,7 +351,7 @@ def _with_filters(
         ):
             keep = (prefix + "*",)
     kept = [k for k in ckpt if not keep or any(k.startswith(g[:-1]) for g in keep)]
-    drop = _covering_globs([k for k in leftover if k in set(kept)], kept)
+    drop = covering_globs([k for k in leftover if k in set(kept)], kept)
     return Rules(
         keep=keep,
         drop=drop,
@@ -357,34 +360,6 @@ def _with_filters(
         regex=rename.regex,
         add_prefix=rename.add_prefix,
     )
-
-
-def _covering_globs(remove: Sequence[str], universe: Sequence[str]) -> tuple[str, ...]:
-    """Few globs that match every key of ``remove`` and no other key of ``universe``.
-
-    Each key is widened to its highest module path whose keys are all to be removed:
-    ``module.encoder_q.fc.0.weight`` becomes ``module.encoder_q.fc.*`` when the whole ``fc``
-    goes, and stays a full key name when its siblings stay.
-    """
-    removing = set(remove)
-    keep = [k for k in universe if k not in removing]
-    globs: list[str] = []
-    for key in remove:
-        if any(_glob_matches(g, key) for g in globs):
-            continue
-        parts = key.split(".")
-        best = key
-        for depth in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:depth]) + "."
-            if any(k.startswith(prefix) for k in keep):
-                break
-            best = prefix + "*"
-        globs.append(best)
-    return tuple(globs)
-
-
-def _glob_matches(glob: str, key: str) -> bool:
-    return key.startswith(glob[:-1]) if glob.endswith("*") else key == glob
 
 
 def _suffix_ambiguities(
@@ -398,7 +373,7 @@ def _suffix_ambiguities(
     for old, new in plan.renames:
         if model.get(new) == ckpt[old]:
             continue
-        options = [m for m, s in missing.items() if s == ckpt[old] and _tail(m) == _tail(new)]
+        options = [m for m, s in missing.items() if s == ckpt[old] and tail(m) == tail(new)]
         if len(options) > 1:
             out[old] = options
     return out
@@ -413,22 +388,87 @@ def _result(
     ambiguities: list[str],
     notes: list[str],
     alternatives: tuple[Rules, ...],
+    adapters: tuple[Adapter, ...] = (),
 ) -> Suggestion:
     applied = (rules or Rules()).plan(ckpt)
     result = {new: ckpt[old] for old, new in applied.renames}
     matched = [m for m, s in model.items() if result.get(m) == s]
-    # A tied name is filled by loading its matched partner (as match() counts it).
-    filled = {group.get(m, m) for m in matched}
+    # A tied name is filled by loading its matched partner (as match() counts it), and an
+    # adapted one by the adapter's output.
+    adapted = {k for a in adapters for k in a.keys}
+    filled = {group.get(m, m) for m in [*matched, *adapted]}
     missing = tuple(m for m in model if group.get(m, m) not in filled)
+    rule_counts = applied.rule_counts if rules is not None else ()
     return Suggestion(
         rules=rules,
         matched_before=before,
         matched_after=len(matched),
         model_keys=len(model),
         missing_after=missing,
-        unexpected_after=tuple(k for k in result if model.get(k) != result[k]),
+        unexpected_after=tuple(k for k in result if model.get(k) != result[k] and k not in adapted),
         ambiguities=tuple(ambiguities),
         notes=tuple(notes),
         alternatives=alternatives,
-        allow_missing=_covering_globs(missing, list(model)) if rules is not None else (),
+        allow_missing=(
+            covering_globs(missing, list(model)) if rules is not None or adapters else ()
+        ),
+        adapters=adapters,
+        rule_counts=rule_counts,
     )
+
+
+def suggest_after(
+    given: Rules,
+    checkpoint: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    model: Mapping[str, Shape] | Mapping[str, Sequence[int]],
+    *,
+    ties: Mapping[str, str] | None = None,
+) -> Suggestion:
+    """:func:`suggest`, starting from the rules the user gave: the result's ``rules`` are the
+    whole set (``given`` and what is suggested on top of them), ready for one ``remap``.
+
+    ``checkpoint`` holds the keys before ``given``. When the two cannot be written as one rule
+    set (an ``add_prefix`` given, then renamed), the result holds only the added rules and a
+    note says that they apply to the keys the given rules make.
+    """
+    if not given:
+        return suggest(checkpoint, model, ties=ties)
+    ckpt = {k: tuple(v) for k, v in checkpoint.items()}
+    first = given.plan(ckpt)
+    renamed = {new: ckpt[old] for old, new in first.renames}
+    then = suggest(renamed, model, ties=ties)
+    if then.rules is None:
+        if then.alternatives or then.ambiguities:
+            return then
+        notes = (*then.notes, "the rules given already make the most keys match")
+        return dataclasses.replace(then, rules=given, notes=notes, rule_counts=first.rule_counts)
+    whole = _compose(given, then.rules, ckpt)
+    if whole is None:
+        note = (
+            "the suggested rules apply to the keys your rules make (run remap with yours first); "
+            "they do not combine into one rule set"
+        )
+        return dataclasses.replace(then, notes=(*then.notes, note))
+    return dataclasses.replace(then, rules=whole, rule_counts=whole.plan(ckpt).rule_counts)
+
+
+def _compose(first: Rules, then: Rules, ckpt: Mapping[str, Shape]) -> Rules | None:
+    """One rule set doing ``first`` then ``then`` to these keys, or None when none is found."""
+    p1 = first.plan(ckpt)
+    p2 = then.plan([new for _, new in p1.renames]).mapping
+    expected = {old: p2[new] for old, new in p1.renames if new in p2}
+    kept = [old for old, _ in p1.renames]
+    gone = [old for old, new in p1.renames if new not in p2]
+    add = then.add_prefix + first.add_prefix if first.add_prefix else then.add_prefix
+    try:
+        whole = Rules(
+            keep=first.keep,
+            drop=first.drop + covering_globs(gone, kept),
+            strip_prefix=first.strip_prefix + then.strip_prefix,
+            replace=first.replace + then.replace,
+            regex=first.regex + then.regex,
+            add_prefix=add,
+        )
+        return whole if whole.plan(ckpt).mapping == expected else None
+    except RuleError:
+        return None

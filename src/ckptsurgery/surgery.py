@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ckptsurgery._types import PathLike
@@ -25,6 +25,7 @@ from ckptsurgery.rules import Rules
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from ckptsurgery.candidates import CandidateFit
     from ckptsurgery.match import MatchReport
     from ckptsurgery.suggest import Suggestion
 
@@ -112,6 +113,11 @@ class DiffResult:
     suggestion: Suggestion | None
     source_key: str | None
     other_entries: dict[str, str]
+    # Several nested state dicts and ``suggest``: how each fits, the one used and why.
+    candidates: tuple[CandidateFit, ...] = ()
+    recommendation: str = ""
+    # What the rules given did (each rule as a CLI flag, and how many keys it matched).
+    rule_counts: tuple[tuple[str, int], ...] = ()
 
 
 def diff(
@@ -120,6 +126,7 @@ def diff(
     *,
     key: str | None = None,
     target_key: str | None = None,
+    rules: Rules | None = None,
     allow_missing: tuple[str, ...] | list[str] = (),
     allow_unexpected: tuple[str, ...] | list[str] = (),
     suggest: bool = False,
@@ -129,32 +136,100 @@ def diff(
     """Dry-run match of the checkpoint at ``src`` against ``target``; no tensor data is read.
 
     ``target`` is a model (``nn.Module`` or ``BuiltModel``) or the path of a reference
-    checkpoint (``target_key`` selects its state dict). With ``suggest``, also infer the rules
-    that would make the most keys match.
+    checkpoint (``target_key`` selects its state dict). ``rules`` are applied to the keys
+    first (nothing is written). With ``suggest``, also infer the rules that would make the most
+    keys match, starting from ``rules``; and when ``src`` holds several nested state dicts and
+    no ``key`` is given, match each against the target and go on with the recommended one
+    (``candidates``, ``recommendation``), or raise when none can be chosen.
     """
+    from ckptsurgery.errors import StateDictSelectionError
     from ckptsurgery.loading import tie_groups
-    from ckptsurgery.match import match
-    from ckptsurgery.suggest import suggest as suggest_rules
 
     trust = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
-    with open_checkpoint(src, key=key, **trust) as ckpt:  # type: ignore[arg-type]
-        if isinstance(target, str | os.PathLike):
-            with open_checkpoint(target, key=target_key, **trust) as ref:  # type: ignore[arg-type]
-                target_shapes = {k: i.shape for k, i in ref.infos.items()}
-                target_ties = tie_groups(ref)
-                report = match(
-                    ckpt, ref, allow_missing=allow_missing, allow_unexpected=allow_unexpected
-                )
-        else:
-            module = getattr(target, "module", target)  # a BuiltModel or a module
-            target_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            target_ties = tie_groups(target)
-            report = match(
-                ckpt, target, allow_missing=allow_missing, allow_unexpected=allow_unexpected
-            )
+    if isinstance(target, str | os.PathLike):
+        with open_checkpoint(target, key=target_key, **trust) as ref:  # type: ignore[arg-type]
+            side: Any = ref  # matched from its header, which stays readable once closed
+            target_shapes = {k: i.shape for k, i in ref.infos.items()}
+            target_ties = tie_groups(ref)
+    else:
+        side = target
+        module = getattr(target, "module", target)  # a BuiltModel or a module
+        target_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        target_ties = tie_groups(target)
+    options: dict[str, Any] = {
+        "rules": rules or Rules(),
+        "allow_missing": allow_missing,
+        "allow_unexpected": allow_unexpected,
+        "target": (side, target_shapes, target_ties),
+        "suggest": suggest,
+    }
+    try:
+        return _diff_one(src, key, trust, **options)
+    except StateDictSelectionError as e:
+        if not suggest or key is not None or len(e.candidates) < 2:
+            raise
+        fits = [_fit(src, k, trust, options) for k in e.candidates]
+        from ckptsurgery.candidates import recommend
+
+        chosen, reason = recommend(fits)
+        if chosen is None:
+            raise StateDictSelectionError(
+                f"{e}; matched against the target: "
+                + ", ".join(f"{f.key} {f.matched_with_rules} of {f.model_keys}" for f in fits)
+                + f" ({reason})",
+                candidates=e.candidates,
+            ) from None
+        result = _diff_one(src, chosen, trust, **options)
+        return replace(result, candidates=tuple(fits), recommendation=f"{chosen}: {reason}")
+
+
+def _diff_one(
+    src: PathLike,
+    key: str | None,
+    trust: dict[str, Any],
+    *,
+    rules: Rules,
+    allow_missing: tuple[str, ...] | list[str],
+    allow_unexpected: tuple[str, ...] | list[str],
+    target: tuple[Any, dict[str, tuple[int, ...]], dict[str, str]],
+    suggest: bool,
+) -> DiffResult:
+    from ckptsurgery.match import match
+    from ckptsurgery.suggest import suggest_after
+
+    side, target_shapes, target_ties = target
+    with open_checkpoint(src, key=key, **trust) as ckpt:
+        checkpoint: Any = ckpt
+        counts: tuple[tuple[str, int], ...] = ()
+        if rules:
+            plan = rules.plan(ckpt.infos)
+            checkpoint = {new: ckpt.infos[old] for old, new in plan.renames}
+            counts = plan.rule_counts
+        report = match(
+            checkpoint, side, allow_missing=allow_missing, allow_unexpected=allow_unexpected
+        )
         suggestion = None
         if suggest:
-            suggestion = suggest_rules(
-                {k: i.shape for k, i in ckpt.infos.items()}, target_shapes, ties=target_ties
-            )
-        return DiffResult(report, suggestion, ckpt.key, ckpt.other_entries)
+            shapes = {k: i.shape for k, i in ckpt.infos.items()}
+            suggestion = suggest_after(rules, shapes, target_shapes, ties=target_ties)
+        return DiffResult(report, suggestion, ckpt.key, ckpt.other_entries, rule_counts=counts)
+
+
+def _fit(src: PathLike, key: str, trust: dict[str, Any], options: dict[str, Any]) -> CandidateFit:
+    """How the state dict at ``key`` fits the target, as it is and with suggested rules."""
+    from ckptsurgery.candidates import CandidateFit
+
+    with open_checkpoint(src, key=key, **trust) as ckpt:
+        tensors, size = len(ckpt.infos), ckpt.total_bytes
+    result = _diff_one(src, key, trust, **{**options, "suggest": True})
+    s = result.suggestion
+    matched = len(result.report.matched)
+    return CandidateFit(
+        key=key,
+        tensors=tensors,
+        bytes=size,
+        matched=matched,
+        matched_with_rules=max(s.matched_after, s.matched_before) if s is not None else matched,
+        model_keys=s.model_keys if s is not None else len(options["target"][1]),
+        compatible=result.report.compatible,
+    )

@@ -799,14 +799,32 @@ def test_remap_safetensors_to_safetensors_rename_only(tmp_path: Path) -> None:
 # -- selecting the state dict ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["inspect", "remap"])
-def test_ambiguous_nested_state_dicts(tmp_path: Path, command: str) -> None:
+def test_ambiguous_nested_state_dicts(tmp_path: Path) -> None:
     src = make_ambiguous(tmp_path)
-    args: list[str | Path] = [command, src]
-    if command == "remap":
-        args += ["-o", tmp_path / "out.safetensors"]
-    assert_error(cli_run(*args), "model/student", "model/teacher", "--key")
+    result = cli_run("remap", src, "-o", tmp_path / "out.safetensors")
+    # the hint names the teacher (the weights fine-tuning starts from), not the first listed
+    assert_error(result, "model/student", "model/teacher", "--key", "e.g. --key model/teacher")
     assert files_in(tmp_path) == {"dino.pth"}
+
+
+def test_inspect_lists_several_state_dicts(tmp_path: Path) -> None:
+    src = make_ambiguous(tmp_path)
+    result = cli_run("inspect", src)
+    assert_ok(result)
+    assert "2 state dicts in this file" in result.stdout
+    for line in ("model/student", "model/teacher"):
+        assert line in result.stdout
+    assert "--key model/teacher" in result.stdout and "epoch" in result.stdout
+
+    report = json.loads(cli_run("inspect", src, "--json").stdout)
+    assert report["candidates"] == [
+        {"key": "model/student", "tensors": 1, "params": 2, "bytes": 8},
+        {"key": "model/teacher", "tensors": 1, "params": 2, "bytes": 8},
+    ]
+    assert report["selected"] is None and report["preferred"] == "model/teacher"
+    assert report["key"] is None and report["tensors"] == []
+    assert report["other_entries"] == {"epoch": "int"}
+    assert report["format"] == "torch-zip"
 
 
 def test_key_selects_a_nested_state_dict(tmp_path: Path) -> None:

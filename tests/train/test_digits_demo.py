@@ -37,9 +37,10 @@ def test_every_transfer_mode_beats_scratch_on_the_uci_digits(tmp_path: Path) -> 
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    # The surgery did something: the keys did not line up, --suggest found the convolutions,
-    # the recipe renamed everything but the head, and the gate let it through.
-    assert "6 of 10 model tensors would match" in proc.stdout
+    # The surgery did something: the keys did not line up, --suggest found every layer (the
+    # embedding and the head renamed inside the network too), the recipe renamed everything
+    # but the head, and the gate let it through.
+    assert "10 of 10 model tensors would match" in proc.stdout
     assert "matched 8 of 10 model tensors" in proc.stdout and "compatible" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())

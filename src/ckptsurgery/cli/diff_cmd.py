@@ -15,12 +15,20 @@ from ckptsurgery.cli._common import (
     selection_note,
     warnings_as_notes,
 )
-from ckptsurgery.cli._options import allow_options, fmt_option, model_options, source_options
+from ckptsurgery.cli._options import (
+    allow_options,
+    fmt_option,
+    model_options,
+    rule_options,
+    source_options,
+)
 from ckptsurgery.cli._values import ValueFlags, run_values, value_options
 from ckptsurgery.io import atomic_write, check_output_path
 from ckptsurgery.keygroups import group_keys
+from ckptsurgery.render.tables import human_bytes, table
+from ckptsurgery.rules import Rules
 from ckptsurgery.suggest import Suggestion
-from ckptsurgery.surgery import diff
+from ckptsurgery.surgery import DiffResult, diff
 
 # The output in the suggested remap command, for the user to replace.
 OUT_PLACEHOLDER = "OUT.safetensors"
@@ -37,6 +45,7 @@ OUT_PLACEHOLDER = "OUT.safetensors"
     help="Compare with another checkpoint instead of a model.",
 )
 @click.option("--ref-key", metavar="PATH", default=None, help="--key for REF.")
+@rule_options
 @allow_options
 @click.option(
     "--suggest",
@@ -49,7 +58,7 @@ OUT_PLACEHOLDER = "OUT.safetensors"
     metavar="FILE.toml",
     default=None,
     help="With --suggest: also write the suggested rules (and the model as the gate) as a "
-    "recipe that `ckptsurgery apply` runs unchanged.",
+    "recipe that `ckptsurgery apply` runs unchanged; written even when no rule is needed.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --emit-recipe (or --plot) FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
@@ -62,6 +71,8 @@ def diff_cmd(
     model_args: tuple[str, ...],
     ref: str | None,
     ref_key: str | None,
+    rules: Rules,
+    rules_key: str | None,
     allow_missing: tuple[str, ...],
     allow_unexpected: tuple[str, ...],
     want_suggestion: bool,
@@ -82,6 +93,11 @@ def diff_cmd(
     when compatible (nothing missing, unexpected or mismatched beyond what --allow-missing /
     --allow-unexpected allow), 1 when not.
 
+    The rule options of remap (--keep, --drop, --strip-prefix, --replace, --regex,
+    --add-prefix, --rules FILE) rename the keys before the match, so rules are tried here
+    without writing anything; --suggest then starts from them. With several nested state
+    dicts, --suggest matches each against the model and goes on with the one it recommends.
+
     \b
     Example:
       ckptsurgery diff moco_v2.pth.tar --model torchvision:resnet50 --suggest
@@ -89,14 +105,17 @@ def diff_cmd(
           --emit-recipe moco.toml && ckptsurgery apply moco.toml
       ckptsurgery diff backbone.safetensors --model torchvision:resnet50 \\
           --model-arg num_classes=10 --allow-missing 'fc.*' --json
+      ckptsurgery diff craft.pth --model torchvision:vgg16_bn \\
+          --regex '^module\\.net\\.slice\\d+\\.' features. --suggest
       ckptsurgery diff model-bf16.safetensors --against model.safetensors --values \\
           --sort rel_l2 --top 10 --plot change.png
       ckptsurgery diff converted.pt --against original.safetensors --atol 1e-6 --rtol 1e-5
 
     With --values (or any option that implies it) the tensors' values are compared with
-    REF's, one pair at a time: see --values. --atol/--rtol or --bit-equal make that a check
-    that exits 1 when a tensor falls outside, naming the worst ones.
+    REF's, one pair at a time, after the rules: see --values. --atol/--rtol or --bit-equal
+    make that a check that exits 1 when a tensor falls outside, naming the worst ones.
     """
+    key = key or rules_key
     if values.wanted:
         if ref is None or model_spec is not None:
             raise click.UsageError("--values compares two checkpoints: give --against REF")
@@ -108,6 +127,7 @@ def diff_cmd(
             values,
             key=key,
             ref_key=ref_key,
+            rules=rules,
             allow_missing=allow_missing,
             allow_unexpected=allow_unexpected,
             as_json=as_json,
@@ -136,6 +156,7 @@ def diff_cmd(
             target,
             key=key,
             target_key=ref_key,
+            rules=rules,
             allow_missing=allow_missing,
             allow_unexpected=allow_unexpected,
             suggest=want_suggestion,
@@ -143,7 +164,16 @@ def diff_cmd(
             unsafe_pickle=unsafe_pickle,
         )
     selection_note(result.source_key, key, result.other_entries)
+    if result.candidates:
+        # Several state dicts: the one recommended is used, and every command made here
+        # names it, so that it runs as printed.
+        key = result.source_key
+        if as_json:  # the tables say it otherwise
+            note(f"recommended --key {result.recommendation}")
     report, suggestion = result.report, result.suggestion
+    for rule, n in result.rule_counts:
+        if n == 0:
+            note(f"note: rule {rule} matched no key")
     for glob in report.unused_allow():
         note(f"note: allow glob {glob} matched no key")
     command = ""
@@ -169,8 +199,15 @@ def diff_cmd(
                 "command": command or None,
                 "toml": suggestion.toml() or None,
             }
+        if result.candidates:
+            payload["candidates"] = [c.to_dict() for c in result.candidates]
+            chosen, _, reason = result.recommendation.partition(": ")
+            payload["recommended"] = {"key": chosen, "reason": reason}
         echo_json(payload)
     else:
+        if result.candidates:
+            click.echo(render_candidates(result, fmt=fmt))
+            click.echo()
         click.echo(report.table(matched=True, fmt=fmt))
         if suggestion is not None:
             click.echo()
@@ -183,6 +220,28 @@ def diff_cmd(
     raise click.exceptions.Exit(1)
 
 
+def render_candidates(result: DiffResult, *, fmt: str) -> str:
+    """The nested state dicts, how each fits, and the one recommended."""
+    rows = [
+        (
+            c.key,
+            c.tensors,
+            human_bytes(c.bytes),
+            f"{c.matched} of {c.model_keys}",
+            f"{c.matched_with_rules} of {c.model_keys}",
+            "yes" if c.fits else "no",
+        )
+        for c in result.candidates
+    ]
+    headers = ("state dict (--key)", "tensors", "bytes", "matched", "with rules", "fits")
+    chosen, _, reason = result.recommendation.partition(": ")
+    return (
+        "several state dicts in the file, each matched against the model:\n"
+        + table(rows, headers, fmt=fmt)
+        + f"\n\nusing --key {chosen}: {reason}"
+    )
+
+
 def write_suggested_recipe(
     path: str,
     src: str,
@@ -193,28 +252,42 @@ def write_suggested_recipe(
     *,
     force: bool,
 ) -> None:
-    """The suggestion as a recipe: the source with its rules, the model as the gate."""
+    """The suggestion as a recipe: the source with its rules, the model as the gate.
+
+    Written also when no rule is needed (the recipe then holds the ``--key`` choice and the
+    output), so that ``diff --suggest --emit-recipe R && apply R`` always works. Adapters are
+    not part of the recipe format here: the gate drops the keys they would fix
+    (``drop_mismatched``) and allows them missing, and a note says so.
+    """
     from ckptsurgery.errors import RuleError
     from ckptsurgery.models import parse_model_args
     from ckptsurgery.recipe import Target, recipe_toml
 
-    if suggestion.rules is None:
-        raise RuleError(
-            "no recipe written: "
-            + ("the suggestion is ambiguous" if suggestion.ambiguities else "no rules to suggest")
-        )
+    if suggestion.rules is None and (suggestion.ambiguities or suggestion.alternatives):
+        raise RuleError("no recipe written: the suggestion is ambiguous")
+    rules = suggestion.rules or Rules()
     target = None
     if model_spec is not None:
+        allow = suggestion.allow_missing
+        adapted = [k for a in suggestion.adapters for k in a.keys]
+        if adapted:
+            allow = (*allow, *adapted)
+            note(
+                "note: the recipe drops the keys the adapters would fix ("
+                + " ".join(shlex.join(a.args) for a in suggestion.adapters)
+                + "); add the adapters to it by hand, or run the printed command"
+            )
         target = Target(
             model_spec,
             parse_model_args(model_args),
-            allow_missing=tuple(suggestion.allow_missing),
+            allow_missing=tuple(allow),
+            drop_mismatched=bool(adapted),
         )
     # The output goes beside the recipe; paths are written relative to the recipe's folder.
     folder = Path(path).resolve().parent
     stem = Path(src).name.split(".")[0] or "checkpoint"
     output = os.path.relpath(folder / f"{stem}_remapped.safetensors")
-    text = recipe_toml([(src, key, suggestion.rules)], target, output, recipe_dir=folder)
+    text = recipe_toml([(src, key, rules)], target, output, recipe_dir=folder)
     with atomic_write(path, overwrite=force) as f:
         f.write(text.encode("utf-8"))
 
@@ -226,16 +299,29 @@ def render_suggestion(s: Suggestion, command: str, *, gated: bool) -> str:
     stays missing.
     """
     lines: list[str] = []
-    if s.rules is not None:
-        dropped = s.matched_after == s.matched_before
+    if s.rules is not None or s.adapters:
+        dropped = s.matched_after == s.matched_before and not s.adapters
+        adapted = sum(len(a.keys) for a in s.adapters)
         lines.append(
             f"suggested rules: {s.matched_after} of {s.model_keys} model tensors would match "
             f"(now {s.matched_before}"
+            + (f"; {adapted} more through the adapters below" if adapted else "")
             + ("; the rules drop the checkpoint keys the model cannot take)" if dropped else ")")
         )
         lines += ["", "  " + command, ""]
-        lines.append("as a rules file (remap --rules FILE.toml):")
-        lines += ["", *("  " + line for line in s.toml().splitlines()), ""]
+        if s.rule_counts:
+            lines.append("each rule, and the checkpoint keys it matches:")
+            width = max(len(rule) for rule, _ in s.rule_counts)
+            lines += [f"  {rule:<{width}}  {n}" for rule, n in s.rule_counts]
+            lines.append("")
+        if s.adapters:
+            lines.append("adapters (shape mismatches fixed instead of dropped):")
+            for a in s.adapters:
+                lines.append(f"  {shlex.join(a.args)}  ({len(a.keys)} keys: {a.note})")
+            lines.append("")
+        if s.rules:
+            lines.append("as a rules file (remap --rules FILE.toml):")
+            lines += ["", *("  " + line for line in s.toml().splitlines()), ""]
         if s.missing_after:
             allowed = " ".join(f"--allow-missing {shlex.quote(g)}" for g in s.allow_missing)
             lines.append(

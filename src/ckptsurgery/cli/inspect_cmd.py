@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 from ckptsurgery.cli._common import echo_json, note, open_source, refusals
 from ckptsurgery.cli._options import fmt_option, source_options
-from ckptsurgery.describe import describe
+from ckptsurgery.describe import describe, describe_candidates
+from ckptsurgery.errors import StateDictSelectionError
 from ckptsurgery.render.tables import (
     count,
     groups_table,
@@ -59,9 +61,26 @@ def inspect_cmd(
       ckptsurgery inspect model.safetensors --fmt github
       ckptsurgery inspect resnet50.safetensors --verify-source moco_v2.pth.tar
     """
+    with refusals(as_json=as_json, fmt=fmt, command="inspect", source=src):
+        try:
+            ckpt = open_source(
+                src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+            )
+        except StateDictSelectionError as e:
+            if key is not None or len(e.candidates) < 2:
+                raise
+            # Several state dicts: inspect's job is to show what is there.
+            report = describe_candidates(
+                src, e.candidates, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+            )
+            if as_json:
+                echo_json(report)
+            else:
+                click.echo(render_candidates(report, fmt=fmt))
+            return
     with (
         refusals(as_json=as_json, fmt=fmt, command="inspect", source=src),
-        open_source(src, key=key, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as ckpt,
+        ckpt,
     ):
         report = describe(ckpt, depth=depth)
         checks = []
@@ -119,3 +138,33 @@ def inspect_cmd(
         note(f"{c.path}: {what}")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def render_candidates(report: dict[str, Any], *, fmt: str) -> str:
+    """The state dicts of a file that holds several, and how to pick one."""
+    rows = [
+        (
+            c["key"],
+            count(c["tensors"], "tensor"),
+            count(c["params"], "parameter"),
+            human_bytes(c["bytes"]),
+        )
+        for c in report["candidates"]
+    ]
+    lines = [
+        f"source: {report['source']}  format: {report['format']}",
+        "",
+        f"{len(rows)} state dicts in this file:",
+        table(rows, ("--key", "tensors", "parameters", "bytes"), fmt=fmt),
+        "",
+        "other commands pick none of them by themselves: give --key, e.g. "
+        f"ckptsurgery inspect {report['source']} --key {report['preferred'] or rows[0][0]}",
+    ]
+    if report["preferred"]:
+        lines.append(
+            f"--key {report['preferred']} holds the EMA / teacher weights, what fine-tuning "
+            "usually starts from; `diff --model SPEC --suggest` matches each against a model"
+        )
+    if report["other_entries"]:
+        lines += ["", mapping_table(report["other_entries"], ("other entry", "type"), fmt=fmt)]
+    return "\n".join(lines)
