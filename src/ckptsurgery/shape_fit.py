@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptsurgery.globs import covering_globs, glob_matches
+
+if TYPE_CHECKING:
+    from ckptsurgery.plan import adapt
 
 __all__ = ["Adapter", "propose_adapters"]
 
@@ -41,6 +44,19 @@ class Adapter:
     keys: tuple[str, ...]  # the output keys it fixes
     note: str = ""
     checkpoint_shapes: Mapping[str, Shape] = field(default_factory=dict)
+
+    def to_plan(self) -> adapt.Adapter:
+        """The adapter itself (what ``remap`` builds from :attr:`args`), for a recipe."""
+        from ckptsurgery.plan import adapt
+
+        if self.op == "rows":
+            return adapt.Rows(self.target, adapt.parse_indices(str(self.params["indices"])))
+        if self.op == "in_chans":
+            return adapt.InChans(self.target, int(self.params["in_chans"]))
+        h, w = self.params["size"]
+        return adapt.ResamplePosEmbed(
+            self.target, (int(h), int(w)), prefix_tokens=int(self.params["prefix_tokens"])
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -279,9 +279,11 @@ def test_candidates_alike_without_an_ema_name_are_left_to_the_user(tmp_path: Pat
     assert "left 122 of 122" in result.stderr and "choose one with --key" in result.stderr
 
 
-def test_emitted_recipe_with_an_adapter_still_applies(tmp_path: Path) -> None:
-    """Recipes do not hold adapters here: the recipe drops the keys they would fix, says so,
-    and applies."""
+def test_emitted_recipe_with_an_adapter_applies_it(tmp_path: Path) -> None:
+    """The adapters a suggestion proposes are [[adapt]] tables of the emitted recipe: the
+    recipe applies, and its output loads into the model strictly."""
+    import tomllib
+
     torch.manual_seed(0)
     r18 = torchvision.models.resnet18().state_dict()
     torch.save({"module." + k: v for k, v in r18.items()}, src := tmp_path / "dp.pth")
@@ -290,7 +292,11 @@ def test_emitted_recipe_with_an_adapter_still_applies(tmp_path: Path) -> None:
     result = cli_run_clean("diff", src, *model, "--suggest", "--emit-recipe", recipe)
     assert result.exit_code == 1
     assert "--rows 'fc.*' 0-9" in result.stdout
-    assert "add the adapters to it by hand" in result.stderr
+    adapt = tomllib.loads(recipe.read_text())["adapt"]
+    assert [(a["op"], a["key"]) for a in adapt] == [("rows", "fc.*")]
     assert_ok(cli_run_clean("apply", recipe))
     written = load_file(str(tmp_path / "dp_remapped.safetensors"))
-    assert set(written) == {k for k in r18 if not k.startswith("fc.")}
+    assert set(written) == set(r18)
+    assert torch.equal(written["fc.weight"], r18["fc.weight"][:10])
+    assert torch.equal(written["fc.bias"], r18["fc.bias"][:10])
+    torchvision.models.resnet18(num_classes=10).load_state_dict(written, strict=True)

@@ -255,9 +255,8 @@ def write_suggested_recipe(
     """The suggestion as a recipe: the source with its rules, the model as the gate.
 
     Written also when no rule is needed (the recipe then holds the ``--key`` choice and the
-    output), so that ``diff --suggest --emit-recipe R && apply R`` always works. Adapters are
-    not part of the recipe format here: the gate drops the keys they would fix
-    (``drop_mismatched``) and allows them missing, and a note says so.
+    output), so that ``diff --suggest --emit-recipe R && apply R`` always works; the adapters
+    it proposes are ``[[adapt]]`` tables of the recipe.
     """
     from ckptsurgery.errors import RuleError
     from ckptsurgery.models import parse_model_args
@@ -268,26 +267,15 @@ def write_suggested_recipe(
     rules = suggestion.rules or Rules()
     target = None
     if model_spec is not None:
-        allow = suggestion.allow_missing
-        adapted = [k for a in suggestion.adapters for k in a.keys]
-        if adapted:
-            allow = (*allow, *adapted)
-            note(
-                "note: the recipe drops the keys the adapters would fix ("
-                + " ".join(shlex.join(a.args) for a in suggestion.adapters)
-                + "); add the adapters to it by hand, or run the printed command"
-            )
         target = Target(
-            model_spec,
-            parse_model_args(model_args),
-            allow_missing=tuple(allow),
-            drop_mismatched=bool(adapted),
+            model_spec, parse_model_args(model_args), allow_missing=suggestion.allow_missing
         )
     # The output goes beside the recipe; paths are written relative to the recipe's folder.
     folder = Path(path).resolve().parent
     stem = Path(src).name.split(".")[0] or "checkpoint"
     output = os.path.relpath(folder / f"{stem}_remapped.safetensors")
-    text = recipe_toml([(src, key, rules)], target, output, recipe_dir=folder)
+    adapters = [a.to_plan() for a in suggestion.adapters]
+    text = recipe_toml([(src, key, rules)], target, output, recipe_dir=folder, adapters=adapters)
     with atomic_write(path, overwrite=force) as f:
         f.write(text.encode("utf-8"))
 
