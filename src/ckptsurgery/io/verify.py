@@ -123,15 +123,30 @@ def read_back(fd: int, spans: list[Span], what: str) -> dict[str, int]:
     buf = bytearray(_READ_BACK_BUFFER)
     view = memoryview(buf)
     out: dict[str, int] = {}
+    start = end = 0  # the file range now in ``buf``: small tensors share one read
+
+    def cut_short(name: str) -> FormatError:
+        return FormatError(f"{what}: the data of {name!r} is cut short (truncated file?)")
+
     for name, begin, length in spans:
-        crc, pos, end = 0, begin, begin + length
-        while pos < end:
-            n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        if start <= begin and begin + length <= end:
+            out[name] = crc32(view[begin - start : begin - start + length])
+            continue
+        if length <= len(buf):
+            start, end = begin, begin + os.preadv(fd, [view], begin)
+            if begin + length > end:
+                raise cut_short(name)
+            out[name] = crc32(view[:length])
+            continue
+        crc, pos, stop = 0, begin, begin + length
+        while pos < stop:
+            n = os.preadv(fd, [view[: min(len(buf), stop - pos)]], pos)
             if not n:
-                raise FormatError(f"{what}: the data of {name!r} is cut short (truncated file?)")
+                raise cut_short(name)
             crc = crc32(view[:n], crc)
             pos += n
         out[name] = crc
+        start = end = 0
     return out
 
 

@@ -159,7 +159,7 @@ def write_checkpoint(
             written = None
             if verify:
                 read_back = ReadBack(raw.fileno(), what=str(path))
-                written = _announcer(f, read_back)
+                written = _Announcer(f, read_back)
             try:
                 finish: Callable[[], None] | None = None
                 if fmt == "safetensors":
@@ -170,6 +170,8 @@ def write_checkpoint(
                 if read_back is not None:
                     read_back.close()
                 raise
+            if written is not None:
+                written.done()
             timings["copy"] = time.perf_counter() - start
             # The data goes to disk while the helper threads finish (the source's CRC checks,
             # a digest of it for the metadata); then the header is completed, and the
@@ -189,15 +191,33 @@ def write_checkpoint(
     return WriteResult(path, fmt, len(names), stored, size, timings=timings)
 
 
-def _announcer(f: BinaryIO, read_back: ReadBack) -> Callable[[str, int, int], None]:
-    """``written(name, begin, length)`` for the format writers: flushes ``f`` (the tail of a
-    tensor may still sit in its buffer) and hands the range to ``read_back``."""
+class _Announcer:
+    """``written(name, begin, length)`` for the format writers: hands the ranges written to
+    ``read_back`` in batches of at least ``_ANNOUNCE_BYTES`` (the file flushed first: the tail
+    of a tensor may still sit in its buffer), so that a checkpoint of many tiny tensors costs
+    one flush per batch, not one per tensor. :meth:`done` hands over the rest."""
 
-    def written(name: str, begin: int, length: int) -> None:
-        f.flush()
-        read_back.written(name, begin, length)
+    def __init__(self, f: BinaryIO, read_back: ReadBack) -> None:
+        self._f = f
+        self._read_back = read_back
+        self._pending: list[tuple[str, int, int]] = []
+        self._bytes = 0
 
-    return written
+    def __call__(self, name: str, begin: int, length: int) -> None:
+        self._pending.append((name, begin, length))
+        self._bytes += length
+        if self._bytes >= _ANNOUNCE_BYTES:
+            self.done()
+
+    def done(self) -> None:
+        if self._pending:
+            self._f.flush()
+            for span in self._pending:
+                self._read_back.written(*span)
+            self._pending, self._bytes = [], 0
+
+
+_ANNOUNCE_BYTES = 1 << 20
 
 
 class _Plan:
