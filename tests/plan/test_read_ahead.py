@@ -118,3 +118,24 @@ def test_computing_leaves_one_core_to_the_helpers_and_restores(
     assert seen[0][1] > frozen  # the objects alive before were frozen during the write
     assert torch.get_num_threads() == before
     assert gc.get_freeze_count() == frozen
+
+
+def test_a_mean_reads_big_inputs_as_read_only_maps(tmp_path: Path) -> None:
+    """A big safetensors tensor is handed to a mean as a map of the file (not a copy), equal
+    to the tensor; small ones are read; a file cut short is an error, not a crash."""
+    import os
+
+    from ckptsurgery.io.reader import open_checkpoint
+
+    big = torch.randn(512, 1024)  # 2 MiB
+    path = tmp_path / "a.safetensors"
+    save_file({"big": big, "small": torch.ones(3)}, path)
+    with open_checkpoint(path) as ckpt:
+        view = ckpt.tensor_view("big")
+        assert torch.equal(view, big)
+        assert torch.equal(ckpt.tensor_view("small"), torch.ones(3))
+    assert torch.equal(view, big)  # still valid after close
+    with open_checkpoint(path) as ckpt:
+        os.truncate(path, path.stat().st_size // 2)  # cut short after the header was read
+        with pytest.raises(cs.CheckpointError, match="cut short"):
+            ckpt.tensor_view("big")

@@ -36,6 +36,11 @@ class Checkpoint(ABC):
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor itself (read from disk on demand where the format allows)."""
 
+    def tensor_view(self, name: str) -> torch.Tensor:
+        """The tensor, for reading only: a source on disk may hand out a read-only map of its
+        bytes instead of a copy. Never write to it; it stays valid after :meth:`close`."""
+        return self.tensor(name)
+
     def write_data(self, name: str, f: BinaryIO) -> int:
         """Write the tensor's bytes (as :meth:`raw_bytes`) to ``f``; return how many.
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,8 +238,32 @@ class SafetensorsCheckpoint(Checkpoint):
         data = self.raw_bytes(name)
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
 
+    def tensor_view(self, name: str) -> torch.Tensor:
+        # A big tensor is mapped, not copied: the kernel hands over its page-cache pages, and
+        # unmaps them when the tensor is freed (so memory holds the tensors alive, not the file)
+        entry = self._entries[self.canonical(name)]
+        length = entry.end - entry.begin
+        if length < _MAP_AT_LEAST:
+            return self.tensor(name)
+        import torch
+
+        fd = self._f.fileno()
+        if entry.end > os.fstat(fd).st_size:
+            raise FormatError(f"{self._what(name)} is cut short (truncated file?)")
+        start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, entry.end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        with warnings.catch_warnings():  # read-only on purpose: the caller only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(m, dtype=torch.uint8, count=length, offset=entry.begin - start)
+        info = self.infos[name]
+        return data.view(torch_dtype(info.dtype)).reshape(info.shape)
+
     def close(self) -> None:
         self._f.close()
+
+
+_MAP_AT_LEAST = 1 << 20  # smaller tensors are read: a map costs more than their copy
 
 
 def _parse_aliases(

@@ -8,12 +8,13 @@ the in-memory loader take any plan alike:
   tensor in memory: the source streams it through a small buffer);
 - a ``cast`` streams the source bytes through :class:`~ckptsurgery.plan.ops.CastWriter`, a
   chunk at a time;
-- a ``mean`` / ``weighted-sum`` holds its accumulator and one input at a time, while a
-  helper thread reads the next input (:class:`ReadAhead`, when the writer says what it will
-  ask for next): reading from disk and summing overlap on two cores.
+- a ``mean`` / ``weighted-sum`` (or an adapter) holds its accumulator and one input at a
+  time; when the writer says what it will ask for next, a helper thread reads and computes
+  the next tensor while this one is written (:class:`ReadAhead`), so the sums and the writes
+  overlap on two cores.
 
-Peak memory is thus the largest output tensor (its accumulator, for a mean), two inputs and
-fixed buffers, whatever the checkpoint's size.
+Peak memory is thus about three tensors (the one being written, the next one's accumulator
+and an input) plus fixed buffers, whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -60,24 +61,20 @@ class PlanSource(Checkpoint):
         self._ahead: ReadAhead | None = None
 
     def _direct(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
+        if e.op.name in ops.READS_ONLY:  # its inputs may be read-only maps of the files
+            return [partial(self.sources[r.source].tensor_view, r.key) for r in e.inputs]
         return [partial(self.sources[r.source].tensor, r.key) for r in e.inputs]
 
-    def _fetchers(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
-        direct = self._direct(e)
-        ahead = self._ahead
-        if ahead is None:
-            return direct
-        return [partial(ahead.take, (e.name, i), f) for i, f in enumerate(direct)]
+    def _compute(self, e: Entry) -> torch.Tensor:
+        return evaluate(e.op, self._direct(e), e.input_infos)
 
     def will_read(self, names: Sequence[str]) -> None:
-        """Read the inputs of the computed tensors among ``names`` ahead, in that order."""
+        """Compute the computed tensors among ``names`` ahead, in that order, on a helper
+        thread: the next one is read and computed while the writer writes this one."""
         if self._ahead is not None:
             self._ahead.stop()
-        jobs: list[tuple[tuple[str, int], Callable[[], torch.Tensor]]] = []
-        for name in names:
-            e = self._entries[name]
-            if not (e.op.is_copy or e.op.name == "cast"):
-                jobs += [((name, i), f) for i, f in enumerate(self._direct(e))]
+        entries = [self._entries[name] for name in names]
+        jobs = [(e.name, partial(self._compute, e)) for e in entries if _made_whole(e)]
         self._ahead = ReadAhead(jobs) if jobs else None
 
     def close(self) -> None:
@@ -88,7 +85,10 @@ class PlanSource(Checkpoint):
     def tensor(self, name: str) -> torch.Tensor:
         e = self._entries[name]
         self._compare(e)
-        return evaluate(e.op, self._fetchers(e), e.input_infos)
+        compute = partial(self._compute, e)
+        if self._ahead is not None and _made_whole(e):
+            return self._ahead.take(name, compute)
+        return compute()
 
     def raw_bytes(self, name: str) -> bytes | memoryview:
         e = self._entries[name]
@@ -157,13 +157,18 @@ class PlanSource(Checkpoint):
         ]
 
 
+def _made_whole(e: Entry) -> bool:
+    """Whether the writer asks for ``e`` as a whole tensor (copies and casts stream)."""
+    return not (e.op.is_copy or e.op.name == "cast")
+
+
 class ReadAhead:
-    """Fetches tensors on a helper thread, one ahead of the caller, in a known order.
+    """Makes tensors on a helper thread, one ahead of the caller, in a known order.
 
     ``jobs`` are ``(key, fetch)`` pairs in the order they will be taken. :meth:`take` returns
     the tensor fetched for ``key`` when it is the next one, or calls its own ``fetch`` when
-    the caller asks out of order (the read-ahead then stops). At most one tensor is held
-    ahead, so memory grows by one input, not by the checkpoint.
+    the caller asks out of order (the read-ahead then stops). At most one tensor is made
+    ahead, so memory grows by one tensor, not by the checkpoint.
     """
 
     def __init__(self, jobs: Sequence[tuple[object, Callable[[], torch.Tensor]]]) -> None:

@@ -48,6 +48,9 @@ CAST_DTYPES = ("float32", "float16", "bfloat16")
 _CASTABLE = ("float16", "bfloat16", "float32", "float64")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
+# The operations that never write to their inputs (they may be read-only maps of a file).
+READS_ONLY = ("mean", "weighted-sum")
+
 # Bytes converted at a time by a streamed cast: bounds its memory whatever the tensor's size.
 CAST_CHUNK = 8 << 20
 
