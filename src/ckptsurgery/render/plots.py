@@ -8,17 +8,40 @@ and needs no display.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ckptsurgery.errors import OutputError
 from ckptsurgery.io.atomic import atomic_write
 
 if TYPE_CHECKING:
     from ckptsurgery._types import PathLike
-    from ckptsurgery.compare import ValueDiff
 
 __all__ = ["MissingPlotExtra", "plot_blocks", "require_matplotlib"]
+
+
+class _Block(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def rel_l2(self) -> float: ...
+    @property
+    def bit_equal(self) -> int: ...
+    @property
+    def tensors(self) -> int: ...
+
+
+class _Diff(Protocol):
+    """What a picture needs of a value diff (:class:`ckptsurgery.valuediff.ValueDiff`), which
+    sits above the renderers: they take its shape, not its import."""
+
+    @property
+    def a(self) -> str: ...
+    @property
+    def b(self) -> str: ...
+    @property
+    def blocks(self) -> Sequence[_Block]: ...
 
 
 class MissingPlotExtra(OutputError):
@@ -36,7 +59,7 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def plot_blocks(diff: ValueDiff, path: PathLike, *, overwrite: bool = False) -> None:
+def plot_blocks(diff: _Diff, path: PathLike, *, overwrite: bool = False) -> None:
     """A PNG (SVG, PDF: by the name's extension) bar chart of the relative L2 change (‖a-b‖ / ‖b‖) of every block, in model order,
     on a log scale. Blocks without change are drawn at the axis' floor in another colour
     and labelled "= (bit-equal)" or "= (no change)"."""
