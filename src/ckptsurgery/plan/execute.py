@@ -59,11 +59,22 @@ class PlanSource(Checkpoint):
         self.disagree: list[str] = []  # compared outputs whose sources held other values
         self._cast_buffer: bytearray | None = None  # shared by the casts, made on first use
         self._ahead: ReadAhead | None = None
+        # A source's readers keep state of their own (a file's position, records located on
+        # first use): the read-ahead thread and the writer take turns with each source.
+        self._locks = [threading.Lock() for _ in self.sources]
 
     def _direct(self, e: Entry) -> list[Callable[[], torch.Tensor]]:
-        if e.op.name in ops.READS_ONLY:  # its inputs may be read-only maps of the files
-            return [partial(self.sources[r.source].tensor_view, r.key) for r in e.inputs]
-        return [partial(self.sources[r.source].tensor, r.key) for r in e.inputs]
+        view = e.op.name in ops.READS_ONLY  # its inputs may be read-only maps of the files
+        return [partial(self._read, r.source, r.key, view=view) for r in e.inputs]
+
+    def _read(self, i: int, key: str, *, view: bool = False) -> torch.Tensor:
+        with self._locks[i]:
+            src = self.sources[i]
+            return src.tensor_view(key) if view else src.tensor(key)
+
+    def _raw(self, i: int, key: str) -> bytes | memoryview:
+        with self._locks[i]:
+            return self.sources[i].raw_bytes(key)
 
     def _compute(self, e: Entry) -> torch.Tensor:
         return evaluate(e.op, self._direct(e), e.input_infos)
@@ -95,7 +106,7 @@ class PlanSource(Checkpoint):
         if e.op.is_copy:
             self._compare(e)
             ref = e.inputs[0]
-            return self.sources[ref.source].raw_bytes(ref.key)
+            return self._raw(ref.source, ref.key)
         from ckptsurgery.io.memory import tensor_bytes
 
         return tensor_bytes(self.tensor(name))
@@ -106,12 +117,14 @@ class PlanSource(Checkpoint):
         src = self.sources[ref.source]
         if e.op.is_copy:
             self._compare(e)
-            return src.write_data(ref.key, f)  # a source may stream through a small buffer
+            with self._locks[ref.source]:
+                return src.write_data(ref.key, f)  # a source may stream through a small buffer
         if e.op.name == "cast":
             if self._cast_buffer is None:
                 self._cast_buffer = bytearray(ops.CAST_CHUNK)
             sink = CastWriter(f, e.source_dtype, e.info.dtype, buffer=self._cast_buffer)
-            src.write_data(ref.key, cast(BinaryIO, sink))
+            with self._locks[ref.source]:
+                src.write_data(ref.key, cast(BinaryIO, sink))
             sink.close()
             return sink.written
         return super().write_data(name, f)
@@ -138,9 +151,9 @@ class PlanSource(Checkpoint):
             return
         self._compared.add(e.name)
         ref = e.inputs[0]
-        first = memoryview(self.sources[ref.source].raw_bytes(ref.key)).cast("B")
+        first = memoryview(self._raw(ref.source, ref.key)).cast("B")
         for other in e.compare:
-            if memoryview(self.sources[other.source].raw_bytes(other.key)).cast("B") != first:
+            if memoryview(self._raw(other.source, other.key)).cast("B") != first:
                 self.disagree.append(e.name)
                 return
 
