@@ -141,3 +141,17 @@ def test_a_plan_of_several_sources_is_not_grouped() -> None:
     a, b = TensorDictSource(encoder()), TensorDictSource(encoder(prefix="other."))
     plan = build_plan([a, b], [cs.Rules(), cs.Rules()], mode="union")
     assert len(rows(plan_table(plan, group=True))) == 30
+
+
+def test_each_grouped_row_counts_its_own_bytes() -> None:
+    """Keys left as they are, of one shape, fall into several rows: each row shows the bytes
+    of its own tensors (not of every tensor of that shape), and the rows add up to the plan's
+    total."""
+    plan = remap_plan(encoder(prefix=""), cs.Rules())
+    body = rows(plan_table(plan, group=True))
+    sizes = {cells[0]: cells[6] for cells in body}
+    assert sizes["layer.{0..5}.bias"] == "384 B"  # 6 x 16 float32
+    assert sizes["norm.{bias, weight}"] == "128 B"  # 2 x 16 float32
+    units = {"B": 1, "KiB": 1024}
+    total = sum(float(n) * units[u] for n, u in (s.split() for s in sizes.values()))
+    assert abs(total - plan.total_bytes) < 0.01 * plan.total_bytes  # shown to 0.1 KiB

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ckptsurgery.keygroups import group_keys
+from ckptsurgery.keygroups import expand_group, group_keys
 from ckptsurgery.render.tables import count, human_bytes, shape_str, table
 
 if TYPE_CHECKING:
@@ -69,10 +69,12 @@ def _grouped_rows(plan: Plan) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for sig, templates in classes.items():
         before, after, op, shape, dtype, tied = sig
-        size = f"tied to {tied}" if tied is not None else human_bytes(nbytes[sig])
+        each = nbytes[sig] // len(templates)  # a class's tensors are alike: one size
         for pattern in group_keys(templates):
             old, new = _fill(pattern, before), _fill(pattern, after)
             arrow = "==" if old == new else "->"
+            n = len(expand_group(pattern))
+            size = f"tied to {tied}" if tied is not None else human_bytes(each * n)
             rows.append((old, arrow, new, op, shape_str(shape), dtype, size))
     return rows
 
