@@ -211,3 +211,19 @@ def test_help_imports_neither_torch_nor_matplotlib(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0 and "LIGHT" in proc.stdout, proc.stdout + proc.stderr
     assert "--values" in proc.stdout and "--plot FILE.png" in proc.stdout
+
+
+def test_the_rule_options_rename_a_before_the_pairing(tmp_path: Path, ref: Path) -> None:
+    """diff takes remap's rule options with --values too: a DataParallel copy pairs up with
+    its original once --strip-prefix module. renames it."""
+    wrapped = tmp_path / "dp.safetensors"
+    save_file({f"module.{k}": v for k, v in model_sd().items()}, wrapped)
+    plain = cli_run_clean("diff", wrapped, "--against", ref, "--bit-equal", "--json")
+    assert plain.exit_code == 1
+    renamed = cli_run_clean(
+        "diff", wrapped, "--against", ref, "--bit-equal", "--strip-prefix", "module.", "--json"
+    )
+    assert_ok(renamed)
+    data = json.loads(renamed.stdout)
+    assert len(data["tensors"]) == len(model_sd())
+    assert all(t["bit_equal"] for t in data["tensors"])
