@@ -270,14 +270,20 @@ def _no_colon_message(spec: str) -> str:
     return msg
 
 
-def _torchvision_factory(name: str) -> Callable[..., Any]:
+def _import_extra(module: str, *, spec: str, extra: str) -> Any:
+    """``module``, or :class:`ModelSpecError` naming the extra that installs it."""
     try:
-        tv_models: Any = importlib.import_module("torchvision.models")
+        return importlib.import_module(module)
     except ImportError as e:
+        package = module.split(".")[0]
         raise ModelSpecError(
-            f"torchvision:{name} needs torchvision; pip install 'ckptsurgery[vision]' "
-            f"(or pip install torchvision) ({e})"
+            f"{spec} needs {package}, which is not installed; pip install "
+            f"'ckptsurgery[{extra}]' (or pip install {package}) ({e})"
         ) from e
+
+
+def _torchvision_factory(name: str) -> Callable[..., Any]:
+    tv_models = _import_extra("torchvision.models", spec=f"torchvision:{name}", extra="vision")
     names: list[str] = tv_models.list_models()
     if name not in names:
         raise ModelSpecError(f"torchvision has no model {name!r}{_close(name, names)}")
@@ -286,13 +292,7 @@ def _torchvision_factory(name: str) -> Callable[..., Any]:
 
 
 def _timm_factory(name: str) -> Callable[..., Any]:
-    try:
-        timm: Any = importlib.import_module("timm")
-    except ImportError as e:
-        raise ModelSpecError(
-            f"timm:{name} needs timm, which is not installed; pip install 'ckptsurgery[timm]' "
-            f"(or pip install timm) ({e})"
-        ) from e
+    timm = _import_extra("timm", spec=f"timm:{name}", extra="timm")
 
     def create(**kwargs: Any) -> Any:
         # Explicit, so that no timm version ever fetches weights for us: the checkpoint
@@ -314,13 +314,7 @@ def _hf_factory(rest: str, *, spec: str) -> tuple[Callable[..., Any], str]:
     """``hf:PATH[:CLASS]``: a factory that builds CLASS from PATH's config, overrides applied."""
     path, cls_name = _hf_split(rest)
     folder = _hf_config_folder(path, spec=spec)
-    try:
-        transformers: Any = importlib.import_module("transformers")
-    except ImportError as e:
-        raise ModelSpecError(
-            f"{spec} needs transformers, which is not installed; pip install "
-            f"'ckptsurgery[hf]' (or pip install transformers) ({e})"
-        ) from e
+    transformers = _import_extra("transformers", spec=spec, extra="hf")
     cls_name = cls_name or "AutoModel"
     try:
         cls: Any = getattr(transformers, cls_name)
