@@ -294,3 +294,62 @@ def source_digest(path: Path) -> dict[str, str]:
 
         return {DIGEST: xxhash.xxh3_128_hexdigest(data)}
     return {DIGEST: hashlib.sha256(data).hexdigest()}
+
+
+# -- LoRA adapters made by peft ---------------------------------------------------------------
+
+
+def peft_lora(
+    model: nn.Module,
+    folder: Path,
+    *,
+    seed: int = 0,
+    safe_serialization: bool = True,
+    **config: Any,
+) -> dict[str, torch.Tensor]:
+    """Attach a peft LoRA (``config``: LoraConfig's fields) to ``model`` with every LoRA
+    factor and ``modules_to_save`` copy drawn at random (so the fold is not a no-op), save
+    the adapter to ``folder`` and return peft's own ``merge_and_unload()`` state dict.
+    The caller saves the base before calling this (peft wraps ``model`` in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_type = config.pop("peft_config", None)
+    wrapped = get_peft_model(model, peft_type or LoraConfig(**config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.3)
+    wrapped.save_pretrained(folder, safe_serialization=safe_serialization)
+    merged = wrapped.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0) -> nn.Module:
+    """A 2-layer BERT classifier from a config (hidden 16): no download."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=24,
+        num_labels=num_labels,
+    )
+    model: nn.Module = BertForSequenceClassification(config).eval()
+    return model
+
+
+def assert_close_state(
+    got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], *, atol: float = 1e-5
+) -> None:
+    """The same keys, dtypes and shapes, every value within ``atol``."""
+    assert sorted(got) == sorted(want), set(got) ^ set(want)
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == w.dtype and g.shape == w.shape, (k, g.dtype, w.dtype, g.shape, w.shape)
+        diff = (g.double() - w.double()).abs().max().item() if w.numel() else 0.0
+        assert diff <= atol, (k, diff)

@@ -43,11 +43,13 @@ if TYPE_CHECKING:
         SourceSpec,
         average,
         average_files,
+        fold_lora,
         merge,
         merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
     from ckptsurgery.plan.adapt import InChans, ResamplePosEmbed, Rows
+    from ckptsurgery.plan.lora import LoraAdapter, LoraError
     from ckptsurgery.plan.model import Plan
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.recipe.model import Recipe, RecipeError
@@ -100,6 +102,7 @@ _EXPORTS: dict[str, str] = {
             "SourceSpec",
             "average",
             "average_files",
+            "fold_lora",
             "merge",
             "merge_files",
         ],
@@ -112,6 +115,7 @@ _EXPORTS: dict[str, str] = {
     "load_recipe": "ckptsurgery.recipe.read",
     "apply_recipe": "ckptsurgery.recipe.run",
     **dict.fromkeys(["InChans", "ResamplePosEmbed", "Rows"], "ckptsurgery.plan.adapt"),
+    **dict.fromkeys(["LoraAdapter", "LoraError"], "ckptsurgery.plan.lora"),
     "Plan": "ckptsurgery.plan.model",
     "SurgeryResult": "ckptsurgery.plan.run",
     **dict.fromkeys(["KeyPlan", "Rules", "UnusedPatternWarning"], "ckptsurgery.rules"),
@@ -148,6 +152,8 @@ __all__ = [
     "IncompatibleCheckpoint",
     "KeyCollisionError",
     "KeyPlan",
+    "LoraAdapter",
+    "LoraError",
     "MatchReport",
     "MergeConflictError",
     "MergeError",
@@ -185,6 +191,7 @@ __all__ = [
     "compare",
     "diff",
     "evaluate",
+    "fold_lora",
     "group_keys",
     "load_into",
     "load_recipe",

@@ -15,7 +15,8 @@ them into a single ``Error: ...`` line and exit code 2; library users catch the 
     │   ├── KeyCollisionError       two keys renamed to the same name
     │   └── RecipeError             a malformed recipe, every problem listed (ckptsurgery.recipe)
     ├── MergeError                  sources that cannot be merged or averaged
-    │   └── MergeConflictError      a key in several sources under on_conflict="error"
+    │   ├── MergeConflictError      a key in several sources under on_conflict="error"
+    │   └── LoraError               a LoRA adapter that cannot be folded (ckptsurgery.plan.lora)
     ├── OutputError                 the output cannot be written (exists, is an input, ...)
     ├── ModelSpecError              a model SPEC that does not resolve (ckptsurgery.models)
     └── IncompatibleCheckpoint      the checkpoint does not fit the model (carries the report)

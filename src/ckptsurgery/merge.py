@@ -14,13 +14,14 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, cast
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.errors import MergeConflictError, MergeError
 from ckptsurgery.io import TensorDictSource
 from ckptsurgery.plan.build import ON_CONFLICT, build_plan, check_on_conflict, plan_union
 from ckptsurgery.plan.execute import materialize
+from ckptsurgery.plan.lora import LoraAdapter
 from ckptsurgery.plan.model import Conflict, SourceSpec
 from ckptsurgery.plan.run import SurgeryOptions, SurgeryResult, run_surgery
 from ckptsurgery.rules import Rules
@@ -38,6 +39,7 @@ __all__ = [
     "SourceSpec",
     "average",
     "average_files",
+    "fold_lora",
     "merge",
     "merge_files",
     "normalise_weights",
@@ -150,6 +152,32 @@ def average_files(
     extra = {**({"weights_given": list(weights)} if weights else {}), **(provenance or {})}
     w = normalise_weights(weights, len(specs))
     return run_surgery(specs, out, mode="average", weights=w, provenance_extra=extra, **options)
+
+
+def fold_lora(
+    base: PathLike | SourceSpec | Sequence[PathLike | SourceSpec],
+    adapter: PathLike | LoraAdapter,
+    out: PathLike | None,
+    *,
+    key: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **options: Unpack[SurgeryOptions],
+) -> MergeResult:
+    """Write ``base`` with the ``peft`` LoRA ``adapter`` folded in to ``out``, tensor by tensor.
+
+    ``adapter`` is the folder peft's ``save_pretrained`` wrote (``adapter_config.json`` and
+    ``adapter_model.safetensors`` or ``.bin``). Each target weight becomes ``W + scale * B @ A``
+    (see :mod:`ckptsurgery.plan.lora`), computed in float32 and stored in the base's dtype (or
+    ``dtype``); the adapter's full copies (``modules_to_save``) replace the base's tensors.
+    ``base`` is one checkpoint (or several, merged as :func:`merge_files` does first).
+    Adapters it cannot fold raise :class:`~ckptsurgery.plan.lora.LoraError`. The other options
+    are :func:`merge_files`'s.
+    """
+    sources: list[PathLike | SourceSpec] = (
+        list(base) if isinstance(base, list | tuple) else [cast("PathLike | SourceSpec", base)]
+    )
+    options["lora"] = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
+    return merge_files(sources, out, key=key, provenance=provenance, **options)
 
 
 def _specs(sources: Sequence[PathLike | SourceSpec], key: str | None) -> list[SourceSpec]:

@@ -18,6 +18,7 @@ from ckptsurgery.render.progress import byte_progress
 if TYPE_CHECKING:
     from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.gate import Gate
+    from ckptsurgery.plan.lora import LoraAdapter
     from ckptsurgery.plan.run import SurgeryResult
     from ckptsurgery.recipe import Target
     from ckptsurgery.rules import Rules
@@ -132,6 +133,7 @@ def write_recipe(
     average: bool = False,
     weights: Sequence[float] = (),
     adapters: Sequence[Adapter] = (),
+    lora: Sequence[LoraAdapter] = (),
 ) -> None:
     """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
     are written relative to the recipe's folder, as ``apply`` reads them."""
@@ -151,6 +153,7 @@ def write_recipe(
         format=write.fmt,
         max_shard_size=write.max_shard_size,
         adapters=adapters,
+        lora=lora,
     )
     with atomic_write(path, overwrite=write.force) as f:
         f.write(text.rstrip("\n").encode("utf-8") + b"\n")
@@ -286,7 +289,7 @@ def summary(result: SurgeryResult, *, dry_run: bool) -> str:
     from ckptsurgery.render.tables import count, human_bytes
 
     plan = result.plan
-    n = len(plan.sources)
+    n = sum(1 for s in plan.sources if s.role == "source")
     if plan.mode == "remap":
         s = plan.sources[0]
         renamed = sum(1 for o, new in s.keys.renames if o != new)
@@ -303,10 +306,16 @@ def summary(result: SurgeryResult, *, dry_run: bool) -> str:
             + (f", {copied} copied from the first" if copied else "")
         )
     else:
-        taken = ", ".join(f"{Path(s.path).name} {s.taken:,}" for s in plan.sources)
+        taken = ", ".join(
+            f"{Path(s.path).name} {s.taken:,}" for s in plan.sources if s.role == "source"
+        )
         what = f"union of {n} source{'s' if n != 1 else ''}: {count(len(plan.entries), 'tensor')} ({taken})"
         if plan.conflicts:
             what += f", {count(len(plan.conflicts), 'conflict')} resolved ({plan.on_conflict})"
+    folded = sum(1 for e in plan.entries if e.op.name == "lora-fold")
+    if folded:
+        lora = next(s for s in plan.sources if s.role == "lora")
+        what += f", {count(folded, 'tensor')} LoRA-folded from {lora.path}"
     if plan.cast:
         what += f", {count(len(plan.cast), 'tensor')} cast to {plan.dtype}"
     report = result.report

@@ -16,6 +16,7 @@ from ckptsurgery.cli._options import (
 )
 from ckptsurgery.cli._surgery import surgery_command, target_of
 from ckptsurgery.merge import average_files, merge_files
+from ckptsurgery.plan.lora import LoraAdapter
 from ckptsurgery.rules import Rules
 
 if TYPE_CHECKING:
@@ -92,6 +93,15 @@ def parse_weights(values: Sequence[str]) -> list[float] | None:
     help="With --average: one positive weight per source, in order (normalised to sum 1), "
     "e.g. --weights 0.5 0.3 0.2 or --weights 0.5,0.3,0.2.",
 )
+@click.option(
+    "--lora",
+    "lora_path",
+    metavar="ADAPTER_DIR",
+    default=None,
+    help="Fold this peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors "
+    "or .bin) into the result: W + scale * B @ A per target, in float32, stored in the base's "
+    "dtype (or --dtype); its modules_to_save copies replace the base's tensors.",
+)
 @adapter_options
 @gate_options
 @source_options
@@ -101,6 +111,7 @@ def merge_cmd(
     on_conflict: str | None,
     average: bool,
     weights_text: tuple[str, ...],
+    lora_path: str | None,
     adapters: tuple[Adapter, ...],
     gate_flags: GateFlags,
     key: str | None,
@@ -119,24 +130,34 @@ def merge_cmd(
     --key applies to every source (use a recipe, `ckptsurgery apply`, for per-source keys and
     rules). A safetensors OUT records where every tensor came from (see `inspect`).
 
+    --lora ADAPTER_DIR folds a peft LoRA adapter into the base (the one SRC, or the union):
+    one base tensor and its adapter pair in memory at a time, no model code needed. DoRA and
+    other PEFT methods are refused.
+
     \b
     Example:
       ckptsurgery merge backbone.safetensors head.safetensors -o model.safetensors
       ckptsurgery merge run1.pt run2.pt run3.pt --average --weights 0.5 0.3 0.2 \\
           -o soup.safetensors
       ckptsurgery merge backbone.safetensors head.safetensors -o model/ --max-shard-size 5GB
+      ckptsurgery merge base/model.safetensors --lora my-lora/ -o merged.safetensors
     """
     weights = parse_weights(weights_text)
     if weights is not None and not average:
         raise click.UsageError("--weights needs --average")
     if average and on_conflict is not None:
         raise click.UsageError("--on-conflict does not apply with --average")
+    if average and lora_path is not None:
+        raise click.UsageError("--lora does not apply with --average (fold into one base)")
+    lora = (LoraAdapter(lora_path),) if lora_path is not None else ()
     target = target_of(gate_flags)
     provenance = {"target": target.to_dict()} if target is not None else {}
     trust = {"allow_globals": allow_globals, "unsafe_pickle": unsafe_pickle}
 
     def run(**options: Any) -> SurgeryResult:
         common = {"key": key, "provenance": provenance, **trust, **options}
+        if lora:
+            common["lora"] = lora[0]
         if average:
             return average_files(list(sources), write.out, weights=weights, **common)
         return merge_files(list(sources), write.out, on_conflict=on_conflict or "error", **common)
@@ -152,6 +173,7 @@ def merge_cmd(
             "on_conflict": on_conflict or "error",
             "average": average,
             "weights": weights or (),
+            **({"lora": lora} if lora else {}),
         },
         adapters=adapters,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 from ckptsurgery.errors import MergeConflictError, MergeError
 from ckptsurgery.io import Checkpoint, TensorInfo
@@ -33,6 +34,9 @@ from ckptsurgery.plan.adapters import ADAPTER_OPS
 from ckptsurgery.plan.model import COPY, MODES, Conflict, Entry, Op, Plan, Ref, SourcePart
 from ckptsurgery.plan.ops import accumulator, cast_op, castable, check_dtype, mean_op, output_info
 from ckptsurgery.rules import Rules
+
+if TYPE_CHECKING:
+    from ckptsurgery.plan.lora import OpenedLora
 
 __all__ = ["ON_CONFLICT", "average_problems", "build_plan", "check_on_conflict", "plan_union"]
 
@@ -51,11 +55,15 @@ def build_plan(
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
     adapters: Sequence[Adapter] = (),
+    lora: OpenedLora | None = None,
 ) -> Plan:
     """The plan of a surgery on the opened sources ``ckpts``, each renamed by its ``rules``.
 
     ``mode``: "remap" (one source), "union" or "average" (``weights`` normalised, one per
-    source). ``adapters`` change the shape of the output tensors they match (after renaming). ``labels`` name the sources in messages (default: their paths). Raises
+    source). ``adapters`` change the shape of the output tensors they match (after renaming).
+    ``lora``: an opened LoRA adapter folded into the output tensors it names (after renaming),
+    the plan's last source (:mod:`ckptsurgery.plan.lora`). ``labels`` name the sources in
+    messages (default: their paths). Raises
     :class:`MergeConflictError` for keys in several sources under ``on_conflict="error"``,
     :class:`MergeError` for sources that cannot be averaged.
     """
@@ -88,6 +96,16 @@ def build_plan(
         )
         raw = [(name, bound.get(name, op), refs, cmp) for name, op, refs, cmp in raw]
         notes += unused
+    opened = list(ckpts)
+    if lora is not None:
+        if mode == "average":
+            raise MergeError(
+                "a LoRA adapter folds into a remap or a union, not an average; average "
+                "first, then fold the adapter into the result"
+            )
+        infos.append(lora.ckpt.infos)
+        opened.append(lora.ckpt)
+        raw = lora.bind(raw, lambda r: infos[r.source][r.key], len(ckpts))
     entries: list[Entry] = []
     used_keep: set[str] = set()
     for name, op, inputs, compare in raw:
@@ -112,11 +130,16 @@ def build_plan(
         )
         for j, (label, c, r, p) in enumerate(zip(labels, ckpts, rules, keyplans, strict=True))
     )
+    if lora is not None:
+        n = len(ckpts)
+        parts += (
+            lora.source_part(sum(1 for e in entries if any(r.source == n for r in e.inputs))),
+        )
     return Plan(
         mode=mode,
         sources=parts,
         entries=tuple(entries),
-        ties=_ties(entries, ckpts),
+        ties=_ties(entries, opened),
         on_conflict=on_conflict,
         conflicts=tuple(conflicts),
         weights=tuple(weights) if mode == "average" and weights is not None else None,
@@ -151,7 +174,7 @@ def _with_dtype(
         return cast_op(dtype)
     if op.name in ("mean", "weighted-sum"):
         return mean_op(op.param("weights"), dtype)
-    if op.name in ADAPTER_OPS:
+    if op.name in (*ADAPTER_OPS, "lora-fold"):
         return Op(op.name, (*op.params, ("dtype", dtype)))
     return op
 

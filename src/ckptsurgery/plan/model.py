@@ -53,7 +53,8 @@ class Op:
 
     def describe(self) -> str:
         """``copy``, ``cast ->bfloat16``, ``mean of 3``, ``weighted-sum 0.5, 0.3, 0.2``,
-        ``rows 10 of 1000``, ``in-chans 3->1``, ``resample-pos-embed 14x14->24x24``."""
+        ``rows 10 of 1000``, ``in-chans 3->1``, ``resample-pos-embed 14x14->24x24``,
+        ``lora-fold r=16 scale=2.0``."""
         if self.name == "cast":
             return f"cast ->{self.param('dtype')}"
         if self.name in ("mean", "weighted-sum"):
@@ -73,6 +74,13 @@ class Op:
         elif self.name == "resample-pos-embed":
             (h, w), (h2, w2) = self.param("old_size"), self.param("size")
             text = f"resample-pos-embed {h}x{w}->{h2}x{w2}"
+        elif self.name == "lora-fold":  # lora-fold r=16 scale=2.0 (conv)
+            scale = f"{self.param('scale'):.6g}"
+            scale += "" if any(c in scale for c in ".en") else ".0"
+            text = f"lora-fold r={self.param('r')} scale={scale}"
+            kind = self.param("kind")
+            text += "" if kind == "linear" else f" ({kind})"
+            text += " fan-in-fan-out" if self.param("fan_in_fan_out") else ""
         dtype = self.param("dtype")
         return f"{text} ->{dtype}" if dtype else text
 
@@ -138,6 +146,7 @@ class SourcePart:
     keys: KeyPlan  # its rules' effect: (old, new) names kept, dropped, rule counts
     other_entries: dict[str, str] = field(default_factory=dict)
     taken: int = 0  # output tensors made from it
+    role: str = "source"  # or "lora": a LoRA adapter folded into the others' tensors
 
 
 @dataclass(frozen=True)

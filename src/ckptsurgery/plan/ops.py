@@ -11,6 +11,8 @@ byte is read) and from their values (when the executor runs it).
 - ``rows``, ``in-chans``, ``resample-pos-embed``: the shape adapters of
   :mod:`ckptsurgery.plan.adapters`, one tensor at a time; with ``dtype``, their result is cast
   as ``cast`` does.
+- ``lora-fold(kind, r, alpha, scale[, fan_in_fan_out, dtype])``: a LoRA pair folded into its
+  base weight, ``W + scale * B @ A`` in float32 (:mod:`ckptsurgery.plan.lora_math`).
 
 Only the functions that compute values import torch, and only when called.
 """
@@ -49,7 +51,7 @@ _CASTABLE = ("float16", "bfloat16", "float32", "float64")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # The operations that never write to their inputs (they may be read-only maps of a file).
-READS_ONLY = ("mean", "weighted-sum")
+READS_ONLY = ("mean", "weighted-sum", "lora-fold")
 
 # Bytes converted at a time by a streamed cast: bounds its memory whatever the tensor's size.
 CAST_CHUNK = 8 << 20
@@ -110,6 +112,10 @@ def evaluate(
     if op.name in adapters.ADAPTER_OPS:
         out = adapters.compute(op, fetch[0]())
         return cast(out, op.param("dtype")) if op.param("dtype") else out
+    if op.name == "lora-fold":
+        from ckptsurgery.plan.lora_math import lora_fold
+
+        return lora_fold(op, fetch, inputs)
     raise RuleError(f"unknown operation {op.name!r}")
 
 

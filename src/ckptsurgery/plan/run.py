@@ -30,6 +30,7 @@ from ckptsurgery.plan.adapt import Adapter
 from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.execute import PlanSource, execute
 from ckptsurgery.plan.gate import Gate
+from ckptsurgery.plan.lora import LoraAdapter, open_lora
 from ckptsurgery.plan.model import Conflict, Plan, SourcePart, SourceSpec
 from ckptsurgery.plan.provenance import origin_groups, provenance
 
@@ -55,7 +56,9 @@ class SurgeryOptions(TypedDict, total=False):
     - ``progress(done, total)``: called with the bytes written so far;
     - ``adapters``: shape adapters (:class:`~ckptsurgery.plan.adapt.Rows`,
       :class:`~ckptsurgery.plan.adapt.InChans`,
-      :class:`~ckptsurgery.plan.adapt.ResamplePosEmbed`) for the output tensors they match.
+      :class:`~ckptsurgery.plan.adapt.ResamplePosEmbed`) for the output tensors they match;
+    - ``lora``: a :class:`~ckptsurgery.plan.lora.LoraAdapter` folded into the output tensors
+      it names (``W + scale * B @ A``); its full copies replace the base's.
     """
 
     dtype: str | None
@@ -70,6 +73,7 @@ class SurgeryOptions(TypedDict, total=False):
     max_shard_size: int | str | None
     progress: Progress | None
     adapters: Sequence[Adapter]
+    lora: LoraAdapter | None
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,10 @@ def run_surgery(
     gate, max_shard_size = options.get("gate"), options.get("max_shard_size")
     fmt = None
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    lora = options.get("lora")
     if out is not None:
         fmt = output_format(out, options.get("format"), sharded=shard_bytes is not None)
-        inputs = [s.path for s in specs]
+        inputs = [s.path for s in specs] + (list(lora.files()) if lora is not None else [])
         check = check_output_folder if shard_bytes is not None else check_output_path
         check(out, inputs=inputs, force=force or dry_run)
     elif not dry_run:
@@ -202,8 +207,16 @@ def run_surgery(
             )
             for s in specs
         ]
+        opened = None
+        if lora is not None:
+            opened = open_lora(
+                lora,
+                allow_globals=tuple(options.get("allow_globals", ())),
+                unsafe_pickle=options.get("unsafe_pickle", False),
+            )
+            ckpts.append(stack.enter_context(opened.ckpt))  # the plan's last source
         plan = build_plan(
-            ckpts,
+            ckpts[: len(specs)],
             [s.rules for s in specs],
             mode=mode,
             labels=[str(s.path) for s in specs],
@@ -212,6 +225,7 @@ def run_surgery(
             dtype=dtype,
             keep_dtype=keep_dtype,
             adapters=options.get("adapters", ()),
+            lora=opened,
         )
         report = None
         if gate is not None:
@@ -234,6 +248,8 @@ def run_surgery(
             extra = dict(provenance_extra or {})
             if gate is not None and mode != "remap":
                 extra.setdefault("target", gate.to_dict())
+            if opened is not None:
+                extra["lora"] = opened.provenance()
             metadata = provenance(plan, ckpts, extra=extra)
         written, notes = execute(
             plan,

@@ -13,8 +13,9 @@ from ckptsurgery.rules import RULE_FIELDS
 if TYPE_CHECKING:
     from ckptsurgery.merge import MergeResult, SourceSpec
     from ckptsurgery.plan.adapt import Adapter
+    from ckptsurgery.plan.lora import LoraAdapter
 
-TABLES = ("source", "adapt", "merge", "target", "output")
+TABLES = ("source", "adapt", "lora", "merge", "target", "output")
 SOURCE_FIELDS = ("path", "key", *RULE_FIELDS)
 MERGE_FIELDS = ("on_conflict", "average", "weights")
 TARGET_FIELDS = ("model", "model_args", "allow_missing", "allow_unexpected", "drop_mismatched")
@@ -68,6 +69,7 @@ class Recipe:
     dtype: str | None = None  # one of DTYPES: the dtype to write the tensors in
     keep_dtype: tuple[str, ...] = ()  # globs of the tensors that keep their dtype
     adapters: tuple[Adapter, ...] = ()  # [[adapt]]: shape adapters on the output names
+    lora: tuple[LoraAdapter, ...] = ()  # [[lora]]: a peft LoRA adapter folded into the output
 
 
 @dataclass(frozen=True)

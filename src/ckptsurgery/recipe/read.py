@@ -13,6 +13,7 @@ from typing import Any
 from ckptsurgery._types import PathLike
 from ckptsurgery.recipe.check_adapt import check_adapters
 from ckptsurgery.recipe.check_in import check_merge, check_sources
+from ckptsurgery.recipe.check_lora import check_lora
 from ckptsurgery.recipe.check_out import check_output, check_target
 from ckptsurgery.recipe.model import TABLES, Recipe, RecipeError
 from ckptsurgery.recipe.problems import Problems
@@ -67,16 +68,20 @@ class _Checker(Problems):
                 )
                 self.located(
                     self.lines.get((key, None, "")),
-                    f"{what}{hint}; allowed: [[source]], [merge], [target], [output], [[adapt]]",
+                    f"{what}{hint}; allowed: [[source]], [merge], [target], [output], [[adapt]], "
+                    "[[lora]]",
                 )
         raw_sources = data.get("source")
         sources = check_sources(self, raw_sources, base)
         n_sources = len(raw_sources) if isinstance(raw_sources, list) else None
         adapters = check_adapters(self, data.get("adapt"), base)
+        lora = check_lora(self, data.get("lora"), base)
         merge = check_merge(self, data.get("merge"), n_sources)
         target = check_target(self, data.get("target"))
         out = check_output(self, data.get("output"), base)
         if self.problems or sources is None or out is None or merge is None or adapters is None:
+            return None
+        if lora is None:
             return None
         on_conflict, average, weights = merge
         return Recipe(
@@ -92,6 +97,7 @@ class _Checker(Problems):
             dtype=out.dtype,
             keep_dtype=out.keep_dtype,
             adapters=adapters,
+            lora=lora,
         )
 
 

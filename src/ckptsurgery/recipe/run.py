@@ -36,7 +36,8 @@ def apply_recipe(
     same inputs writes byte-identical files (the provenance holds no time).
     ``max_shard_size`` overrides the recipe's ``[output] max_shard_size``. The recipe's
     ``[output] dtype`` and ``keep_dtype`` cast as ``remap --dtype`` does; its ``[[adapt]]``
-    tables adapt the output tensors' shapes as ``remap --rows`` and the like do.
+    tables adapt the output tensors' shapes as ``remap --rows`` and the like do; its
+    ``[[lora]]`` adapter is folded as ``merge --lora`` does.
     ``progress(done, total)`` is called with the bytes written so far.
     """
     recipe = load_recipe(path)
@@ -71,6 +72,7 @@ def apply_recipe(
         max_shard_size=recipe.max_shard_size if max_shard_size is None else max_shard_size,
         progress=progress,
         adapters=recipe.adapters,
+        lora=recipe.lora[0] if recipe.lora else None,
     )
     return RecipeResult(recipe, result, note)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ckptsurgery._types import PathLike
 from ckptsurgery.plan.adapt import Adapter
+from ckptsurgery.plan.lora import LoraAdapter
 from ckptsurgery.recipe.model import RecipeError, Target
 from ckptsurgery.rules import Rules
 
@@ -28,9 +29,10 @@ def recipe_toml(
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
     adapters: Sequence[Adapter] = (),
+    lora: Sequence[LoraAdapter] = (),
 ) -> str:
     """A recipe that :func:`apply_recipe` accepts as it is: one ``[[source]]`` per
-    ``(path, key, rules)``, one ``[[adapt]]`` per shape adapter, ``[merge]`` when it is not the default, the ``[target]`` gate when
+    ``(path, key, rules)``, one ``[[adapt]]`` per shape adapter, ``[[lora]]`` per LoRA adapter, ``[merge]`` when it is not the default, the ``[target]`` gate when
     given, and ``[output]`` with the fields given.
 
     Paths are written as given; with ``recipe_dir`` (the folder the recipe will be saved in),
@@ -56,6 +58,8 @@ def recipe_toml(
         chunks.append("[[source]]\n" + _dumps(source))
     for adapter in adapters:
         chunks.append("[[adapt]]\n" + _dumps(adapter.to_dict()))
+    for folded in lora:
+        chunks.append("[[lora]]\n" + _dumps({"path": where(folded.path)}))
     tables: dict[str, Any] = {}
     merge: dict[str, Any] = {}
     if on_conflict != "error":
