@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -314,7 +315,9 @@ def peft_lora(
     from peft import LoraConfig, get_peft_model
 
     peft_type = config.pop("peft_config", None)
-    wrapped = get_peft_model(model, peft_type or LoraConfig(**config))
+    with warnings.catch_warnings():  # transformers' deprecations, called by peft
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = get_peft_model(model, peft_type or LoraConfig(**config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():

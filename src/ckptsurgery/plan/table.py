@@ -113,6 +113,8 @@ def _from(plan: Plan, e: Entry) -> str:
     refs = e.inputs
     if len(plan.sources) == 1:
         return refs[0].key
+    if e.op.name == "lora-fold":  # its op names the adapter's pair
+        return plan.label(refs[0])
     if len(refs) > 1 and len({r.key for r in refs}) == 1:
         return f"#{refs[0].source + 1}..#{refs[-1].source + 1} {refs[0].key}"
     return ", ".join(plan.label(r) for r in refs)

@@ -18,6 +18,9 @@
     key = "fc.*"
     indices = "0-9"               # or [0, 1, 2], or indices_file = "classes.txt"
 
+    [[lora]]                      # optional: a peft LoRA adapter folded in, as merge --lora
+    path = "my-lora"              # its folder (adapter_config.json + adapter_model.*)
+
     [merge]                       # optional
     on_conflict = "error"         # error | first | last
     average = false
