@@ -148,3 +148,18 @@ def test_config_refusals(changes: dict[str, object], message: str) -> None:
     with pytest.raises(LoraError) as info:
         parse_config(data)
     assert message in str(info.value)
+
+
+def test_tied_base_tensors_are_folded_under_every_name(tmp_path: Path) -> None:
+    emb = torch.randn(10, 4)
+    torch.save({"emb.weight": emb, "head.weight": emb, "other": torch.ones(2)}, tmp_path / "b.pt")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 10, generator=g), torch.randn(4, 2, generator=g)
+    adapter = write_adapter(
+        tmp_path / "ad", {f"{P}emb.lora_embedding_A": a, f"{P}emb.lora_embedding_B": b}
+    )
+    result = cs.fold_lora(tmp_path / "b.pt", adapter, tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(out["emb.weight"], emb + 2.0 * (b @ a).T, atol=1e-6)
+    assert out["head.weight"].data_ptr() == out["emb.weight"].data_ptr()  # still one tensor
+    assert result.plan.ties == {"head.weight": "emb.weight"}

@@ -105,7 +105,12 @@ def build_plan(
             )
         infos.append(lora.ckpt.infos)
         opened.append(lora.ckpt)
-        raw = lora.bind(raw, lambda r: infos[r.source][r.key], len(ckpts))
+        raw = lora.bind(
+            raw,
+            lambda r: infos[r.source][r.key],
+            len(ckpts),
+            lambda r: (r.source, opened[r.source].canonical(r.key)),
+        )
     entries: list[Entry] = []
     used_keep: set[str] = set()
     for name, op, inputs, compare in raw:

@@ -157,7 +157,7 @@ class OpenedLora:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         return {
-            "adapter": str(self.adapter.path),
+            "adapter": Path(self.adapter.path).name,
             "config": self.config_path.name,
             "config_sha256": self.config_sha256,
             "weights": self.weights_path.name,
@@ -174,10 +174,16 @@ class OpenedLora:
         raw: Sequence[tuple[str, Op, tuple[Ref, ...], tuple[Ref, ...]]],
         info: Callable[[Ref], TensorInfo],
         index: int,
+        stored: Callable[[Ref], object] = lambda r: r,
     ) -> list[tuple[str, Op, tuple[Ref, ...], tuple[Ref, ...]]]:
         """``raw`` plan entries (output name, op, inputs, compare) with the adapter applied:
         its full copies replace the base's tensors, its LoRA pairs fold into them. ``index``
-        is the adapter's source index in the plan; ``info`` gives a ref's facts."""
+        is the adapter's source index in the plan; ``info`` gives a ref's facts; ``stored``
+        names the stored tensor a ref reads (tied aliases share one).
+
+        A base tensor stored once under several names (tied embeddings) is one parameter in
+        the model, so peft's merge changes all its names: every copy of a folded tensor is
+        folded alike (and stays tied in the output)."""
         infos = self.ckpt.infos
         targets, copies = split_keys(infos, self.label)
         out = {name: (op, refs, cmp) for name, op, refs, cmp in raw}
@@ -231,6 +237,14 @@ class OpenedLora:
                 f"target{'s' if len(problems) != 1 else ''}: {'; '.join(problems[:_SHOWN])}"
                 + ("; ..." if len(problems) > _SHOWN else "")
             )
+        folds = {
+            stored(refs[0]): (op, refs)
+            for name, (op, refs, _) in out.items()
+            if op.name == LORA_FOLD and name not in copies
+        }
+        for name, (op, refs, _) in list(out.items()):
+            if op.is_copy and len(refs) == 1 and stored(refs[0]) in folds:
+                out[name] = (*folds[stored(refs[0])], ())
         self.folded = sum(1 for op, _, _ in out.values() if op.name == LORA_FOLD)
         self.replaced = len(copies)
         return [(name, *out[name]) for name, _, _, _ in raw]
