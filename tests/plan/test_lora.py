@@ -159,6 +159,7 @@ def test_bin_adapter_through_the_restricted_loader(tmp_path: Path) -> None:
     assert_close_state(load_file(tmp_path / "out.safetensors"), merged)
 
 
+@pytest.mark.filterwarnings("ignore:Adapter 'default'")  # peft takes 1-D lora_B.bias for a shard
 def test_lora_bias_folds_into_the_base_bias(tmp_path: Path) -> None:
     base, adapter, merged = bert_case(
         tmp_path, r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True
