@@ -27,7 +27,9 @@ The adapter's full copies replace the base's tensors of the same name. Each fold
 entry, op ``lora-fold`` over (base weight, A, B) refs into the base and the adapter sources;
 the math is :mod:`ckptsurgery.plan.lora_math`, imported when a tensor is made. Everything
 an adapter could ask that this does not fold (DoRA and the other LoRA variants, other PEFT
-methods, inits that changed the base weights, trainable tokens) is refused by name.
+methods, inits that changed the base weights, trainable tokens) is refused by name
+(:mod:`ckptsurgery.plan.lora_config` reads the config, :mod:`ckptsurgery.plan.lora_keys`
+the tensor names). A base tensor stored under several names (tied) is folded under each.
 
 Nothing here imports torch.
 """
