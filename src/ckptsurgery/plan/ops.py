@@ -125,16 +125,21 @@ def weighted_sum(
 ) -> torch.Tensor:
     """``sum(w * t)`` accumulated in ``accumulate`` and stored as ``dtype``. The tensors are
     taken one at a time and never written to."""
+    import torch
+
     from ckptsurgery.io.dtypes import torch_dtype
 
     acc_dtype = torch_dtype(accumulate)
     acc: torch.Tensor | None = None
     for w, t in zip(weights, tensors, strict=True):
+        # Each product is rounded, then added (not fused): the sum numpy makes, bit for bit
+        # (ckptsurgery.plan.numeric). A new tensor: the input is never written.
+        product = torch.mul(t.to(dtype=acc_dtype), w)
         if acc is None:
-            acc = t.to(dtype=acc_dtype) * w  # a new tensor: the input is never written
+            acc = product
         else:
-            acc.add_(t.to(device=acc.device, dtype=acc_dtype), alpha=w)
-        del t  # one input at a time
+            acc.add_(product.to(device=acc.device))
+        del t, product  # one input at a time
     if acc is None:
         raise RuleError("a mean needs at least one tensor")
     return acc.to(torch_dtype(dtype))
