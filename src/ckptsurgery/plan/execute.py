@@ -77,7 +77,7 @@ class PlanSource(Checkpoint):
             return self.sources[i].raw_bytes(key)
 
     def _compute(self, e: Entry) -> torch.Tensor:
-        return evaluate(e.op, self._direct(e), e.input_infos)
+        return evaluate(e.op, self._direct(e), e.input_infos, name=e.name)
 
     def will_read(self, names: Sequence[str]) -> None:
         """Compute the computed tensors among ``names`` ahead, in that order, on a helper
