@@ -3,91 +3,18 @@ from the definitions, on random tensors; and what their parameters and inputs ma
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import torch
-from conftest import raw
+from conftest import DARE, method_reference_dict, raw
 
 from ckptsurgery.errors import MergeError
 from ckptsurgery.merge import method_merge
 from ckptsurgery.plan.methods import trim
-
-CONSENSUS = ("ties", "dare-ties")
-DARE = ("dare-linear", "dare-ties")
-
-
-def reference(
-    method: str,
-    base: torch.Tensor,
-    models: Sequence[torch.Tensor],
-    *,
-    key: str,
-    weights: Sequence[float] | None = None,
-    density: float = 1.0,
-    lambda_: float = 1.0,
-    seed: int = 0,
-    normalize: bool | None = None,
-) -> torch.Tensor:
-    """One tensor merged straight from the definitions (mergekit's generalized task
-    arithmetic), stacking every task vector; DARE's masks come from the documented generator:
-    seeded by sha256(f"{seed}:{key}"), one ``rand < density`` draw per model in order."""
-    weights = list(weights) if weights else [1.0] * len(models)
-    if normalize is None:
-        normalize = method == "ties"
-    wide = any(t.dtype == torch.float64 for t in (base, *models))
-    acc = torch.float64 if wide else torch.float32
-    b = base.to(acc)
-    g = torch.Generator()
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    vectors = []
-    for x, w in zip(models, weights, strict=True):
-        d = x.to(acc) - b
-        n = d.numel()
-        if method == "ties" and density < 1 and n:
-            k = max(1, int(density * n))
-            order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[order[:k]] = True
-            d = d * mask.reshape(d.shape)
-        elif method in DARE and density < 1:
-            keep = torch.rand(d.shape, generator=g, dtype=torch.float32) < density
-            d = d * keep / density
-        vectors.append(d * w)
-    v = torch.stack(vectors)
-    w = torch.tensor(weights, dtype=acc).reshape(-1, *([1] * b.dim()))
-    if method in CONSENSUS:
-        elected = torch.where(v.sum(0) >= 0, 1.0, -1.0).to(acc)
-        agree = v.sign() == elected
-        mixed = (v * agree).sum(0)
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = v.sum(0)
-        total = sum(weights)
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=acc)
-    if normalize:
-        mixed = mixed / divisor
-    return (b + lambda_ * mixed).to(base.dtype)
-
-
-def reference_dict(
-    method: str,
-    base: Mapping[str, torch.Tensor],
-    models: Sequence[Mapping[str, torch.Tensor]],
-    **params: Any,
-) -> dict[str, torch.Tensor]:
-    return {
-        k: reference(method, v, [m[k] for m in models], key=k, **params)
-        if v.is_floating_point()
-        else v
-        for k, v in base.items()
-    }
 
 
 def fine_tunes(
@@ -135,7 +62,7 @@ def test_methods_agree_with_the_reference(
 ) -> None:
     base, models = fine_tunes(SHAPES, dtype, 3)
     got = method_merge(base, models, method=method, **params)
-    want = reference_dict(method, base, models, **params)
+    want = method_reference_dict(method, base, models, **params)
     assert list(got) == list(want)
     for k, w in want.items():
         assert got[k].dtype == dtype and got[k].shape == w.shape, k
