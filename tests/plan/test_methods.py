@@ -1,17 +1,21 @@
-"""Task arithmetic, TIES and DARE (ckptsurgery.plan.methods) against a reference written here
-from the definitions, on random tensors; and what their parameters and inputs may be."""
+"""Task arithmetic, TIES and DARE (ckptsurgery.plan.methods) against the reference written from
+the definitions in tests/conftest.py, on random tensors; the library's calls; and what their
+parameters and inputs may be."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import DARE, method_reference_dict, raw
+from safetensors.torch import load_file, save_file
 
+import ckptsurgery as cs
 from ckptsurgery.errors import MergeError
 from ckptsurgery.merge import method_merge
 from ckptsurgery.plan.methods import trim
@@ -200,3 +204,29 @@ def test_sources_that_do_not_line_up_are_refused() -> None:
         method_merge(z, [z], method="ties", density=0.5)
     with pytest.raises(MergeError, match="needs a base and at least one model"):
         method_merge(base, [], method="task-arithmetic")
+
+
+def test_files_merged_by_the_library_match_the_in_memory_merge(tmp_path: Path) -> None:
+    base, models = fine_tunes({"w": (8, 4), "b": (4,)}, torch.bfloat16, 2)
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, m in enumerate(models):
+        torch.save(m, tmp_path / f"m{i}.pt")
+        paths.append(tmp_path / f"m{i}.pt")
+    out = tmp_path / "out.safetensors"
+    params = {"density": 0.5, "seed": 2, "weights": [0.5, 1.5]}
+    planned = cs.method_merge_files(
+        tmp_path / "base.safetensors", paths, out, method="dare-ties", dry_run=True, **params
+    )
+    assert not out.exists() and planned.mode == "method"
+    assert planned.to_dict()["method"]["seed"] == 2
+    result = cs.method_merge_files(
+        tmp_path / "base.safetensors", paths, out, method="dare-ties", dtype="float32", **params
+    )
+    assert result.written is not None
+    got = load_file(out)
+    want = method_merge(base, models, method="dare-ties", **params)
+    for k in want:
+        assert got[k].dtype == torch.float32
+        # float32 output of the same float32 arithmetic: rounding to bf16 gives the base's dtype
+        assert raw(got[k].to(torch.bfloat16)) == raw(want[k]), k
