@@ -74,8 +74,14 @@ def check_method(
     if normalize is not None and not isinstance(normalize, bool):
         c.problem("merge", None, "normalize", f"must be true or false, got {show(normalize)}")
         return None
-    if isinstance(weights, list) and any(isinstance(w, bool) for w in weights):
-        weights = ["?"]  # refused by method_op as not numbers
+    if weights is not None and not isinstance(weights, list):
+        c.problem(
+            "merge",
+            None,
+            "weights",
+            f"must be a list of numbers, one per model, e.g. [1.0, 0.5], got {show(weights)}",
+        )
+        return None
     try:
         op = method_op(
             str(method),
@@ -86,7 +92,7 @@ def check_method(
             seed=seed,
             normalize=normalize,
         )
-    except (MergeError, TypeError) as e:
+    except MergeError as e:
         c.problem("merge", None, _field_of(str(e)), str(e))
         return None
     return MethodMerge(op=op, base=index)
