@@ -45,6 +45,8 @@ if TYPE_CHECKING:
         average_files,
         merge,
         merge_files,
+        method_merge,
+        method_merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
     from ckptsurgery.plan.adapt import InChans, ResamplePosEmbed, Rows
@@ -102,6 +104,8 @@ _EXPORTS: dict[str, str] = {
             "average_files",
             "merge",
             "merge_files",
+            "method_merge",
+            "method_merge_files",
         ],
         "ckptsurgery.merge",
     ),
@@ -192,6 +196,8 @@ __all__ = [
     "match",
     "merge",
     "merge_files",
+    "method_merge",
+    "method_merge_files",
     "open_checkpoint",
     "parse_model_args",
     "remap",

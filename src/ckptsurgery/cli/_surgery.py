@@ -132,6 +132,7 @@ def write_recipe(
     average: bool = False,
     weights: Sequence[float] = (),
     adapters: Sequence[Adapter] = (),
+    method: Mapping[str, Any] | None = None,
 ) -> None:
     """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
     are written relative to the recipe's folder, as ``apply`` reads them."""
@@ -151,6 +152,7 @@ def write_recipe(
         format=write.fmt,
         max_shard_size=write.max_shard_size,
         adapters=adapters,
+        method=method,
     )
     with atomic_write(path, overwrite=write.force) as f:
         f.write(text.rstrip("\n").encode("utf-8") + b"\n")
@@ -256,6 +258,11 @@ def _sources_table(result: SurgeryResult, *, fmt: str) -> str:
         headers[-1] = "weight"
         for row, w in zip(rows, plan.weights or (), strict=True):
             row[-1] = f"{w:.4g}"
+    elif plan.mode == "method" and plan.method is not None:
+        headers[-1] = "weight"
+        shown = ("base", *(f"{w:.4g}" for w in plan.method.param("weights", ())))
+        for row, text in zip(rows, shown, strict=True):
+            row[-1] = text
     return table(rows, headers, fmt=fmt)
 
 
@@ -301,6 +308,13 @@ def summary(result: SurgeryResult, *, dry_run: bool) -> str:
             f"average of {n} sources (weights {weights}): "
             f"{count(len(plan.entries) - copied, 'tensor')} averaged"
             + (f", {copied} copied from the first" if copied else "")
+        )
+    elif plan.mode == "method" and plan.method is not None:
+        copied = len(result.copied)
+        what = (
+            f"{plan.method.describe()} of {count(n - 1, 'model')} into "
+            f"{Path(plan.sources[0].path).name}: {count(len(plan.entries) - copied, 'tensor')} "
+            "merged" + (f", {copied} copied from the base" if copied else "")
         )
     else:
         taken = ", ".join(f"{Path(s.path).name} {s.taken:,}" for s in plan.sources)

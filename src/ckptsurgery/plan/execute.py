@@ -85,7 +85,7 @@ class PlanSource(Checkpoint):
             return self.sources[i].bytes_view(key)
 
     def _compute(self, e: Entry) -> torch.Tensor:
-        return evaluate(e.op, self._direct(e), e.input_infos)
+        return evaluate(e.op, self._direct(e), e.input_infos, name=e.name)
 
     def _compute_bytes(self, e: Entry) -> bytes | memoryview:
         """The bytes of a computed output: a weighted sum of floats straight from its inputs'

@@ -11,6 +11,10 @@ byte is read) and from their values (when the executor runs it).
 - ``rows``, ``in-chans``, ``resample-pos-embed``: the shape adapters of
   :mod:`ckptsurgery.plan.adapters`, one tensor at a time; with ``dtype``, their result is cast
   as ``cast`` does.
+- ``task-arithmetic``, ``ties``, ``dare-linear``, ``dare-ties`` (weights, density, lambda,
+  normalize, seed[, dtype]): the fine-tunes (inputs 1..n) merged into the base (input 0), see
+  :mod:`ckptsurgery.plan.methods`; computed in float32 (float64 when an input is) and stored
+  in the base's dtype, or ``dtype`` when given.
 
 Only the functions that compute values import torch, and only when called.
 """
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ckptsurgery.errors import RuleError
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.plan import adapters
+from ckptsurgery.plan import adapters, methods
 from ckptsurgery.plan.model import Op
 
 if TYPE_CHECKING:
@@ -49,7 +53,7 @@ _CASTABLE = ("float16", "bfloat16", "float32", "float64")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # The operations that never write to their inputs (they may be read-only maps of a file).
-READS_ONLY = ("mean", "weighted-sum")
+READS_ONLY = ("mean", "weighted-sum", *methods.METHODS)
 
 # Bytes converted at a time by a streamed cast: bounds its memory whatever the tensor's size.
 CAST_CHUNK = 8 << 20
@@ -92,10 +96,15 @@ def output_info(op: Op, inputs: Sequence[TensorInfo]) -> TensorInfo:
 
 
 def evaluate(
-    op: Op, fetch: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[TensorInfo]
+    op: Op,
+    fetch: Sequence[Callable[[], torch.Tensor]],
+    inputs: Sequence[TensorInfo],
+    *,
+    name: str = "",
 ) -> torch.Tensor:
     """The value ``op`` makes from the tensors described by ``inputs``; ``fetch`` gives each
-    when called, so that a mean holds one input at a time besides its accumulator."""
+    when called, so that a mean holds one input at a time besides its accumulator. ``name``:
+    the output's key (DARE seeds its random drop from it)."""
     if op.name == "copy":
         return fetch[0]()
     if op.name == "cast":
@@ -106,6 +115,10 @@ def evaluate(
             op.param("weights"),
             accumulate=accumulator([i.dtype for i in inputs]),
             dtype=op.param("dtype") or inputs[0].dtype,
+        )
+    if op.name in methods.METHODS:
+        return methods.compute(
+            op, fetch, inputs, name=name, accumulate=accumulator([i.dtype for i in inputs])
         )
     if op.name in adapters.ADAPTER_OPS:
         out = adapters.compute(op, fetch[0]())
