@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,81 @@ def source_digest(path: Path) -> dict[str, str]:
 
         return {DIGEST: xxhash.xxh3_128_hexdigest(data)}
     return {DIGEST: hashlib.sha256(data).hexdigest()}
+
+
+# -- merge methods: a reference from the definitions (tests/plan/test_methods.py, tests/cli) -----
+
+CONSENSUS = ("ties", "dare-ties")
+DARE = ("dare-linear", "dare-ties")
+
+
+def method_reference(
+    method: str,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    key: str,
+    weights: Sequence[float] | None = None,
+    density: float = 1.0,
+    lambda_: float = 1.0,
+    seed: int = 0,
+    normalize: bool | None = None,
+) -> torch.Tensor:
+    """One tensor merged straight from the definitions (mergekit's generalized task
+    arithmetic), stacking every task vector; DARE's masks come from the documented generator:
+    seeded by sha256(f"{seed}:{key}"), one ``rand < density`` draw per model in order."""
+    weights = list(weights) if weights else [1.0] * len(models)
+    if normalize is None:
+        normalize = method == "ties"
+    wide = any(t.dtype == torch.float64 for t in (base, *models))
+    acc = torch.float64 if wide else torch.float32
+    b = base.to(acc)
+    g = torch.Generator()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    vectors = []
+    for x, w in zip(models, weights, strict=True):
+        d = x.to(acc) - b
+        n = d.numel()
+        if method == "ties" and density < 1 and n:
+            k = max(1, int(density * n))
+            order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[order[:k]] = True
+            d = d * mask.reshape(d.shape)
+        elif method in DARE and density < 1:
+            keep = torch.rand(d.shape, generator=g, dtype=torch.float32) < density
+            d = d * keep / density
+        vectors.append(d * w)
+    v = torch.stack(vectors)
+    w = torch.tensor(weights, dtype=acc).reshape(-1, *([1] * b.dim()))
+    if method in CONSENSUS:
+        elected = torch.where(v.sum(0) >= 0, 1.0, -1.0).to(acc)
+        agree = v.sign() == elected
+        mixed = (v * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = v.sum(0)
+        total = sum(weights)
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=acc)
+    if normalize:
+        mixed = mixed / divisor
+    return (b + lambda_ * mixed).to(base.dtype)
+
+
+def method_reference_dict(
+    method: str,
+    base: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    return {
+        k: method_reference(method, v, [m[k] for m in models], key=k, **params)
+        if v.is_floating_point()
+        else v
+        for k, v in base.items()
+    }
 
 
 # -- LoRA adapters made by peft ---------------------------------------------------------------

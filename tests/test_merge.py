@@ -404,9 +404,9 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
 
     log: list[tuple[str, str]] = []
     alive: list[int] = []
-    original_mean = PlanSource.tensor
+    original_mean = PlanSource.raw_bytes
 
-    def counting_mean(self: PlanSource, name: str) -> torch.Tensor:
+    def counting_mean(self: PlanSource, name: str) -> bytes | memoryview:
         log.append(("compute", name))
         out = original_mean(self, name)
         alive.append(len(log))
@@ -428,16 +428,16 @@ def test_average_streams_one_tensor_at_a_time(tmp_path: Path, monkeypatch: Any) 
     from ckptsurgery.io.safetensors_format import SafetensorsCheckpoint
 
     fetched: list[str] = []
-    original_tensor = SafetensorsCheckpoint.tensor
+    original_tensor = SafetensorsCheckpoint.bytes_view
 
-    def counting_tensor(self: SafetensorsCheckpoint, name: str) -> torch.Tensor:
+    def counting_tensor(self: SafetensorsCheckpoint, name: str) -> bytes | memoryview:
         fetched.append(name)
         return original_tensor(self, name)
 
-    monkeypatch.setattr(PlanSource, "tensor", counting_mean)
+    monkeypatch.setattr(PlanSource, "raw_bytes", counting_mean)
     monkeypatch.setattr(cs.Checkpoint, "state_dict", no_state_dict)
     monkeypatch.setattr(stf, "write_file", logging_write)
-    monkeypatch.setattr(SafetensorsCheckpoint, "tensor", counting_tensor)
+    monkeypatch.setattr(SafetensorsCheckpoint, "bytes_view", counting_tensor)
 
     out = tmp_path / "soup.safetensors"
     cs.average_files(paths, out)

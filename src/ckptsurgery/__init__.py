@@ -46,6 +46,8 @@ if TYPE_CHECKING:
         fold_lora,
         merge,
         merge_files,
+        method_merge,
+        method_merge_files,
     )
     from ckptsurgery.models import BuiltModel, ModelSpecError, build_model, parse_model_args
     from ckptsurgery.plan.adapt import InChans, ResamplePosEmbed, Rows
@@ -105,6 +107,8 @@ _EXPORTS: dict[str, str] = {
             "fold_lora",
             "merge",
             "merge_files",
+            "method_merge",
+            "method_merge_files",
         ],
         "ckptsurgery.merge",
     ),
@@ -199,6 +203,8 @@ __all__ = [
     "match",
     "merge",
     "merge_files",
+    "method_merge",
+    "method_merge_files",
     "open_checkpoint",
     "parse_model_args",
     "remap",

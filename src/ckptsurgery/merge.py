@@ -1,4 +1,6 @@
-"""Merging checkpoints: the union of their keys, or their weighted elementwise mean.
+"""Merging checkpoints: the union of their keys, their weighted elementwise mean, or
+fine-tunes merged into their base by task arithmetic, TIES or DARE
+(:mod:`ckptsurgery.plan.methods`).
 
 Both are surgeries like any other (:mod:`ckptsurgery.plan`): a merge is planned on key names,
 shapes and dtypes alone, gated, then executed one output tensor at a time. A union copies
@@ -22,6 +24,7 @@ from ckptsurgery.io import TensorDictSource
 from ckptsurgery.plan.build import ON_CONFLICT, build_plan, check_on_conflict, plan_union
 from ckptsurgery.plan.execute import materialize
 from ckptsurgery.plan.lora import LoraAdapter
+from ckptsurgery.plan.methods import METHODS, method_op
 from ckptsurgery.plan.model import Conflict, SourceSpec
 from ckptsurgery.plan.run import SurgeryOptions, SurgeryResult, run_surgery
 from ckptsurgery.rules import Rules
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "METHODS",
     "ON_CONFLICT",
     "Conflict",
     "MergeConflictError",
@@ -42,6 +46,8 @@ __all__ = [
     "fold_lora",
     "merge",
     "merge_files",
+    "method_merge",
+    "method_merge_files",
     "normalise_weights",
 ]
 
@@ -152,6 +158,78 @@ def average_files(
     extra = {**({"weights_given": list(weights)} if weights else {}), **(provenance or {})}
     w = normalise_weights(weights, len(specs))
     return run_surgery(specs, out, mode="average", weights=w, provenance_extra=extra, **options)
+
+
+def method_merge(
+    base: Mapping[str, torch.Tensor],
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    method: str,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    lambda_: float = 1.0,
+    seed: int | None = None,
+    normalize: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """``state_dicts`` (fine-tunes of ``base``) merged into ``base`` by ``method``, as a new
+    dict of new tensors: "task-arithmetic", "ties", "dare-linear" or "dare-ties".
+
+    ``weights``: one per fine-tune (default 1 each; not normalised); ``density``: the
+    fraction of each task vector kept, in (0, 1] (required by ties and DARE, refused by task
+    arithmetic); ``lambda_`` scales the merged task vector; ``seed`` (DARE only, default 0)
+    makes the random drop reproducible; ``normalize`` (default: true for ties only) divides
+    by the weights that took part. The definitions are in :mod:`ckptsurgery.plan.methods`.
+    Every state dict needs the base's keys and shapes (else :class:`MergeError`); integer
+    and bool tensors are the base's own (a warning says when the others disagree).
+    """
+    op = method_op(
+        method,
+        models=len(state_dicts),
+        weights=weights,
+        density=density,
+        lambda_=lambda_,
+        seed=seed,
+        normalize=normalize,
+    )
+    sources = [TensorDictSource(base, source="base")] + [
+        TensorDictSource(sd, source=f"state dict {i + 1}") for i, sd in enumerate(state_dicts)
+    ]
+    plan = build_plan(sources, [Rules()] * len(sources), mode="method", method=op)
+    out, notes = materialize(plan, sources)
+    for message in (*plan.notes, *notes):
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return out
+
+
+def method_merge_files(
+    base: PathLike | SourceSpec,
+    sources: Sequence[PathLike | SourceSpec],
+    out: PathLike | None,
+    *,
+    method: str,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    lambda_: float = 1.0,
+    seed: int | None = None,
+    normalize: bool | None = None,
+    key: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **options: Unpack[SurgeryOptions],
+) -> MergeResult:
+    """Write the fine-tunes at ``sources`` merged into ``base`` by ``method`` to ``out``, one
+    tensor at a time: as :func:`method_merge` for files; otherwise as :func:`merge_files`.
+    The output's provenance records the method and every parameter."""
+    specs = _specs([base, *_specs(sources, key)], key)
+    op = method_op(
+        method,
+        models=len(specs) - 1,
+        weights=weights,
+        density=density,
+        lambda_=lambda_,
+        seed=seed,
+        normalize=normalize,
+    )
+    return run_surgery(specs, out, mode="method", method=op, provenance_extra=provenance, **options)
 
 
 def fold_lora(

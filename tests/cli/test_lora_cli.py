@@ -126,11 +126,15 @@ def test_ia3_is_refused_with_one_error_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_lora_with_average_is_a_usage_error(case: Any, tmp_path: Path) -> None:
+def test_lora_with_average_or_method_is_a_usage_error(case: Any, tmp_path: Path) -> None:
     base, adapter, _ = case
     result = cli_run("merge", base, base, "--average", "--lora", adapter, "-o", tmp_path / "o.pt")
     assert result.exit_code == 2
     assert "--lora does not apply with --average" in result.stderr
+    result = cli_run("merge", "--method", "task-arithmetic", "--base", base, base, "--lora",
+                     adapter, "-o", tmp_path / "o.pt")  # fmt: skip
+    assert result.exit_code == 2
+    assert "--lora does not apply with --method" in result.stderr
 
 
 def test_output_equal_to_the_adapter_is_refused(case: Any) -> None:

@@ -133,6 +133,7 @@ def write_recipe(
     average: bool = False,
     weights: Sequence[float] = (),
     adapters: Sequence[Adapter] = (),
+    method: Mapping[str, Any] | None = None,
     lora: Sequence[LoraAdapter] = (),
 ) -> None:
     """The run as a recipe that ``ckptsurgery apply`` reproduces, written atomically; paths
@@ -153,6 +154,7 @@ def write_recipe(
         format=write.fmt,
         max_shard_size=write.max_shard_size,
         adapters=adapters,
+        method=method,
         lora=lora,
     )
     with atomic_write(path, overwrite=write.force) as f:
@@ -259,6 +261,11 @@ def _sources_table(result: SurgeryResult, *, fmt: str) -> str:
         headers[-1] = "weight"
         for row, w in zip(rows, plan.weights or (), strict=True):
             row[-1] = f"{w:.4g}"
+    elif plan.mode == "method" and plan.method is not None:
+        headers[-1] = "weight"
+        shown = ("base", *(f"{w:.4g}" for w in plan.method.param("weights", ())))
+        for row, text in zip(rows, shown, strict=True):
+            row[-1] = text
     return table(rows, headers, fmt=fmt)
 
 
@@ -304,6 +311,13 @@ def summary(result: SurgeryResult, *, dry_run: bool) -> str:
             f"average of {n} sources (weights {weights}): "
             f"{count(len(plan.entries) - copied, 'tensor')} averaged"
             + (f", {copied} copied from the first" if copied else "")
+        )
+    elif plan.mode == "method" and plan.method is not None:
+        copied = len(result.copied)
+        what = (
+            f"{plan.method.describe()} of {count(n - 1, 'model')} into "
+            f"{Path(plan.sources[0].path).name}: {count(len(plan.entries) - copied, 'tensor')} "
+            "merged" + (f", {copied} copied from the base" if copied else "")
         )
     else:
         taken = ", ".join(

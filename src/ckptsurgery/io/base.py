@@ -41,6 +41,11 @@ class Checkpoint(ABC):
         bytes instead of a copy. Never write to it; it stays valid after :meth:`close`."""
         return self.tensor(name)
 
+    def bytes_view(self, name: str) -> bytes | memoryview:
+        """The tensor's bytes as :meth:`raw_bytes`, for reading only: a source on disk may
+        hand out a read-only map of the file instead of a copy."""
+        return self.raw_bytes(name)
+
     def write_data(self, name: str, f: BinaryIO) -> int:
         """Write the tensor's bytes (as :meth:`raw_bytes`) to ``f``; return how many.
 

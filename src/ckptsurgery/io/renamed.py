@@ -47,6 +47,12 @@ class RenamedCheckpoint(Checkpoint):
     def raw_bytes(self, name: str) -> bytes | memoryview:
         return self.source.raw_bytes(self._old[name])
 
+    def bytes_view(self, name: str) -> bytes | memoryview:
+        return self.source.bytes_view(self._old[name])
+
+    def tensor_view(self, name: str) -> torch.Tensor:
+        return self.source.tensor_view(self._old[name])
+
     def write_data(self, name: str, f: BinaryIO) -> int:
         return self.source.write_data(self._old[name], f)
 

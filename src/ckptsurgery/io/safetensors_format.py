@@ -238,26 +238,33 @@ class SafetensorsCheckpoint(Checkpoint):
         data = self.raw_bytes(name)
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
 
-    def tensor_view(self, name: str) -> torch.Tensor:
+    def bytes_view(self, name: str) -> bytes | memoryview:
         # A big tensor is mapped, not copied: the kernel hands over its page-cache pages, and
-        # unmaps them when the tensor is freed (so memory holds the tensors alive, not the file)
+        # unmaps them when the view is freed (so memory holds the tensors alive, not the file)
         entry = self._entries[self.canonical(name)]
         length = entry.end - entry.begin
         if length < _MAP_AT_LEAST:
-            return self.tensor(name)
-        import torch
-
+            return self.raw_bytes(name)
         fd = self._f.fileno()
         if entry.end > os.fstat(fd).st_size:
             raise FormatError(f"{self._what(name)} is cut short (truncated file?)")
         start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         m = mmap.mmap(fd, entry.end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        return memoryview(m)[entry.begin - start :]
+
+    def tensor_view(self, name: str) -> torch.Tensor:
+        entry = self._entries[self.canonical(name)]
+        if entry.end - entry.begin < _MAP_AT_LEAST:
+            return self.tensor(name)
+        import torch
+
+        data = self.bytes_view(name)
         with warnings.catch_warnings():  # read-only on purpose: the caller only reads it
             warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(m, dtype=torch.uint8, count=length, offset=entry.begin - start)
+            flat = torch.frombuffer(data, dtype=torch.uint8)
         info = self.infos[name]
-        return data.view(torch_dtype(info.dtype)).reshape(info.shape)
+        return flat.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
         self._f.close()

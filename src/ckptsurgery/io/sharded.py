@@ -187,6 +187,12 @@ class ShardedCheckpoint(Checkpoint):
     def raw_bytes(self, name: str) -> bytes | memoryview:
         return self._where[name].raw_bytes(name)
 
+    def bytes_view(self, name: str) -> bytes | memoryview:
+        return self._where[name].bytes_view(name)
+
+    def tensor_view(self, name: str) -> torch.Tensor:
+        return self._where[name].tensor_view(name)
+
     def write_data(self, name: str, f: BinaryIO) -> int:
         return self._where[name].write_data(name, f)
 

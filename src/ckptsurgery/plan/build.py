@@ -18,6 +18,10 @@ Decisions:
 - Outputs made by the same operation from the same stored tensors stay tied (stored once).
 - Shape adapters (:mod:`ckptsurgery.plan.adapt`) apply to the output names, after the rules
   and the merge, before the cast; not to an average (average first, then adapt the result).
+- A method merge (mode ``method``: task arithmetic, TIES, DARE; the base is source 0) needs
+  what an average needs: the same keys, shapes and kinds everywhere. Floating tensors are
+  merged by the method's op; integer and bool tensors are copied from the base and compared
+  with the others'; complex tensors are refused (a sign election means nothing for them).
 """
 
 from __future__ import annotations
@@ -31,7 +35,17 @@ from ckptsurgery.io import Checkpoint, TensorInfo
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan.adapt import Adapter, bind_adapters
 from ckptsurgery.plan.adapters import ADAPTER_OPS
-from ckptsurgery.plan.model import COPY, MODES, Conflict, Entry, Op, Plan, Ref, SourcePart
+from ckptsurgery.plan.model import (
+    COPY,
+    METHOD_OPS,
+    MODES,
+    Conflict,
+    Entry,
+    Op,
+    Plan,
+    Ref,
+    SourcePart,
+)
 from ckptsurgery.plan.ops import accumulator, cast_op, castable, check_dtype, mean_op, output_info
 from ckptsurgery.rules import Rules
 
@@ -55,15 +69,17 @@ def build_plan(
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
     adapters: Sequence[Adapter] = (),
+    method: Op | None = None,
     lora: OpenedLora | None = None,
 ) -> Plan:
     """The plan of a surgery on the opened sources ``ckpts``, each renamed by its ``rules``.
 
     ``mode``: "remap" (one source), "union" or "average" (``weights`` normalised, one per
-    source). ``adapters`` change the shape of the output tensors they match (after renaming).
-    ``lora``: an opened LoRA adapter folded into the output tensors it names (after renaming),
-    the plan's last source (:mod:`ckptsurgery.plan.lora`). ``labels`` name the sources in
-    messages (default: their paths). Raises
+    source) or "method" (``method``: a checked op of :func:`ckptsurgery.plan.methods.method_op`,
+    the base being the first source). ``adapters`` change the shape of the output tensors they
+    match (after renaming). ``lora``: an opened LoRA adapter folded into the output tensors it
+    names (after renaming), the plan's last source (:mod:`ckptsurgery.plan.lora`). ``labels``
+    name the sources in messages (default: their paths). Raises
     :class:`MergeConflictError` for keys in several sources under ``on_conflict="error"``,
     :class:`MergeError` for sources that cannot be averaged.
     """
@@ -80,16 +96,20 @@ def build_plan(
         if weights is None or len(weights) != len(ckpts):
             raise MergeError(f"{len(weights or ())} weights for {len(ckpts)} sources")
         raw = _average_entries(ckpts, renames, tuple(weights), labels, notes)
+    elif mode == "method":
+        if method is None or method.name not in METHOD_OPS:
+            raise MergeError(f"mode 'method' needs a merge method ({', '.join(METHOD_OPS)})")
+        raw = _method_entries(ckpts, renames, method, labels, notes)
     else:
         triples, conflicts = plan_union(renames, on_conflict, labels)
         raw = [(new, COPY, (Ref(i, old),), ()) for new, i, old in triples]
 
     infos = [c.infos for c in ckpts]
     if adapters:
-        if mode == "average":
+        if mode in ("average", "method"):
             raise MergeError(
-                "shape adapters apply to a remap or a union, not to an average; average "
-                "first, then adapt the result with remap"
+                "shape adapters apply to a remap or a union, not to an average or a method "
+                "merge; merge first, then adapt the result with remap"
             )
         bound, unused = bind_adapters(
             adapters, {name: infos[r[0].source][r[0].key] for name, _, r, _ in raw}
@@ -98,10 +118,10 @@ def build_plan(
         notes += unused
     opened = list(ckpts)
     if lora is not None:
-        if mode == "average":
+        if mode in ("average", "method"):
             raise MergeError(
-                "a LoRA adapter folds into a remap or a union, not an average; average "
-                "first, then fold the adapter into the result"
+                "a LoRA adapter folds into a remap or a union, not an average or a method "
+                "merge; fold the adapter into its base first, then merge the result"
             )
         infos.append(lora.ckpt.infos)
         opened.append(lora.ckpt)
@@ -151,6 +171,7 @@ def build_plan(
         dtype=dtype,
         keep_dtype=tuple(keep_dtype),
         notes=tuple(notes),
+        method=method if mode == "method" else None,
     )
 
 
@@ -179,7 +200,7 @@ def _with_dtype(
         return cast_op(dtype)
     if op.name in ("mean", "weighted-sum"):
         return mean_op(op.param("weights"), dtype)
-    if op.name in (*ADAPTER_OPS, "lora-fold"):
+    if op.name in ADAPTER_OPS or op.name in METHOD_OPS or op.name == "lora-fold":
         return Op(op.name, (*op.params, ("dtype", dtype)))
     return op
 
@@ -284,6 +305,52 @@ def _average_entries(
         notes.append(
             f"{', '.join(group_keys(keys))}: the sources hold different dtypes ({held}); "
             f"averaged in {accumulator(dtypes)} and stored as {dtypes[0]} (the first source's)"
+        )
+    return raw
+
+
+def _method_entries(
+    ckpts: Sequence[Checkpoint],
+    renames: Sequence[Sequence[tuple[str, str]]],
+    method: Op,
+    labels: Sequence[str],
+    notes: list[str],
+) -> list[_Raw]:
+    """A method merge's entries: the method's op over (base, models...) for every floating
+    tensor, a copy of the base's for the others (compared with the models')."""
+    old_of = [{new: old for old, new in r} for r in renames]
+    renamed = [
+        {new: c.infos[old] for new, old in o.items()} for c, o in zip(ckpts, old_of, strict=True)
+    ]
+    problems = average_problems(renamed, labels)
+    complex_keys = [k for k in renamed[0] if kind(renamed[0][k].dtype) == "complex"]
+    if complex_keys:
+        problems.append(
+            f"complex tensors cannot be merged by {method.name} ({_groups(complex_keys)})"
+        )
+    if problems:
+        shown = "; ".join(problems[:_SHOWN]) + ("; ..." if len(problems) > _SHOWN else "")
+        raise MergeError(
+            f"cannot merge by {method.name}: the base and the models need the same keys and "
+            f"shapes, but {shown}; rename or drop keys per source first (a recipe's "
+            "[[source]] rules)"
+        )
+    raw: list[_Raw] = []
+    mixed: dict[tuple[str, ...], list[str]] = {}
+    for _, new in renames[0]:
+        refs = tuple(Ref(j, o[new]) for j, o in enumerate(old_of))
+        dtypes = tuple(r[new].dtype for r in renamed)
+        if kind(dtypes[0]) == "floating":
+            raw.append((new, method, refs, ()))
+            if len(set(dtypes)) > 1:
+                mixed.setdefault(dtypes, []).append(new)
+        else:
+            raw.append((new, COPY, refs[:1], refs[1:]))
+    for dtypes, keys in mixed.items():
+        held = ", ".join(f"{lab} {d}" for lab, d in zip(labels, dtypes, strict=True))
+        notes.append(
+            f"{', '.join(group_keys(keys))}: the sources hold different dtypes ({held}); "
+            f"merged in {accumulator(dtypes)} and stored as {dtypes[0]} (the base's)"
         )
     return raw
 

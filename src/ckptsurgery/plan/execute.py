@@ -8,13 +8,15 @@ the in-memory loader take any plan alike:
   tensor in memory: the source streams it through a small buffer);
 - a ``cast`` streams the source bytes through :class:`~ckptsurgery.plan.ops.CastWriter`, a
   chunk at a time;
-- a ``mean`` / ``weighted-sum`` (or an adapter) holds its accumulator and one input at a
-  time; when the writer says what it will ask for next, a helper thread reads and computes
-  the next tensor while this one is written (:class:`ReadAhead`), so the sums and the writes
-  overlap on two cores.
+- a ``mean`` / ``weighted-sum`` of floats is summed with numpy from its inputs' bytes (maps
+  of the files where they allow; :mod:`ckptsurgery.plan.numeric`), with no torch; an adapter
+  (or a sum of other dtypes) is computed with torch, holding one input at a time. When the
+  writer says what it will ask for next, a helper thread computes the next output while
+  this one is written (:class:`ReadAhead`), so the sums and the writes overlap on two cores.
 
-Peak memory is thus about three tensors (the one being written, the next one's accumulator
-and an input) plus fixed buffers, whatever the checkpoint's size.
+Peak memory is thus about the tensor being written and the next one with its inputs (maps of
+the page cache, or copies up to ``numeric.HOLD`` bytes, beyond which inputs are added to an
+accumulator one at a time), plus fixed buffers, whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar, cast
 
 from ckptsurgery.io import Checkpoint, WriteResult, write_checkpoint
 from ckptsurgery.keygroups import group_keys
-from ckptsurgery.plan import ops
+from ckptsurgery.plan import numeric, ops
 from ckptsurgery.plan.model import Entry, Plan
 from ckptsurgery.plan.ops import CastWriter, evaluate
 
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from ckptsurgery.io.writer import Metadata
 
 __all__ = ["PlanSource", "execute", "materialize"]
+
+T = TypeVar("T")
 
 
 class PlanSource(Checkpoint):
@@ -58,7 +62,7 @@ class PlanSource(Checkpoint):
         self._compared: set[str] = set()
         self.disagree: list[str] = []  # compared outputs whose sources held other values
         self._cast_buffer: bytearray | None = None  # shared by the casts, made on first use
-        self._ahead: ReadAhead | None = None
+        self._ahead: ReadAhead[bytes | memoryview] | None = None
         # A source's readers keep state of their own (a file's position, records located on
         # first use): the read-ahead thread and the writer take turns with each source.
         self._locks = [threading.Lock() for _ in self.sources]
@@ -76,8 +80,28 @@ class PlanSource(Checkpoint):
         with self._locks[i]:
             return self.sources[i].raw_bytes(key)
 
+    def _view(self, i: int, key: str) -> bytes | memoryview:
+        with self._locks[i]:
+            return self.sources[i].bytes_view(key)
+
     def _compute(self, e: Entry) -> torch.Tensor:
-        return evaluate(e.op, self._direct(e), e.input_infos)
+        return evaluate(e.op, self._direct(e), e.input_infos, name=e.name)
+
+    def _compute_bytes(self, e: Entry) -> bytes | memoryview:
+        """The bytes of a computed output: a weighted sum of floats straight from its inputs'
+        bytes with numpy (no torch), anything else through torch."""
+        if by_numpy(e):
+            return numeric.weighted_sum_bytes(
+                [partial(self._view, r.source, r.key) for r in e.inputs],
+                [i.dtype for i in e.input_infos],
+                e.op.param("weights"),
+                accumulate=ops.accumulator([i.dtype for i in e.input_infos]),
+                dtype=e.info.dtype,
+                numel=e.info.numel,
+            )
+        from ckptsurgery.io.memory import tensor_bytes
+
+        return tensor_bytes(self._compute(e))
 
     def will_read(self, names: Sequence[str]) -> None:
         """Compute the computed tensors among ``names`` ahead, in that order, on a helper
@@ -85,7 +109,7 @@ class PlanSource(Checkpoint):
         if self._ahead is not None:
             self._ahead.stop()
         entries = [self._entries[name] for name in names]
-        jobs = [(e.name, partial(self._compute, e)) for e in entries if _made_whole(e)]
+        jobs = [(e.name, partial(self._compute_bytes, e)) for e in entries if _made_whole(e)]
         self._ahead = ReadAhead(jobs) if jobs else None
 
     def close(self) -> None:
@@ -96,20 +120,18 @@ class PlanSource(Checkpoint):
     def tensor(self, name: str) -> torch.Tensor:
         e = self._entries[name]
         self._compare(e)
-        compute = partial(self._compute, e)
-        if self._ahead is not None and _made_whole(e):
-            return self._ahead.take(name, compute)
-        return compute()
+        return self._compute(e)
 
     def raw_bytes(self, name: str) -> bytes | memoryview:
         e = self._entries[name]
+        self._compare(e)
         if e.op.is_copy:
-            self._compare(e)
             ref = e.inputs[0]
             return self._raw(ref.source, ref.key)
-        from ckptsurgery.io.memory import tensor_bytes
-
-        return tensor_bytes(self.tensor(name))
+        compute = partial(self._compute_bytes, e)
+        if self._ahead is not None and _made_whole(e):
+            return self._ahead.take(name, compute)
+        return compute()
 
     def write_data(self, name: str, f: BinaryIO) -> int:
         e = self._entries[name]
@@ -170,12 +192,19 @@ class PlanSource(Checkpoint):
         ]
 
 
+def by_numpy(e: Entry) -> bool:
+    """Whether ``e`` is computed with numpy: a weighted sum of floats numpy holds."""
+    return e.op.name in ("mean", "weighted-sum") and numeric.summable(
+        [i.dtype for i in e.input_infos], e.info.dtype
+    )
+
+
 def _made_whole(e: Entry) -> bool:
     """Whether the writer asks for ``e`` as a whole tensor (copies and casts stream)."""
     return not (e.op.is_copy or e.op.name == "cast")
 
 
-class ReadAhead:
+class ReadAhead(Generic[T]):
     """Makes tensors on a helper thread, one ahead of the caller, in a known order.
 
     ``jobs`` are ``(key, fetch)`` pairs in the order they will be taken. :meth:`take` returns
@@ -184,12 +213,12 @@ class ReadAhead:
     ahead, so memory grows by one tensor, not by the checkpoint.
     """
 
-    def __init__(self, jobs: Sequence[tuple[object, Callable[[], torch.Tensor]]]) -> None:
+    def __init__(self, jobs: Sequence[tuple[object, Callable[[], T]]]) -> None:
         self._jobs = list(jobs)
         self._next = 0  # index of the job the caller takes next
         self._ready = threading.Semaphore(0)  # a fetched result waits
         self._room = threading.Semaphore(1)  # the thread may fetch one more
-        self._result: tuple[object, torch.Tensor | None, BaseException | None] | None = None
+        self._result: tuple[object, T | None, BaseException | None] | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
         self._thread.start()
@@ -205,7 +234,7 @@ class ReadAhead:
                 self._result = (key, None, e)
             self._ready.release()
 
-    def take(self, key: object, fetch: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def take(self, key: object, fetch: Callable[[], T]) -> T:
         if self._stopped or self._next >= len(self._jobs) or self._jobs[self._next][0] != key:
             self.stop()
             return fetch()
@@ -275,8 +304,8 @@ def _computing(plan: Plan) -> Iterator[None]:
     - the objects alive before (torch's modules: hundreds of thousands) are left out of the
       garbage collector's full passes, which otherwise walked them all a few times per write.
     """
-    if all(e.op.is_copy for e in plan.entries):
-        yield
+    if all(e.op.is_copy or by_numpy(e) for e in plan.entries):
+        yield  # numpy's arithmetic runs on one thread
         return
     import torch
 

@@ -21,7 +21,9 @@ from ckptsurgery.rules import KeyPlan, Rules
 
 __all__ = ["Conflict", "Entry", "Op", "Plan", "Ref", "SourcePart", "SourceSpec"]
 
-MODES = ("remap", "union", "average")
+MODES = ("remap", "union", "average", "method")
+# The merge methods of mode "method" (ckptsurgery.plan.methods), each an op of that name.
+METHOD_OPS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Op:
             )
             dtype = self.param("dtype")
             return f"{text} ->{dtype}" if dtype else text
+        if self.name in METHOD_OPS:
+            return _describe_method(self)
         text = self.name
         if self.name == "rows":
             text = f"rows {len(self.param('indices'))} of {self.param('of')}"
@@ -92,6 +96,25 @@ class Op:
 
 
 COPY = Op("copy")
+
+
+def _describe_method(op: Op) -> str:
+    """``ties density=0.5``, ``dare-ties density=0.3 seed=0 weights=1, 0.5 lambda=0.8``:
+    the parameters that differ from 1 (or from the method's normalisation)."""
+    parts = [op.name]
+    if op.param("density") is not None:
+        parts.append(f"density={op.param('density'):.4g}")
+    if op.param("seed") is not None:
+        parts.append(f"seed={op.param('seed')}")
+    weights = op.param("weights", ())
+    if any(w != 1 for w in weights):
+        parts.append(f"weights={', '.join(f'{w:.4g}' for w in weights)}")
+    if op.param("lambda", 1.0) != 1:
+        parts.append(f"lambda={op.param('lambda'):.4g}")
+    if op.param("normalize") != (op.name == "ties"):
+        parts.append("normalize" if op.param("normalize") else "no-normalize")
+    dtype = op.param("dtype")
+    return " ".join(parts) + (f" ->{dtype}" if dtype else "")
 
 
 @dataclass(frozen=True)
@@ -163,10 +186,11 @@ class Plan:
     """Every output tensor in order, how each is made, and the sources they come from.
 
     ``mode`` says how the sources are combined: ``remap`` (one source), ``union`` (the keys
-    of all; ``conflicts`` resolved by ``on_conflict``) or ``average`` (the weighted mean of
-    every floating tensor). ``ties`` maps an output name to the output name whose data it
-    shares (stored once). ``dtype`` / ``keep_dtype``: the cast asked for, and the globs it
-    spared.
+    of all; ``conflicts`` resolved by ``on_conflict``), ``average`` (the weighted mean of
+    every floating tensor) or ``method`` (the fine-tunes merged into the base, source 0, by
+    ``method``: task arithmetic, TIES or DARE; see :mod:`ckptsurgery.plan.methods`).
+    ``ties`` maps an output name to the output name whose data it shares (stored once).
+    ``dtype`` / ``keep_dtype``: the cast asked for, and the globs it spared.
     """
 
     mode: str
@@ -179,6 +203,7 @@ class Plan:
     dtype: str | None = None
     keep_dtype: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    method: Op | None = None  # mode "method": the method and its parameters (no dtype)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -11,6 +11,10 @@ byte is read) and from their values (when the executor runs it).
 - ``rows``, ``in-chans``, ``resample-pos-embed``: the shape adapters of
   :mod:`ckptsurgery.plan.adapters`, one tensor at a time; with ``dtype``, their result is cast
   as ``cast`` does.
+- ``task-arithmetic``, ``ties``, ``dare-linear``, ``dare-ties`` (weights, density, lambda,
+  normalize, seed[, dtype]): the fine-tunes (inputs 1..n) merged into the base (input 0), see
+  :mod:`ckptsurgery.plan.methods`; computed in float32 (float64 when an input is) and stored
+  in the base's dtype, or ``dtype`` when given.
 - ``lora-fold(kind, r, alpha, scale[, fan_in_fan_out, dtype])``: a LoRA pair folded into its
   base weight, ``W + scale * B @ A`` in float32 (:mod:`ckptsurgery.plan.lora_math`).
 
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ckptsurgery.errors import RuleError
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.plan import adapters
+from ckptsurgery.plan import adapters, methods
 from ckptsurgery.plan.model import Op
 
 if TYPE_CHECKING:
@@ -51,7 +55,7 @@ _CASTABLE = ("float16", "bfloat16", "float32", "float64")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # The operations that never write to their inputs (they may be read-only maps of a file).
-READS_ONLY = ("mean", "weighted-sum", "lora-fold")
+READS_ONLY = ("mean", "weighted-sum", "lora-fold", *methods.METHODS)
 
 # Bytes converted at a time by a streamed cast: bounds its memory whatever the tensor's size.
 CAST_CHUNK = 8 << 20
@@ -94,10 +98,15 @@ def output_info(op: Op, inputs: Sequence[TensorInfo]) -> TensorInfo:
 
 
 def evaluate(
-    op: Op, fetch: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[TensorInfo]
+    op: Op,
+    fetch: Sequence[Callable[[], torch.Tensor]],
+    inputs: Sequence[TensorInfo],
+    *,
+    name: str = "",
 ) -> torch.Tensor:
     """The value ``op`` makes from the tensors described by ``inputs``; ``fetch`` gives each
-    when called, so that a mean holds one input at a time besides its accumulator."""
+    when called, so that a mean holds one input at a time besides its accumulator. ``name``:
+    the output's key (DARE seeds its random drop from it)."""
     if op.name == "copy":
         return fetch[0]()
     if op.name == "cast":
@@ -108,6 +117,10 @@ def evaluate(
             op.param("weights"),
             accumulate=accumulator([i.dtype for i in inputs]),
             dtype=op.param("dtype") or inputs[0].dtype,
+        )
+    if op.name in methods.METHODS:
+        return methods.compute(
+            op, fetch, inputs, name=name, accumulate=accumulator([i.dtype for i in inputs])
         )
     if op.name in adapters.ADAPTER_OPS:
         out = adapters.compute(op, fetch[0]())
@@ -131,16 +144,21 @@ def weighted_sum(
 ) -> torch.Tensor:
     """``sum(w * t)`` accumulated in ``accumulate`` and stored as ``dtype``. The tensors are
     taken one at a time and never written to."""
+    import torch
+
     from ckptsurgery.io.dtypes import torch_dtype
 
     acc_dtype = torch_dtype(accumulate)
     acc: torch.Tensor | None = None
     for w, t in zip(weights, tensors, strict=True):
+        # Each product is rounded, then added (not fused): the sum numpy makes, bit for bit
+        # (ckptsurgery.plan.numeric). A new tensor: the input is never written.
+        product = torch.mul(t.to(dtype=acc_dtype), w)
         if acc is None:
-            acc = t.to(dtype=acc_dtype) * w  # a new tensor: the input is never written
+            acc = product
         else:
-            acc.add_(t.to(device=acc.device, dtype=acc_dtype), alpha=w)
-        del t  # one input at a time
+            acc.add_(product.to(device=acc.device))
+        del t, product  # one input at a time
     if acc is None:
         raise RuleError("a mean needs at least one tensor")
     return acc.to(torch_dtype(dtype))

@@ -11,7 +11,9 @@ bytes. Every key holds a string (JSON for structures):
 - ``ckptsurgery.plan``: the mode and the operations, each with its parameters, count and key
   groups (``{"op": "cast", "dtype": "bfloat16", "from": "float32", "count": 52, ...}``);
 - ``ckptsurgery.rules`` (remap) or ``ckptsurgery.merge`` and ``ckptsurgery.origin``
-  (merges): the renames, and where each output tensor comes from;
+  (merges): the renames, and where each output tensor comes from; a method merge records its
+  method and every parameter (``{"mode": "method", "method": "ties", "base": "base.pt",
+  "weights": [...], "density": 0.5, "lambda": 1.0, "normalize": true}``, plus ``seed``);
 - ``ckptsurgery.target`` (with a gate) and whatever the caller adds (``ckptsurgery.recipe``).
 """
 
@@ -75,6 +77,14 @@ def provenance(
             how = {"mode": "union", "on_conflict": plan.on_conflict}
             if plan.conflicts:
                 how["conflicts"] = group_keys(c.key for c in plan.conflicts)
+        elif plan.mode == "method" and plan.method is not None:
+            how = {
+                "mode": "method",
+                "method": plan.method.name,
+                "base": Path(plan.sources[0].path).name,
+                **plan.method.to_json(),
+            }
+            del how["op"]
         else:
             how = {"mode": "average", "weights": list(plan.weights or ())}
             if "weights_given" in extra:
@@ -88,7 +98,7 @@ def provenance(
 
 def origin_groups(plan: Plan) -> list[dict[str, Any]]:
     """Where the output's tensors come from, compactly: per source a count and key groups."""
-    if plan.mode == "average":
+    if plan.mode in ("average", "method"):
         averaged = [e.name for e in plan.entries if not e.op.is_copy]
         copied = [e.name for e in plan.entries if e.op.is_copy]
         out: list[dict[str, Any]] = []
@@ -96,7 +106,9 @@ def origin_groups(plan: Plan) -> list[dict[str, Any]]:
             out.append(
                 {
                     "source": "all",
-                    "how": "weighted mean",
+                    "how": "weighted mean"
+                    if plan.method is None
+                    else f"{plan.method.name} of the models into the base",
                     "count": len(averaged),
                     "keys": group_keys(averaged),
                 }
@@ -106,7 +118,9 @@ def origin_groups(plan: Plan) -> list[dict[str, Any]]:
                 {
                     "source": 0,
                     "name": Path(plan.sources[0].path).name,
-                    "how": "copied from the first source (integer or bool)",
+                    "how": "copied from the first source (integer or bool)"
+                    if plan.method is None
+                    else "copied from the base (integer or bool)",
                     "count": len(copied),
                     "keys": group_keys(copied),
                 }

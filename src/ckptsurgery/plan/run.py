@@ -31,7 +31,7 @@ from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.execute import PlanSource, execute
 from ckptsurgery.plan.gate import Gate
 from ckptsurgery.plan.lora import LoraAdapter, open_lora
-from ckptsurgery.plan.model import Conflict, Plan, SourcePart, SourceSpec
+from ckptsurgery.plan.model import Conflict, Op, Plan, SourcePart, SourceSpec
 from ckptsurgery.plan.provenance import origin_groups, provenance
 
 if TYPE_CHECKING:
@@ -112,8 +112,9 @@ class SurgeryResult:
 
     @property
     def copied(self) -> tuple[str, ...]:
-        """An average's integer and bool tensors, copied from the first source."""
-        if self.plan.mode != "average":
+        """An average's (or a method merge's) integer and bool tensors, copied from the first
+        source (the base)."""
+        if self.plan.mode not in ("average", "method"):
             return ()
         return tuple(e.name for e in self.plan.entries if e.op.is_copy)
 
@@ -156,6 +157,9 @@ class SurgeryResult:
         elif plan.mode == "average":
             out["weights"] = list(plan.weights or ())
             out["copied_from_first"] = list(self.copied)
+        elif plan.mode == "method" and plan.method is not None:
+            out["method"] = plan.method.to_json()
+            out["copied_from_base"] = list(self.copied)
         if self.report is not None:
             out["report"] = self.report.to_json()
         if self.written is not None:
@@ -176,9 +180,11 @@ def run_surgery(
     on_conflict: str = "error",
     weights: Sequence[float] | None = None,
     provenance_extra: Mapping[str, Any] | None = None,
+    method: Op | None = None,
     **options: Unpack[SurgeryOptions],
 ) -> SurgeryResult:
-    """Plan the surgery of ``specs`` (``mode``: remap, union or average), gate it, and unless
+    """Plan the surgery of ``specs`` (``mode``: remap, union, average or method, with
+    ``method`` the op of :func:`~ckptsurgery.plan.methods.method_op`), gate it, and unless
     ``dry_run`` write it to ``out``; see :class:`SurgeryOptions` for the options,
     :func:`~ckptsurgery.plan.build.build_plan` for the plan and
     :func:`~ckptsurgery.plan.execute.execute` for the writing."""
@@ -225,6 +231,7 @@ def run_surgery(
             dtype=dtype,
             keep_dtype=keep_dtype,
             adapters=options.get("adapters", ()),
+            method=method,
             lora=opened,
         )
         report = None

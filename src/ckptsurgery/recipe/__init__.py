@@ -25,6 +25,9 @@
     on_conflict = "error"         # error | first | last
     average = false
     weights = []
+    # method = "ties"             # or: task arithmetic, TIES or DARE of fine-tunes into a base
+    # base = "base.safetensors"   # the [[source]] that is the base; weights: one per other
+    # density = 0.5               # ties / dare-*: fraction kept; lambda = 1.0; seed = 0 (DARE)
 
     [target]                      # optional gate, as remap --model
     model = "torchvision:resnet50"

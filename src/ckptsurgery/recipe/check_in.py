@@ -124,6 +124,8 @@ def check_merge(
             "source); remove it",
         )
     weights = value.get("weights", [])
+    if "method" in value:  # a method merge's weights: checked with it (check_method)
+        weights = []
     if not isinstance(weights, list) or not all(
         isinstance(w, int | float) and not isinstance(w, bool) for w in weights
     ):

@@ -14,10 +14,21 @@ if TYPE_CHECKING:
     from ckptsurgery.merge import MergeResult, SourceSpec
     from ckptsurgery.plan.adapt import Adapter
     from ckptsurgery.plan.lora import LoraAdapter
+    from ckptsurgery.plan.model import Op
 
 TABLES = ("source", "adapt", "lora", "merge", "target", "output")
 SOURCE_FIELDS = ("path", "key", *RULE_FIELDS)
-MERGE_FIELDS = ("on_conflict", "average", "weights")
+MERGE_FIELDS = (
+    "on_conflict",
+    "average",
+    "weights",
+    "method",
+    "base",
+    "density",
+    "lambda",
+    "seed",
+    "normalize",
+)
 TARGET_FIELDS = ("model", "model_args", "allow_missing", "allow_unexpected", "drop_mismatched")
 OUTPUT_FIELDS = ("path", "format", "max_shard_size", "dtype", "keep_dtype")
 FORMATS = ("safetensors", "torch")
@@ -53,6 +64,15 @@ class Target:
 
 
 @dataclass(frozen=True)
+class MethodMerge:
+    """A recipe's method merge (``[merge] method = "ties"``): the checked op, with every
+    parameter, and which ``[[source]]`` is the base (the others are the models, in order)."""
+
+    op: Op
+    base: int
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A parsed recipe; paths are resolved against the recipe's folder."""
 
@@ -69,6 +89,7 @@ class Recipe:
     dtype: str | None = None  # one of DTYPES: the dtype to write the tensors in
     keep_dtype: tuple[str, ...] = ()  # globs of the tensors that keep their dtype
     adapters: tuple[Adapter, ...] = ()  # [[adapt]]: shape adapters on the output names
+    method: MethodMerge | None = None  # [merge] method = ...: fine-tunes merged into a base
     lora: tuple[LoraAdapter, ...] = ()  # [[lora]]: a peft LoRA adapter folded into the output
 
 

@@ -14,8 +14,9 @@ from ckptsurgery._types import PathLike
 from ckptsurgery.recipe.check_adapt import check_adapters
 from ckptsurgery.recipe.check_in import check_merge, check_sources
 from ckptsurgery.recipe.check_lora import check_lora
+from ckptsurgery.recipe.check_method import check_method
 from ckptsurgery.recipe.check_out import check_output, check_target
-from ckptsurgery.recipe.model import TABLES, Recipe, RecipeError
+from ckptsurgery.recipe.model import TABLES, MethodMerge, Recipe, RecipeError
 from ckptsurgery.recipe.problems import Problems
 
 
@@ -77,11 +78,12 @@ class _Checker(Problems):
         adapters = check_adapters(self, data.get("adapt"), base)
         lora = check_lora(self, data.get("lora"), base)
         merge = check_merge(self, data.get("merge"), n_sources)
+        method = check_method(self, data.get("merge"), raw_sources, base)
         target = check_target(self, data.get("target"))
         out = check_output(self, data.get("output"), base)
         if self.problems or sources is None or out is None or merge is None or adapters is None:
             return None
-        if lora is None:
+        if method is None or lora is None:
             return None
         on_conflict, average, weights = merge
         return Recipe(
@@ -97,6 +99,7 @@ class _Checker(Problems):
             dtype=out.dtype,
             keep_dtype=out.keep_dtype,
             adapters=adapters,
+            method=method if isinstance(method, MethodMerge) else None,
             lora=lora,
         )
 

@@ -47,6 +47,11 @@ def apply_recipe(
     if recipe.target is not None:
         provenance["target"] = recipe.target.to_dict()  # with its model_args
     weights = None
+    mode = "average" if recipe.average else "union"
+    method = recipe.method
+    if method is not None:
+        mode = "method"
+        sources.insert(0, sources.pop(method.base))  # the base is the plan's source 0
     if recipe.average:
         if len(sources) < 2:
             raise MergeError("averaging needs at least two sources")
@@ -56,7 +61,7 @@ def apply_recipe(
     result = run_surgery(
         sources,
         recipe.output,
-        mode="average" if recipe.average else "union",
+        mode=mode,
         on_conflict=recipe.on_conflict,
         weights=weights,
         dtype=recipe.dtype,
@@ -72,6 +77,7 @@ def apply_recipe(
         max_shard_size=recipe.max_shard_size if max_shard_size is None else max_shard_size,
         progress=progress,
         adapters=recipe.adapters,
+        method=method.op if method is not None else None,
         lora=recipe.lora[0] if recipe.lora else None,
     )
     return RecipeResult(recipe, result, note)

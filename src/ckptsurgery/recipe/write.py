@@ -29,11 +29,14 @@ def recipe_toml(
     dtype: str | None = None,
     keep_dtype: Sequence[str] = (),
     adapters: Sequence[Adapter] = (),
+    method: Mapping[str, Any] | None = None,
     lora: Sequence[LoraAdapter] = (),
 ) -> str:
     """A recipe that :func:`apply_recipe` accepts as it is: one ``[[source]]`` per
-    ``(path, key, rules)``, one ``[[adapt]]`` per shape adapter, ``[[lora]]`` per LoRA adapter, ``[merge]`` when it is not the default, the ``[target]`` gate when
-    given, and ``[output]`` with the fields given.
+    ``(path, key, rules)``, one ``[[adapt]]`` per shape adapter, ``[[lora]]`` per LoRA adapter,
+    ``[merge]`` when it is not the default, the ``[target]`` gate when given, and ``[output]``
+    with the fields given. ``method``: a method merge's ``[merge]`` fields (method, base,
+    density, lambda_, seed, normalize); ``base`` is a path, written as the sources' are.
 
     Paths are written as given; with ``recipe_dir`` (the folder the recipe will be saved in),
     paths relative to the current folder are rewritten relative to it, as ``apply`` reads them.
@@ -66,6 +69,9 @@ def recipe_toml(
         merge["on_conflict"] = on_conflict
     if average:
         merge["average"] = True
+    if method is not None:
+        for k, v in method.items():
+            merge[k.rstrip("_")] = where(v) if k == "base" else v
     if weights:
         merge["weights"] = list(weights)
     if merge:
