@@ -46,18 +46,28 @@ class TopK:
     def epochs(self) -> list[int]:
         return [epoch for _, epoch in self.kept]
 
-    def offer(self, model: nn.Module, epoch: int, key: Key, *, metadata: Mapping[str, Any]) -> bool:
+    def offer(
+        self,
+        model: nn.Module,
+        epoch: int,
+        key: Key,
+        *,
+        metadata: Mapping[str, Any],
+        write: bool = True,
+    ) -> bool:
         """Keep ``model`` (evaluated at ``epoch`` with ``key``) if it ranks among the K best;
-        returns whether it was kept."""
+        returns whether it was kept. Under torchrun every process keeps the ranking and only
+        rank 0 writes (``write``)."""
         from ckptsurgery.train.outputs import save_weights
 
         ranked = sorted([*self.kept, (key, epoch)], key=lambda e: (_neg(e[0]), e[1]))
         if (key, epoch) not in ranked[: self.k]:
             return False
-        (self.out / FOLDER).mkdir(parents=True, exist_ok=True)
-        save_weights(model, self.path(epoch), metadata={**metadata, "kept_rank_key": list(key)})
-        for _, dropped in ranked[self.k :]:
-            self.path(dropped).unlink(missing_ok=True)
+        if write:
+            (self.out / FOLDER).mkdir(parents=True, exist_ok=True)
+            save_weights(model, self.path(epoch), metadata={**metadata, "rank_key": list(key)})
+            for _, dropped in ranked[self.k :]:
+                self.path(dropped).unlink(missing_ok=True)
         self.kept = ranked[: self.k]
         return True
 

@@ -312,6 +312,8 @@ def _run(
         if config.bn == "recalibrate":
             recalibrate_bn(model, (x.to(device, non_blocking=True) for x, _ in recal_loader))
         distributed.sync_replicas(model, dist, frozen_bn=s.frozen_bn)
+        if ema is not None:  # the EMA's BatchNorm statistics follow each rank's own batches
+            distributed.sync_replicas(ema.module, dist)
         metrics = evaluate_model(
             model,
             val_loader,
@@ -359,8 +361,10 @@ def _run(
         else:
             bad_epochs += 1
         result.metrics.append(record)
+        epoch_meta = {**meta, "epoch": epoch + 1, "top1": metrics.top1}
+        if top is not None:  # every rank ranks; rank 0 writes
+            top.offer(model, epoch + 1, key, metadata=epoch_meta, write=main)
         if main:
-            epoch_meta = {**meta, "epoch": epoch + 1, "top1": metrics.top1}
             last_sd = outputs.save_weights(model, out / "last.safetensors", metadata=epoch_meta)
             last_digests = outputs.digests(last_sd)
             if improved:
@@ -371,8 +375,6 @@ def _run(
                     ema.module, out / "ema.safetensors", metadata={**epoch_meta, "ema": config.ema}
                 )
                 ema_digests = outputs.digests(ema_sd)
-            if top is not None:
-                top.offer(model, epoch + 1, key, metadata=epoch_meta)
             outputs.append_metrics(out / "metrics.jsonl", record)
             outputs.save_state(
                 out / "last_state.pt",
