@@ -459,6 +459,7 @@ def test_recipe_options_are_checked() -> None:
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"mixup": -1.0}, "--mixup"),
         ({"ema": 1.0}, "--ema"),
+        ({"mix_prob": 0.5}, "--mix-prob"),
         ({"average_top_k": True}, "--keep-top-k"),
         ({"amp": "fp8"}, "--amp"),
     ):

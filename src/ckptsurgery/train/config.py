@@ -240,6 +240,10 @@ class TrainConfig:
         for flag, p in (("--mix-prob", self.mix_prob), ("--mix-switch-prob", self.mix_switch_prob)):
             if not 0 <= p <= 1:
                 raise TrainError(f"{flag} must be in [0, 1], got {p}")
+        if (self.mix_prob != 1.0 or self.mix_switch_prob != 0.5) and not (
+            self.mixup > 0 or self.cutmix > 0
+        ):
+            raise TrainError("--mix-prob and --mix-switch-prob apply to --mixup and --cutmix")
         if self.ema is not None and not 0 < self.ema < 1:
             raise TrainError(f"--ema (the decay) must be in (0, 1), got {self.ema}")
         if self.keep_top_k is not None and self.keep_top_k < 1:

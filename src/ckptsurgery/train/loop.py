@@ -293,14 +293,13 @@ def _run(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         # The shuffle gets its own stream, distinct from augmentation's and dropout's.
-        loader_rng.manual_seed(seed_epoch(config.seed, epoch, dist.rank) ^ 0x5DEECE66D)
+        epoch_seed = seed_epoch(config.seed, epoch, dist.rank)
+        loader_rng.manual_seed(epoch_seed ^ 0x5DEECE66D)
         if sampler is not None:
             sampler.set_epoch(epoch)
         train_mode(model, s.frozen_bn)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the epoch's first step
-        mix_rng = np.random.RandomState(
-            (seed_epoch(config.seed, epoch, dist.rank) ^ 0x3C6EF372) % 2**32
-        )
+        mix_rng = np.random.RandomState((epoch_seed ^ 0x3C6EF372) % 2**32)  # mixup's own draws
         loss_sum, seen = stepper.epoch(train_loader, epoch, progress, rng=mix_rng)
         sums = torch.stack([loss_sum, loss_sum.new_tensor(seen)])  # over the processes
         total_loss, total_seen = distributed.all_reduce_sum(sums, dist).tolist()  # one sync
