@@ -272,7 +272,11 @@ def train_cmd(
     groups are checked and printed.
 
     OUTDIR gets last.safetensors and best.safetensors (the model's naming, head included,
-    checked to load strictly), last_state.pt (for --resume), config.json and metrics.jsonl.
+    checked to load strictly), last_state.pt (for --resume), config.json and metrics.jsonl;
+    ema.safetensors with --ema, top_k/ with --keep-top-k, averaged.safetensors with
+    --average-top-k, curves.png when matplotlib is installed (again: ckptsurgery plot OUTDIR).
+    timm's recipe: --ema, --clip-grad, --accum-steps, --label-smoothing, --mixup, --cutmix,
+    --amp bf16, --channels-last, --compile (the README maps them to timm's train.py).
     In linear-probe mode every frozen tensor is checked to be bit-identical at the end.
 
     The loss is the batch mean: a recipe with a summed loss (d2l: lr 5e-5, batch 128) takes
