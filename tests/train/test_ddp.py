@@ -118,3 +118,30 @@ def test_linear_probe_under_torchrun_keeps_the_backbone_bit_identical(folder: Pa
         if not key.startswith("fc."):
             assert raw(last[key]) == raw(value), key
     assert last["fc.weight"].shape == (3, 8)
+
+
+def test_the_recipe_under_torchrun_keeps_averages_and_saves_once(folder: Path) -> None:
+    # Accumulation skips the all-reduce on its first batch (no_sync); every rank ranks the
+    # epochs for --keep-top-k, so that all of them reach the averaging together.
+    code, out, err = torchrun(
+        folder,
+        "train", *BASE, "-o", "run", "--mode", "full", "--epochs", "2", "--batch-size", "2",
+        "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.4", "--clip-grad", "1",
+        "--keep-top-k", "2", "--average-top-k", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err[-4000:]
+    result = json.loads(out)
+    assert sorted(result["averaged"]["epochs"]) == [1, 2]
+    assert all(m["ema"]["top1"] is not None for m in result["metrics"])
+    run = folder / "run"
+    assert len(list((run / "top_k").iterdir())) == 2
+    single = evaluate(
+        "tinynets:TinyCNN",
+        run / "ema.safetensors",
+        folder / "data",
+        transform=TransformConfig(image_size=16),
+        device="cpu",
+    ).metrics
+    assert single.top1 == result["metrics"][-1]["ema"]["top1"]  # the EMA as evaluated
+    state = torch.load(run / "last_state.pt", weights_only=True)
+    assert state["ema_updates"] == 2 * 3  # 9 images per rank, batches of 2: 5 batches, 3 steps

@@ -236,6 +236,7 @@ cli.commands = _LazyCommands(
             "evaluate",
             "merge",
             "apply",
+            "plot",
         )
     }
 )

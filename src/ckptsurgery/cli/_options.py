@@ -405,7 +405,15 @@ def runtime_options(f: F) -> F:
             show_default=True,
             help="cpu, cuda, cuda:N or auto (CUDA when available).",
         ),
-        click.option("--amp", is_flag=True, help="float16 autocast (CUDA only)."),
+        click.option(
+            "--amp",
+            type=click.Choice(["fp16", "bf16"]),
+            is_flag=False,
+            flag_value="fp16",
+            default=None,
+            help="Autocast: fp16 (float16 with gradient scaling, CUDA only; a bare --amp) or "
+            "bf16 (bfloat16, CUDA or the CPU).",
+        ),
         click.option(
             "--threads", type=int, default=None, help="torch.set_num_threads (CPU threads)."
         ),

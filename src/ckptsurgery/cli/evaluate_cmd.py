@@ -50,7 +50,7 @@ def evaluate_cmd(
     std: str | None,
     batch_size: int,
     device: str,
-    amp: bool,
+    amp: str | None,
     threads: int | None,
     workers: int | None,
     as_json: bool,

@@ -132,6 +132,83 @@ from ckptsurgery.rules import Rules
     help="Stop after this many epochs without a better top-1.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--clip-grad",
+    type=float,
+    default=None,
+    metavar="NORM",
+    help="Clip the gradients' global L2 norm to NORM before each optimizer step.",
+)
+@click.option(
+    "--accum-steps",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Accumulate the gradients of N batches per optimizer step (and scheduler step).",
+)
+@click.option(
+    "--label-smoothing",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Label smoothing of the cross-entropy (and of mixed targets).",
+)
+@click.option(
+    "--mixup",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="ALPHA",
+    help="Mixup with lam ~ Beta(ALPHA, ALPHA) (0: off); soft-target cross-entropy.",
+)
+@click.option(
+    "--cutmix",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="ALPHA",
+    help="CutMix with lam ~ Beta(ALPHA, ALPHA) (0: off).",
+)
+@click.option(
+    "--mix-prob",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="The chance that a batch is mixed (mixup / cutmix).",
+)
+@click.option(
+    "--mix-switch-prob",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="With both --mixup and --cutmix: the chance of cutmix.",
+)
+@click.option(
+    "--ema",
+    type=float,
+    default=None,
+    metavar="DECAY",
+    help="Keep an EMA of the weights (timm ModelEmaV3), evaluated each epoch, in ema.safetensors.",
+)
+@click.option(
+    "--ema-warmup/--no-ema-warmup",
+    default=True,
+    show_default=True,
+    help="Warm the EMA's decay up as ModelEmaV3 (1 - (1 + step)^-2/3, up to DECAY).",
+)
+@click.option(
+    "--keep-top-k",
+    type=int,
+    default=None,
+    metavar="K",
+    help="Keep the K best checkpoints by top-1 (then val loss) in OUTDIR/top_k/.",
+)
+@click.option(
+    "--average-top-k",
+    is_flag=True,
+    help="Average the kept checkpoints into averaged.safetensors and evaluate it.",
+)
 @transform_options
 @click.option(
     "--augment/--no-augment",
@@ -148,6 +225,10 @@ from ckptsurgery.rules import Rules
     "evaluation (full / discriminative).",
 )
 @runtime_options
+@click.option("--channels-last", is_flag=True, help="Channels-last memory format (conv nets).")
+@click.option(
+    "--compile", is_flag=True, help="torch.compile the training forward (saved keys unchanged)."
+)
 @click.option(
     "--progress/--no-progress",
     default=None,
@@ -191,7 +272,11 @@ def train_cmd(
     groups are checked and printed.
 
     OUTDIR gets last.safetensors and best.safetensors (the model's naming, head included,
-    checked to load strictly), last_state.pt (for --resume), config.json and metrics.jsonl.
+    checked to load strictly), last_state.pt (for --resume), config.json and metrics.jsonl;
+    ema.safetensors with --ema, top_k/ with --keep-top-k, averaged.safetensors with
+    --average-top-k, curves.png when matplotlib is installed (again: ckptsurgery plot OUTDIR).
+    timm's recipe: --ema, --clip-grad, --accum-steps, --label-smoothing, --mixup, --cutmix,
+    --amp bf16, --channels-last, --compile (the README maps them to timm's train.py).
     In linear-probe mode every frozen tensor is checked to be bit-identical at the end.
 
     The loss is the batch mean: a recipe with a summed loss (d2l: lr 5e-5, batch 128) takes
@@ -266,6 +351,7 @@ def train_cmd(
                 "best_epoch": result.best_epoch,
                 "best": result.best,
                 "stopped_early": result.stopped_early,
+                "averaged": result.averaged,
                 "metrics": result.metrics,
             }
         )
@@ -280,6 +366,28 @@ def train_cmd(
             f"{best['val_loss']:.4f}; wrote {result.out}/best.safetensors, last.safetensors, "
             "last_state.pt, config.json, metrics.jsonl"
         )
+    if result.metrics and ("ema" in result.metrics[-1] or result.averaged):
+        click.echo(weights_table(result, fmt=fmt))
+
+
+def weights_table(result: Any, *, fmt: str = "simple") -> str:
+    """The final weights side by side: raw (last and best epoch), EMA, averaged."""
+    from ckptsurgery.render.tables import table
+
+    def row(name: str, m: dict[str, Any], file: str) -> tuple[str, str, str, str, str]:
+        top5 = "-" if m.get("top5") is None else f"{m['top5']:.4f}"
+        return (name, f"{m['top1']:.4f}", top5, f"{m['val_loss']:.4f}", file)
+
+    last, best = result.metrics[-1], result.best
+    rows = [row(f"raw, last (epoch {last['epoch']})", last, "last.safetensors")]
+    if best is not None:
+        rows.append(row(f"raw, best (epoch {best['epoch']})", best, "best.safetensors"))
+    if "ema" in last:
+        rows.append(row(f"EMA (epoch {last['epoch']})", last["ema"], "ema.safetensors"))
+    if result.averaged:
+        epochs = ",".join(map(str, result.averaged["epochs"]))
+        rows.append(row(f"averaged (epochs {epochs})", result.averaged, "averaged.safetensors"))
+    return table(rows, ("weights", "top1", "top5", "val loss", "file"), fmt=fmt)
 
 
 def epochs_table(metrics: list[dict[str, Any]], *, fmt: str = "simple") -> str:

@@ -1,4 +1,5 @@
-"""Pictures of a value diff; the only module that imports matplotlib (the ``plot`` extra).
+"""Pictures of a value diff and of a training run's curves; the only module that imports
+matplotlib (the ``plot`` extra).
 
 matplotlib is imported when a picture is drawn, never when a command starts, and without
 pyplot: a :class:`~matplotlib.figure.Figure` rendered by the Agg canvas holds no global state
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptsurgery.errors import OutputError
 from ckptsurgery.io.atomic import atomic_write
@@ -18,7 +19,7 @@ from ckptsurgery.io.atomic import atomic_write
 if TYPE_CHECKING:
     from ckptsurgery._types import PathLike
 
-__all__ = ["MissingPlotExtra", "plot_blocks", "require_matplotlib"]
+__all__ = ["MissingPlotExtra", "plot_blocks", "plot_curves", "require_matplotlib"]
 
 
 class _Block(Protocol):
@@ -95,4 +96,39 @@ def plot_blocks(diff: _Diff, path: PathLike, *, overwrite: bool = False) -> None
     # PNG unless the name asks for one of the other formats Agg writes without extra libraries
     suffix = Path(path).suffix.lower().lstrip(".")
     with atomic_write(path, overwrite=overwrite) as f:
+        fig.savefig(f, format=suffix if suffix in ("svg", "pdf") else "png", dpi=100)
+
+
+def plot_curves(metrics: Sequence[dict[str, Any]], path: PathLike) -> None:
+    """A training run's curves (``curves.png``) from its ``metrics.jsonl`` records, per epoch:
+    the training and validation loss, top-1 (top-5, the EMA's when recorded) and each
+    parameter group's lr at the epoch's start. PNG (SVG, PDF by the name's extension)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in metrics]
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    loss_ax.plot(epochs, [r["train_loss"] for r in metrics], marker="o", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in metrics], marker="o", label="val")
+    acc_ax.plot(epochs, [r["top1"] for r in metrics], marker="o", label="top1")
+    if any(r.get("top5") is not None for r in metrics):
+        acc_ax.plot(epochs, [r.get("top5") for r in metrics], marker="o", label="top5")
+    if any("ema" in r for r in metrics):
+        ema = [r.get("ema") or {} for r in metrics]
+        loss_ax.plot(epochs, [e.get("val_loss") for e in ema], marker="s", label="val (EMA)")
+        acc_ax.plot(epochs, [e.get("top1") for e in ema], marker="s", label="top1 (EMA)")
+    for group in dict.fromkeys(g for r in metrics for g in r.get("lr", {})):
+        lr_ax.plot(epochs, [r.get("lr", {}).get(group) for r in metrics], marker="o", label=group)
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "lr (epoch start)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    with atomic_write(path) as f:
         fig.savefig(f, format=suffix if suffix in ("svg", "pdf") else "png", dpi=100)

@@ -22,11 +22,13 @@ Mode = Literal["linear-probe", "full", "discriminative"]
 Optimizer = Literal["sgd", "adamw"]
 Scheduler = Literal["none", "step", "cosine"]
 BnPolicy = Literal["eval", "recalibrate"]
+Amp = Literal["fp16", "bf16"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 BN_POLICIES: tuple[str, ...] = get_args(BnPolicy)
+AMPS: tuple[str, ...] = get_args(Amp)
 
 # ImageNet statistics, the convention of torchvision's and timm's pretrained weights; one
 # channel gets their luminance-weighted mean.
@@ -37,7 +39,18 @@ GRAY_STD = (0.226,)
 
 # Fields that do not change the result of a run: a resumed run may differ in these only.
 RUNTIME_FIELDS = frozenset(
-    {"out", "device", "threads", "workers", "resume", "force", "dry_run", "progress"}
+    {
+        "out",
+        "device",
+        "threads",
+        "workers",
+        "resume",
+        "force",
+        "dry_run",
+        "progress",
+        "compile",
+        "channels_last",
+    }
 )
 
 
@@ -129,12 +142,26 @@ class TrainConfig:
     gamma: float = 0.1
     early_stop: int | None = None
     seed: int = 0
+    # the timm recipe (see the README's table): regularisation, EMA, keeping
+    clip_grad: float | None = None  # the global gradient norm's bound
+    accum_steps: int = 1  # batches per optimizer step
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
+    mix_prob: float = 1.0  # the chance that a batch is mixed
+    mix_switch_prob: float = 0.5  # with both: the chance of cutmix rather than mixup
+    ema: float | None = None  # the EMA's decay
+    ema_warmup: bool = True  # ModelEmaV3's warmup of the decay
+    keep_top_k: int | None = None
+    average_top_k: bool = False
     # data
     transform: TransformConfig = field(default_factory=TransformConfig)
     bn: BnPolicy = "eval"
     # runtime
     device: str = "auto"
-    amp: bool = False
+    amp: Amp | None = None  # autocast dtype: fp16 (CUDA) or bf16 (CUDA or CPU)
+    channels_last: bool = False
+    compile: bool = False
     threads: int | None = None
     workers: int | None = None
     resume: bool = False
@@ -147,6 +174,11 @@ class TrainConfig:
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _choice("--scheduler", self.scheduler, SCHEDULERS)
         _choice("--bn", self.bn, BN_POLICIES)
+        if isinstance(self.amp, bool):  # the former flag: True meant float16
+            object.__setattr__(self, "amp", "fp16" if self.amp else None)
+        if self.amp is not None:
+            _choice("--amp", self.amp, AMPS)
+        self._check_recipe()
         object.__setattr__(self, "allow_missing", tuple(self.allow_missing))
         object.__setattr__(self, "allow_unexpected", tuple(self.allow_unexpected))
         object.__setattr__(self, "allow_globals", tuple(self.allow_globals))
@@ -195,6 +227,34 @@ class TrainConfig:
             raise TrainError(
                 "--resume continues the run in OUTDIR and --force replaces it; pick one"
             )
+
+    def _check_recipe(self) -> None:
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise TrainError(f"--clip-grad must be positive, got {self.clip_grad}")
+        if self.accum_steps < 1:
+            raise TrainError(f"--accum-steps must be at least 1, got {self.accum_steps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise TrainError("--mixup and --cutmix must be 0 (off) or a positive alpha")
+        for flag, p in (("--mix-prob", self.mix_prob), ("--mix-switch-prob", self.mix_switch_prob)):
+            if not 0 <= p <= 1:
+                raise TrainError(f"{flag} must be in [0, 1], got {p}")
+        if (self.mix_prob != 1.0 or self.mix_switch_prob != 0.5) and not (
+            self.mixup > 0 or self.cutmix > 0
+        ):
+            raise TrainError("--mix-prob and --mix-switch-prob apply to --mixup and --cutmix")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise TrainError(f"--ema (the decay) must be in (0, 1), got {self.ema}")
+        if self.keep_top_k is not None and self.keep_top_k < 1:
+            raise TrainError(f"--keep-top-k must be at least 1, got {self.keep_top_k}")
+        if self.average_top_k and (self.keep_top_k is None or self.keep_top_k < 2):
+            raise TrainError("--average-top-k averages the kept checkpoints: give --keep-top-k 2+")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether mixup or cutmix is on (the loss then takes soft targets)."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (``config.json``); :meth:`from_dict` reads them back."""

@@ -43,8 +43,9 @@ def evaluate_model(
     *,
     device: torch.device,
     num_classes: int,
-    amp: bool = False,
+    amp: bool | str | None = None,
     dist: Dist | None = None,
+    channels_last: bool = False,
 ) -> EvalMetrics:
     """Evaluate ``model`` on every sample of ``loader`` (eval mode, no gradients).
 
@@ -66,6 +67,8 @@ def evaluate_model(
     with torch.no_grad():
         for x, y in loader:
             x = x.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with autocast(device, amp):
                 out = model(x)
@@ -110,7 +113,7 @@ def evaluate(
     transform: TransformConfig | None = None,
     batch_size: int = 64,
     device: str = "auto",
-    amp: bool = False,
+    amp: bool | str | None = None,
     threads: int | None = None,
     workers: int | None = None,
     allow_globals: Sequence[str] = (),

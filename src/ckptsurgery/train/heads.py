@@ -7,6 +7,10 @@ The head is the ``nn.Linear`` that produces the logits. It is found, in this ord
 3. the first of ``fc``, ``classifier``, ``head``, ``heads.head``, ``heads`` that the model has;
 4. otherwise the last ``nn.Linear`` the model registers.
 
+A head found through ``get_classifier()`` is replaced through the model's own
+``reset_classifier(num_classes)`` when it has one (timm's models: the model's ``num_classes``
+follows), then initialised as below; any other head by putting a new ``nn.Linear`` in its place.
+
 A name that is a container (torchvision's VGG ``classifier``, a ``Sequential`` of dropout and
 linear layers) resolves to the last ``nn.Linear`` inside it: ``classifier`` -> ``classifier.6``.
 The result is a :class:`Head`, whose ``how`` says which rule found it, so that the choice can
@@ -33,6 +37,7 @@ __all__ = ["HEAD_NAMES", "Head", "find_head", "head_keys", "is_head_key", "repla
 HEAD_NAMES = ("fc", "classifier", "head", "heads.head", "heads")
 # torchvision's GoogLeNet (aux1, aux2) and Inception v3 (AuxLogits) auxiliary classifiers.
 _AUX_NAMES = ("aux1", "aux2", "AuxLogits")
+TIMM_HOW = "timm get_classifier()"
 HEAD_STD = 0.01  # the SSL linear-evaluation protocols' initialisation (MoCo, DINO, MAE)
 
 
@@ -75,7 +80,7 @@ def find_head(model: nn.Module, name: str | None = None) -> Head:
         classifier = get_classifier()
         for qualified, module in modules.items():
             if qualified and module is classifier:
-                return _resolve(modules, qualified, how="timm get_classifier()")
+                return _resolve(modules, qualified, how=TIMM_HOW)
 
     for candidate in HEAD_NAMES:
         if candidate in modules and _last_linear(modules, candidate) is not None:
@@ -108,6 +113,10 @@ def replace_head(
 
     if num_classes < 1:
         raise HeadError(f"a classifier needs at least one class, got {num_classes}")
+    if head.how == TIMM_HOW:
+        reset = _reset_classifier(model, head, num_classes, generator=generator)
+        if reset is not None:
+            return reset
     old = model.get_submodule(head.name)
     if not isinstance(old, nn.Linear):
         raise HeadError(f"{head.name} is a {type(old).__name__}, not an nn.Linear")
@@ -136,6 +145,43 @@ def replace_head(
         out_features=num_classes,
         bias=new.bias is not None,
         how=head.how,
+    )
+
+
+def _reset_classifier(
+    model: nn.Module, head: Head, num_classes: int, *, generator: torch.Generator | None
+) -> Head | None:
+    """``model.reset_classifier(num_classes)``, the new Linear initialised as a fresh head's;
+    None when the model has no ``reset_classifier`` or it did not leave a Linear at the head's
+    place with the same input features (the caller then replaces the head itself)."""
+    import torch
+    from torch import nn
+
+    reset = getattr(model, "reset_classifier", None)
+    if not callable(reset):
+        return None
+    old = model.get_submodule(head.name)
+    device = old.weight.device if isinstance(old, nn.Linear) else torch.device("cpu")
+    reset(num_classes)
+    try:
+        new = model.get_submodule(head.name)
+    except AttributeError:
+        return None
+    if not isinstance(new, nn.Linear) or new.in_features != head.in_features:
+        return None
+    if new.weight.device != device:
+        new.to(device)
+    if device.type != "meta":
+        with torch.no_grad():
+            new.weight.normal_(0.0, HEAD_STD, generator=generator)
+            if new.bias is not None:
+                new.bias.zero_()
+    return Head(
+        name=head.name,
+        in_features=new.in_features,
+        out_features=num_classes,
+        bias=new.bias is not None,
+        how=f"{head.how}, replaced by reset_classifier({num_classes})",
     )
 
 

@@ -3,9 +3,12 @@ everything and makes every check; :func:`train` runs the epochs and writes OUTDI
 :mod:`ckptsurgery.train.outputs`).
 
 Per epoch: reseed from ``(seed, epoch)``; ``model.train()`` with the frozen BatchNorm layers put
-back into eval mode; one optimizer step and one scheduler step per batch; optionally re-estimate
-BatchNorm statistics; evaluate; save ``last`` (and ``best``: highest top-1, then lowest loss)
-and the resumable state; stop early after ``early_stop`` epochs without a new best.
+back into eval mode; one optimizer step and one scheduler step per ``accum_steps`` batches, with
+mixing, clipping and the EMA update (:mod:`ckptsurgery.train.step`); optionally re-estimate
+BatchNorm statistics; evaluate (and the EMA); save ``last`` (and ``best``: highest top-1, then
+lowest loss), ``ema``, the top-k kept checkpoints (:mod:`ckptsurgery.train.keep`) and the
+resumable state; stop early after ``early_stop`` epochs without a new best. At the end: the
+kept checkpoints' average is written and evaluated, and ``curves.png`` drawn.
 
 Under ``torchrun`` the same code runs in every process, with the model in
 DistributedDataParallel, the data split between the processes and the metrics summed over
@@ -14,13 +17,14 @@ them; rank 0 prints and writes (see :mod:`ckptsurgery.train.distributed`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ckptsurgery.train.config import TrainConfig
 from ckptsurgery.train.errors import TrainError
@@ -28,9 +32,13 @@ from ckptsurgery.train.heads import Head
 from ckptsurgery.train.setup import Setup, prepare
 
 if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
     from ckptsurgery.match import MatchReport
     from ckptsurgery.plan.model import Plan
     from ckptsurgery.train.distributed import Dist
+    from ckptsurgery.train.keep import TopK
     from ckptsurgery.train.runtime import StepCallback
 
 __all__ = ["Setup", "TrainResult", "prepare", "train"]
@@ -52,6 +60,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_early: bool = False
+    averaged: dict[str, Any] | None = None  # --average-top-k: the epochs and the metrics
     dry_run: bool = False
     world_size: int = 1  # processes under torchrun
     rank: int = 0  # this process's rank: only rank 0 prints
@@ -110,8 +119,8 @@ def _run(
     s: Setup, result: TrainResult, dist: Dist, *, log: Log, on_step: StepCallback | None
 ) -> None:
     """The epochs of :func:`train`, after :func:`prepare`; fills ``result``."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import Subset
     from torch.utils.data.distributed import DistributedSampler
 
@@ -119,9 +128,12 @@ def _run(
     from ckptsurgery.train import distributed, outputs
     from ckptsurgery.train.bn import recalibrate_bn, train_mode, verify_frozen
     from ckptsurgery.train.data import build_transform, default_workers, image_folder, make_loader
+    from ckptsurgery.train.ema import Ema
     from ckptsurgery.train.evaluation import evaluate_model
-    from ckptsurgery.train.runtime import Progress, autocast, check_logits, seed_epoch
+    from ckptsurgery.train.keep import TopK
+    from ckptsurgery.train.runtime import Progress, seed_epoch
     from ckptsurgery.train.schedule import build_scheduler
+    from ckptsurgery.train.step import Stepper, optimizer_steps
 
     config = s.config
     model, optimizer, device, head = s.model, s.optimizer, s.device, s.head
@@ -175,17 +187,18 @@ def _run(
         f"{len(classes)} classes; device {device}, {workers} loader workers"
     )
 
-    scheduler = build_scheduler(
+    scheduler = build_scheduler(  # stepped once per optimizer step
         optimizer,
         config.scheduler,
         epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=optimizer_steps(steps_per_epoch, config.accum_steps),
         warmup_epochs=config.warmup_epochs,
         min_lr_ratio=config.min_lr_ratio,
         step_size=config.step_size,
         gamma=config.gamma,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+    ema = Ema(model, config.ema, warmup=config.ema_warmup) if config.ema is not None else None
 
     # Output folder, or the state to resume from.
     out = Path(config.out)
@@ -193,7 +206,9 @@ def _run(
         out = outputs.prepare_outdir(config.out, resume=config.resume, force=config.force)
     result.out = out
     start_epoch, best_epoch, best_key, bad_epochs = 0, None, None, 0
+    top = TopK(out, config.keep_top_k) if config.keep_top_k is not None else None
     last_digests: dict[str, str] = {}
+    ema_digests: dict[str, str] = {}
     best_digests: dict[str, str] = {}
     if config.resume:
         state = outputs.load_state(out / "last_state.pt")
@@ -208,6 +223,11 @@ def _run(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"], strict=True)
+            ema.updates = state["ema_updates"]
+        if top is not None:
+            top = TopK.from_state(out, top.k, state.get("top_k"))
         start_epoch, best_epoch, bad_epochs = (
             state["epoch"],
             state["best_epoch"],
@@ -216,6 +236,8 @@ def _run(
         best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
         best_digests = state["best_digests"]
         last_digests = outputs.digests(state["model"])
+        if ema is not None:
+            ema_digests = outputs.digests(state["ema"])
         if config.mode == "linear-probe":
             verify_frozen(model, head, s.frozen_reference)
         result.metrics = outputs.read_metrics(out / "metrics.jsonl", upto_epoch=start_epoch)
@@ -262,31 +284,23 @@ def _run(
     # The model that trains: DistributedDataParallel under torchrun (gradients averaged over
     # the processes). `model` stays the bare module: evaluated, saved, checked.
     net = distributed.wrap(model, dist, device)
+    if config.compile:  # the bare `model` is what is saved: no `_orig_mod.` in any key
+        net = cast(torch.nn.Module, torch.compile(net))
+    stepper = Stepper(
+        config, model, net, optimizer, scheduler, scaler, device, len(classes), dist, ema
+    )
     progress = Progress(on_step if main else None, steps_per_epoch, log, epochs=config.epochs)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         # The shuffle gets its own stream, distinct from augmentation's and dropout's.
-        loader_rng.manual_seed(seed_epoch(config.seed, epoch, dist.rank) ^ 0x5DEECE66D)
+        epoch_seed = seed_epoch(config.seed, epoch, dist.rank)
+        loader_rng.manual_seed(epoch_seed ^ 0x5DEECE66D)
         if sampler is not None:
             sampler.set_epoch(epoch)
         train_mode(model, s.frozen_bn)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the epoch's first step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        for step, (x, y) in enumerate(train_loader):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with autocast(device, config.amp):
-                logits = check_logits(net(x), len(y), len(classes))
-                loss = F.cross_entropy(logits.float(), y)  # mean over the batch
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(scaler.scale(loss))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(y)  # on the device: no sync per step
-            seen += len(y)
-            progress.step(epoch, step, loss)
+        mix_rng = np.random.RandomState((epoch_seed ^ 0x3C6EF372) % 2**32)  # mixup's own draws
+        loss_sum, seen = stepper.epoch(train_loader, epoch, progress, rng=mix_rng)
         sums = torch.stack([loss_sum, loss_sum.new_tensor(seen)])  # over the processes
         total_loss, total_seen = distributed.all_reduce_sum(sums, dist).tolist()  # one sync
         train_loss = total_loss / max(total_seen, 1)
@@ -297,6 +311,8 @@ def _run(
         if config.bn == "recalibrate":
             recalibrate_bn(model, (x.to(device, non_blocking=True) for x, _ in recal_loader))
         distributed.sync_replicas(model, dist, frozen_bn=s.frozen_bn)
+        if ema is not None:  # the EMA's BatchNorm statistics follow each rank's own batches
+            distributed.sync_replicas(ema.module, dist)
         metrics = evaluate_model(
             model,
             val_loader,
@@ -304,7 +320,19 @@ def _run(
             num_classes=len(classes),
             amp=config.amp,
             dist=dist,
+            channels_last=config.channels_last,
         )
+        ema_metrics = None
+        if ema is not None:
+            ema_metrics = evaluate_model(
+                ema.module,
+                val_loader,
+                device=device,
+                num_classes=len(classes),
+                amp=config.amp,
+                dist=dist,
+                channels_last=config.channels_last,
+            )
 
         # Best: highest top-1, then lowest loss.
         key = (metrics.top1, -metrics.loss)
@@ -321,18 +349,31 @@ def _run(
             "train_seconds": round(train_seconds, 3),
             "best": improved,
         }
+        if ema_metrics is not None:
+            record["ema"] = {
+                "val_loss": ema_metrics.loss,
+                "top1": ema_metrics.top1,
+                "top5": ema_metrics.top5,
+            }
         if improved:
             best_epoch, best_key, bad_epochs = epoch + 1, key, 0
         else:
             bad_epochs += 1
         result.metrics.append(record)
+        epoch_meta = {**meta, "epoch": epoch + 1, "top1": metrics.top1}
+        if top is not None:  # every rank ranks; rank 0 writes
+            top.offer(model, epoch + 1, key, metadata=epoch_meta, write=main)
         if main:
-            epoch_meta = {**meta, "epoch": epoch + 1, "top1": metrics.top1}
             last_sd = outputs.save_weights(model, out / "last.safetensors", metadata=epoch_meta)
             last_digests = outputs.digests(last_sd)
             if improved:
                 outputs.save_weights(model, out / "best.safetensors", metadata=epoch_meta)
                 best_digests = last_digests
+            if ema is not None:
+                ema_sd = outputs.save_weights(
+                    ema.module, out / "ema.safetensors", metadata={**epoch_meta, "ema": config.ema}
+                )
+                ema_digests = outputs.digests(ema_sd)
             outputs.append_metrics(out / "metrics.jsonl", record)
             outputs.save_state(
                 out / "last_state.pt",
@@ -348,6 +389,9 @@ def _run(
                     "bad_epochs": bad_epochs,
                     "best_digests": best_digests,
                     "world_size": dist.world,
+                    "ema": outputs.cpu_state_dict(ema.module) if ema is not None else None,
+                    "ema_updates": ema.updates if ema is not None else 0,
+                    "top_k": top.to_state() if top is not None else None,
                 },
             )
         progress.epoch_line(record, config.epochs)
@@ -356,6 +400,8 @@ def _run(
             log(f"early stop: no better top-1 for {bad_epochs} epochs (best: epoch {best_epoch})")
             break
     result.best_epoch = best_epoch
+    if config.average_top_k and top is not None:
+        result.averaged = _average(top, model, val_loader, dist, len(classes), config, log=log)
 
     # The sanity checks: the frozen backbone did not move; both files reload strictly.
     if config.mode == "linear-probe":
@@ -365,12 +411,70 @@ def _run(
             "loaded ones"
         )
     if main:
-        _check_outputs(config, head, len(classes), out, last_digests, best_digests)
+        names = ["last.safetensors", "best.safetensors"]
+        checks = [("last.safetensors", last_digests), ("best.safetensors", best_digests)]
+        if ema is not None:
+            checks.append(("ema.safetensors", ema_digests))
+            names.append("ema.safetensors")
+        _check_outputs(config, head, len(classes), out, checks)
         log(
-            f"checked: last.safetensors and best.safetensors load strictly into a fresh "
-            f"{config.model} and hold the weights as evaluated"
+            f"checked: {', '.join(names)} load strictly into a fresh {config.model} and hold "
+            "the weights as evaluated"
         )
+        if importlib.util.find_spec("matplotlib") is not None:  # the plot extra
+            from ckptsurgery.render.plots import plot_curves
+
+            plot_curves(result.metrics, out / "curves.png")
     distributed.barrier(dist)  # every process returns once OUTDIR is complete
+
+
+def _average(
+    top: TopK,
+    model: torch.nn.Module,
+    val_loader: DataLoader[Any],
+    dist: Dist,
+    num_classes: int,
+    config: TrainConfig,
+    *,
+    log: Log,
+) -> dict[str, Any] | None:
+    """Write the kept checkpoints' mean to ``averaged.safetensors`` (rank 0), load it strictly
+    into a copy of the model and evaluate it (every rank); the epochs and metrics, also written
+    to ``averaged.json``."""
+    import copy
+
+    from ckptsurgery.surgery import load_state_dict
+    from ckptsurgery.train import distributed, outputs
+    from ckptsurgery.train.evaluation import evaluate_model
+    from ckptsurgery.train.keep import average_kept
+
+    if len(top.kept) < 2:
+        log(f"--average-top-k: {len(top.kept)} checkpoint kept, nothing to average")
+        return None
+    target = top.out / "averaged.safetensors"
+    if dist.main:
+        average_kept(top, target)
+    distributed.barrier(dist)
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict(load_state_dict(target), strict=True)
+    device = next(model.parameters()).device
+    m = evaluate_model(
+        averaged.to(device),
+        val_loader,
+        device=device,
+        num_classes=num_classes,
+        amp=config.amp,
+        dist=dist,
+        channels_last=config.channels_last,
+    )
+    record = {"epochs": top.epochs(), "val_loss": m.loss, "top1": m.top1, "top5": m.top5}
+    if dist.main:
+        outputs.write_json(top.out / "averaged.json", record)
+    log(
+        f"averaged.safetensors, the mean of epochs {', '.join(map(str, top.epochs()))}: "
+        f"val loss {m.loss:.4f}, top1 {m.top1:.4f}"
+    )
+    return record
 
 
 def _check_outputs(
@@ -378,14 +482,13 @@ def _check_outputs(
     head: Head,
     num_classes: int,
     out: Path,
-    last: dict[str, str],
-    best: dict[str, str],
+    checks: list[tuple[str, dict[str, str]]],
 ) -> None:
     from ckptsurgery.models import build_model
     from ckptsurgery.train import outputs
     from ckptsurgery.train.heads import find_head, replace_head
 
-    for name, expected in (("last.safetensors", last), ("best.safetensors", best)):
+    for name, expected in checks:
         fresh = build_model(config.model, config.model_args, device="meta").module
         replace_head(fresh, find_head(fresh, head.name), num_classes)
         fresh.to_empty(device="cpu")

@@ -11,6 +11,10 @@
   every epoch reseeds from ``(seed, epoch)``.
 - ``config.json``: the options and what the run derived (head, classes, groups, versions).
 - ``metrics.jsonl``: one JSON object per epoch.
+- ``ema.safetensors`` (``--ema``): the moving average of the weights, as evaluated.
+- ``top_k/epoch-NNN.safetensors`` (``--keep-top-k``), ``averaged.safetensors`` and
+  ``averaged.json`` (``--average-top-k``): see :mod:`ckptsurgery.train.keep`.
+- ``curves.png``: loss, accuracy and lr per epoch, when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ OUTPUT_NAMES = (
     "last_state.pt",
     "config.json",
     "metrics.jsonl",
+    "ema.safetensors",
+    "averaged.safetensors",
+    "averaged.json",
+    "curves.png",
+    "top_k",
 )
 
 
@@ -85,7 +94,12 @@ def prepare_outdir(
     except OSError as e:
         raise OutputError(f"cannot create the output folder {str(path)!r}: {e}") from None
     for name in existing:
-        (path / name).unlink()
+        if (path / name).is_dir():
+            import shutil
+
+            shutil.rmtree(path / name)
+        else:
+            (path / name).unlink()
     return path
 
 

@@ -13,10 +13,12 @@ from ckptsurgery.train.errors import TrainError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Progress", "autocast", "check_logits", "resolve_device", "seed_epoch"]
+__all__ = ["Progress", "amp_dtype_name", "autocast", "check_logits", "resolve_device", "seed_epoch"]
 
 
-def resolve_device(name: str, *, amp: bool = False, local_rank: int | None = None) -> torch.device:
+def resolve_device(
+    name: str, *, amp: bool | str | None = None, local_rank: int | None = None
+) -> torch.device:
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Under torchrun (``local_rank`` given) a CUDA device is ``cuda:LOCAL_RANK``, one GPU per
@@ -36,8 +38,11 @@ def resolve_device(name: str, *, amp: bool = False, local_rank: int | None = Non
         raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda"):
         raise TrainError(f"--device {name}: only cpu and cuda are supported")
-    if amp and device.type != "cuda":
-        raise TrainError("--amp (float16 autocast) needs a CUDA device; drop --amp on the CPU")
+    if amp_dtype_name(amp) == "fp16" and device.type != "cuda":
+        raise TrainError(
+            "--amp fp16 (float16 autocast and gradient scaling) needs a CUDA device; on the "
+            "CPU use --amp bf16 or no --amp"
+        )
     if local_rank is not None and device.type == "cuda":
         if device.index is not None:
             raise TrainError(
@@ -88,13 +93,29 @@ def check_logits(logits: object, batch: int, num_classes: int) -> torch.Tensor:
     return logits
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """float16 autocast on CUDA with ``--amp``; otherwise nothing (full float32)."""
+def amp_dtype_name(amp: bool | str | None) -> str | None:
+    """``--amp``'s value as ``fp16``, ``bf16`` or None; ``True`` (the former flag) is fp16."""
+    if amp is True:
+        return "fp16"
+    if amp is False or amp is None:
+        return None
+    if amp not in ("fp16", "bf16"):
+        raise TrainError(f"--amp must be fp16 or bf16, got {amp!r}")
+    return amp
+
+
+def autocast(
+    device: torch.device, amp: bool | str | None
+) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to float16 (``--amp fp16``, CUDA) or bfloat16 (``--amp bf16``, CUDA or the
+    CPU); otherwise nothing (full float32)."""
     import torch
 
-    if not enabled:
+    name = amp_dtype_name(amp)
+    if name is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16)
+    dtype = torch.float16 if name == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 StepCallback = Callable[[int, int, int, int, float], None]
@@ -139,6 +160,9 @@ class Progress:
 
     def epoch_line(self, r: dict[str, Any], epochs: int) -> None:
         top5 = f" top5 {r['top5']:.4f}" if r["top5"] is not None else ""
+        ema = r.get("ema")
+        if ema is not None:
+            top5 += f", EMA val loss {ema['val_loss']:.4f} top1 {ema['top1']:.4f}"
         lrs = " ".join(f"{g}={lr:.3g}" for g, lr in r["lr"].items())
         self.log(
             f"epoch {r['epoch']}/{epochs}: train loss {r['train_loss']:.4f}, val loss "

@@ -131,6 +131,8 @@ def prepare(
 
     set_trainable(model, head, config.mode)
     model.to(device)
+    if config.channels_last:  # 4-D weights (convolutions) in NHWC order, as the inputs
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, plan_groups(model, head, config), config)
     check_groups(optimizer, model, head, config.mode)
     show(group_table(optimizer, fmt=fmt))
