@@ -29,7 +29,13 @@ from ckptsurgery.errors import FormatError, SourceError
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.detect import DCP, unsafe_file_name
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.torchpickle import ITEMSIZE, TensorRef, Unsupported, ref_type_name
+from ckptsurgery.io.torchpickle import (
+    ITEMSIZE,
+    TensorRef,
+    Unsupported,
+    memo_is_bounded,
+    ref_type_name,
+)
 from ckptsurgery.io.torchzip import ZipTensors, _tensor_from_bytes
 from ckptsurgery.io.ziparchive import ZipArchive
 from ckptsurgery.state_dict import Selector
@@ -125,6 +131,10 @@ def read_metadata(path: Path) -> _Record:
     if size > MAX_METADATA:
         raise FormatError(f"{str(path)!r}: {size} bytes of DCP metadata, over the limit")
     data = path.read_bytes()
+    if not memo_is_bounded(data):
+        raise FormatError(
+            f"{str(path)!r}: malformed DCP metadata (a pickle memo index past its end)"
+        )
     try:
         root = _MetadataUnpickler(io.BytesIO(data)).load()
     except Unsupported as e:

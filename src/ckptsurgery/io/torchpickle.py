@@ -261,6 +261,70 @@ class _Unpickler(pickle.Unpickler):
         return found
 
 
+def _opcode_table() -> list[int]:
+    """Per opcode byte: its argument's fixed length (>= 0), -1 up to a newline, -2/-5/-9 a
+    1/4/8-byte length then that many bytes; -3 STOP, -4 LONG_BINPUT, -99 not an opcode."""
+    global _OPCODES
+    if _OPCODES is None:
+        import pickletools
+
+        table = [-99] * 256
+        prefixed = {pickletools.TAKEN_FROM_ARGUMENT1: -2, pickletools.TAKEN_FROM_ARGUMENT4: -5,
+                    pickletools.TAKEN_FROM_ARGUMENT4U: -5, pickletools.TAKEN_FROM_ARGUMENT8U: -9}  # fmt: skip
+        for op in pickletools.opcodes:
+            n = op.arg.n if op.arg is not None else 0
+            table[ord(op.code)] = n if n >= 0 else prefixed.get(n, -1)
+        table[ord(".")], table[ord("r")] = -3, -4
+        _OPCODES = table
+    return _OPCODES
+
+
+_OPCODES: list[int] | None = None
+
+
+def memo_is_bounded(data: bytes) -> bool:
+    """Whether every memo index the pickle stores under (PUT, LONG_BINPUT) is below its size.
+
+    The C unpickler keeps its memo in an array as long as the largest index: one
+    ``LONG_BINPUT 4294967295`` in a 100-byte pickle makes it allocate and zero 64 GB. A
+    pickler numbers its memo from 0, so an index past the pickle's length is never
+    legitimate. Opcodes are only walked over, never run; a malformed pickle passes here
+    and fails in the unpickler.
+    """
+    table, find = _opcode_table(), data.find
+    limit = end = len(data)
+    i = 0
+    while i < end:
+        op = data[i]
+        n = table[op]
+        i += 1
+        if n >= 0:
+            i += n
+        elif n == -4:  # LONG_BINPUT
+            if int.from_bytes(data[i : i + 4], "little") > limit:
+                return False
+            i += 4
+        elif n == -1:  # the argument runs up to a newline (two lines for GLOBAL and INST)
+            j = find(b"\n", i)
+            if op in (0x63, 0x69) and j >= 0:
+                j = find(b"\n", j + 1)
+            if j < 0:
+                return True
+            if op == 0x70:  # PUT, in decimal digits
+                digits = data[i:j]
+                if len(digits) > 20 or (digits.isdigit() and int(digits) > limit):
+                    return False
+            i = j + 1
+        elif n == -3:
+            return True  # STOP: the unpickler reads no further
+        elif n == -99:
+            return True  # not an opcode: the unpickler refuses it before any memo grows
+        else:
+            k = -n - 1  # bytes of the length field
+            i += k + int.from_bytes(data[i : i + k], "little")
+    return True
+
+
 @dataclass(frozen=True)
 class Loaded:
     root: object
@@ -277,6 +341,8 @@ def load_refs(data: bytes) -> Loaded:
         # torch.save writes protocol 2; torch's weights-only unpickler refuses the opcodes of
         # later protocols, so such a file goes to it and gets its verdict.
         raise Unsupported("a pickle protocol other than 2")
+    if not memo_is_bounded(data):
+        raise Unsupported("a pickle whose memo indices exceed its size")
     unpickler = _Unpickler(data)
     try:
         root = unpickler.load()
