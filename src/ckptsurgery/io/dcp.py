@@ -31,6 +31,7 @@ from ckptsurgery.io.detect import DCP, unsafe_file_name
 from ckptsurgery.io.dtypes import TensorInfo
 from ckptsurgery.io.torchpickle import (
     ITEMSIZE,
+    Sealed,
     TensorRef,
     Unsupported,
     memo_is_bounded,
@@ -94,9 +95,15 @@ def _path(*parts: object) -> str:
     return "/".join(str(p) for p in parts)
 
 
-@dataclass(frozen=True)
+_SIZE, _LAYOUT, _PATH = Sealed(_size), Sealed(_layout), Sealed(_path)  # as handed out
+
+
+@dataclass(frozen=True, slots=True)
 class _DType:
     name: str
+
+    def __setstate__(self, state: object) -> None:  # not the one slots=True would add
+        raise Unsupported("a pickle that sets the state of a dtype")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -107,14 +114,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module, name) in _DCP_CLASSES:
             return _RECORDS[name]
         if module == "torch" and name == "Size":
-            return _size
+            return _SIZE
         if module == "torch" and name in ITEMSIZE:
             return _DType(name)
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return _layout
+            return _LAYOUT
         if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath",
                                             "PureWindowsPath", "Path"):  # fmt: skip
-            return _path  # StorageMeta.checkpoint_id: kept as text, never a real path
+            return _PATH  # StorageMeta.checkpoint_id: kept as text, never a real path
         if (module, name) in (("builtins", "set"), ("builtins", "frozenset")):
             return set if name == "set" else frozenset
         if (module, name) == ("collections", "OrderedDict"):

@@ -48,22 +48,34 @@ class Unsupported(Exception):
     """The pickle needs more than the stand-ins understand; use ``torch.load`` instead."""
 
 
-@dataclass(frozen=True)
+# The objects an unpickler hands out are frozen and slotted: a pickle's BUILD opcode sets
+# attributes on whatever is on its stack, and these are shared by every load in the process
+# (or checked once, like a storage's size) -- a file must not change how the next is read.
+def _no_state(self: object, state: object) -> None:
+    # in each class itself: a frozen dataclass with slots otherwise gets a __setstate__ that
+    # sets its fields regardless of frozen
+    raise Unsupported(f"a pickle that sets the state of {type(self).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
 class _StorageType:
     dtype: str  # "uint8" for UntypedStorage
     untyped: bool = False
+    __setstate__ = _no_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _DType:
     name: str
+    __setstate__ = _no_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     key: str
     dtype: str  # the storage's element type (uint8 when untyped)
     numel: int  # in elements of ``dtype``
+    __setstate__ = _no_state
 
     @property
     def nbytes(self) -> int:
@@ -215,15 +227,34 @@ def _encode(text: object, encoding: object = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+class Sealed:
+    """A function as an unpickler hands it out: callable, with no attribute a pickle's BUILD
+    could set (a plain function's ``__dict__`` and ``__defaults__`` are writable)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise Unsupported(f"a pickle that sets attributes on {self._fn.__name__}")
+
+    def __repr__(self) -> str:
+        return f"Sealed({self._fn.__name__})"
+
+
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): Sealed(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): Sealed(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): Sealed(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): _StorageType("uint8", untyped=True),
     ("builtins", "set"): set,
     ("builtins", "complex"): complex,
-    ("_codecs", "encode"): _encode,
+    ("_codecs", "encode"): Sealed(_encode),
 }
 for _dtype, _cls in STORAGE_CLASS.items():
     _GLOBALS["torch", _cls] = _GLOBALS["torch.cuda", _cls] = _StorageType(_dtype)
