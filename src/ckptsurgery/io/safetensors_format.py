@@ -110,11 +110,19 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
 
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:  # null, as absent (the reference reader agrees)
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise bad("__metadata__ must map strings to strings")
+    if "\\ud" in text or "\\uD" in text:  # a \uXXXX escape of a surrogate: one left unpaired
+        for name in (*doc, *metadata, *metadata.values()):  # is not text, nor a name to write
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"{name!r} holds an unpaired surrogate escape, not a character") from None
 
     data_start = 8 + n
     data_size = file_size - data_start
