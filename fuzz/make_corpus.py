@@ -121,14 +121,14 @@ def make(out: Path) -> None:
         _seed(out, "torch_zip", fixture.read_bytes())
 
     # DCP: the data files of one save, and its .metadata in several pickle protocols
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_saver
 
     folder = support / "dcp"
     torch.manual_seed(0)
     state = {"model": {"w": torch.randn(4, 3), "b": torch.arange(5)}, "step": 42}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving as a single process"
-        dcp.save(state, checkpoint_id=str(folder))
+        state_dict_saver.save(state, checkpoint_id=str(folder))
     meta = (folder / ".metadata").read_bytes()
     (folder / ".metadata").unlink()
     _seed(out, "dcp", meta)

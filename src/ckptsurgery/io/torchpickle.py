@@ -232,6 +232,7 @@ class Sealed:
     could set (a plain function's ``__dict__`` and ``__defaults__`` are writable)."""
 
     __slots__ = ("_fn",)
+    _fn: Any
 
     def __init__(self, fn: Any) -> None:
         object.__setattr__(self, "_fn", fn)
