@@ -150,3 +150,34 @@ def test_a_pickle_cannot_resize_a_storage_once_its_tensors_are_checked() -> None
     data = data.replace(b"K\x02tQ", b"K\x02tQq\x05")
     data = data[:-1] + b"h\x05}X\x05\x00\x00\x00numelK\x00sb0."
     _refusal(lambda: load_refs(data))
+
+
+def test_dcp_checks_every_chunk_before_allocating_the_tensor(corpus: Path) -> None:
+    """A tensor split along a later dimension is assembled in memory: its shape (metadata
+    alone) once sized the allocation before any chunk was looked at -- a claimed
+    [2**20, 2**20] tensor asked numpy for 8 TB. The chunks are checked first now."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    from ckptsurgery.errors import FormatError
+
+    seed = next(p for p in sorted((corpus / "dcp").iterdir()))
+    meta = pickle.loads(seed.read_bytes())  # written by torch in make_corpus: trusted
+    n = 2**20
+    entry = meta.state_dict_metadata["model.w"]
+    entry.size = torch.Size([n, n])
+    half = torch.Size([n, n // 2])
+    entry.chunks = [
+        ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=half),
+        ChunkStorageMetadata(offsets=torch.Size([0, n // 2]), sizes=half),
+    ]
+    stored = meta.storage_data[MetadataIndex("model.w", torch.Size([0, 0]), 0)]
+    meta.storage_data[MetadataIndex("model.w", torch.Size([0, n // 2]), 1)] = stored
+    data = pickle.dumps(meta)  # as tests/fuzz_corpus/dcp/huge-tensor-in-two-column-chunks
+
+    from ckptsurgery.io.dcp import DcpCheckpoint
+
+    folder = harnesses._folder("dcp", "dcp")
+    (folder / ".metadata").write_bytes(data)
+    with DcpCheckpoint(folder, key=None) as ckpt, pytest.raises(FormatError, match="chunk"):
+        ckpt.raw_bytes("w")  # the state dict is the nested "model"

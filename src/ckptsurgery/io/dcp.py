@@ -379,9 +379,11 @@ class DcpCheckpoint(Checkpoint):
         import numpy as np
 
         item = ITEMSIZE[t.info.dtype]
+        # every chunk's archive is checked before the tensor is allocated: the shape is the
+        # metadata's claim, the chunks' records are bytes in the data files
+        parts = [(chunk, *self._chunk_bytes(name, chunk)) for chunk in t.chunks]
         full = np.zeros((*t.info.shape, item), dtype=np.uint8)
-        for chunk in t.chunks:
-            tensors, ref = self._chunk_bytes(name, chunk)
+        for chunk, tensors, ref in parts:
             data = tensors.read(ref, what=f"{self.path}: a chunk of {name!r}")
             part = np.frombuffer(data, dtype=np.uint8).reshape((*chunk.sizes, item))
             where = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
