@@ -253,3 +253,15 @@ def test_the_metadata_is_the_library_s() -> None:
     blob = save({"a": torch.ones(1)}, metadata={"k": "v", "\u00e9": ""})
     header = read_header(io.BytesIO(blob), len(blob), source="x")
     assert header.metadata == {"k": "v", "\u00e9": ""}
+
+
+def test_the_header_size_limit_is_the_library_s() -> None:
+    """The library reads a header of 100,000,000 bytes and refuses one byte more (the limit
+    was 100 MiB here: 4.8 MB of headers only ckptsurgery read)."""
+    over = struct.pack("<Q", 100_000_001) + b"{}" + b" " * (100_000_001 - 2)
+    assert _library(over) is None
+    assert _ours(over) is None
+    del over
+    at_limit = struct.pack("<Q", 100_000_000) + b"{}"  # refused for its size? only for being cut
+    with pytest.raises(FormatError, match="but the file has only 2"):
+        read_header(io.BytesIO(at_limit), len(at_limit), source="x")

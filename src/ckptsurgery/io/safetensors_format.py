@@ -30,7 +30,7 @@ from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+MAX_HEADER = 100_000_000  # the reference implementation's own limit (bytes, inclusive)
 ALIGN = 8  # the header is padded with spaces so that the data section starts 8-aligned
 
 
