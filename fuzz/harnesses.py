@@ -13,6 +13,7 @@ Inputs that are files are written to one scratch folder (tmpfs where there is on
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import importlib
 import os
@@ -39,6 +40,7 @@ def scratch() -> Path:
         shm = Path("/dev/shm")
         base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
         _scratch = Path(tempfile.mkdtemp(prefix="ckptsurgery-fuzz-", dir=base))
+        atexit.register(shutil.rmtree, _scratch, True)
     return _scratch
 
 
