@@ -66,6 +66,19 @@ def _data_pkl(archive: bytes) -> bytes:
         return zf.read(name)
 
 
+def _legacy_pickle(data: bytes) -> bytes:
+    """The object pickle of a legacy torch file (after the magic number, the protocol
+    version and the system info, which are plain numbers and a dict)."""
+    import pickletools
+
+    f = io.BytesIO(data)
+    for _ in range(3):
+        pickle.load(f)  # written just now, by torch: an int, an int and a dict of ints
+    start = f.tell()
+    stop = next(pos for op, _, pos in pickletools.genops(f) if op.name == "STOP")
+    return data[start : stop + 1]
+
+
 def _safetensors_seeds() -> list[bytes]:
     import torch
     from safetensors.torch import save
@@ -115,7 +128,9 @@ def make(out: Path) -> None:
         _seed(out, "torch_zip", data)
         _seed(out, "unpickler", _data_pkl(data))
     for sd in _state_dicts()[:4]:
-        _seed(out, "torch_file", _torch_save(sd, zip_form=False))
+        legacy = _torch_save(sd, zip_form=False)
+        _seed(out, "torch_file", legacy)
+        _seed(out, "unpickler", _legacy_pickle(legacy))  # storages as 6-tuples: Unsupported
     _seed(out, "torch_file", archives[-1])  # read by torch.load (torch.Size is not a stand-in)
     # the bundled torch fixtures (33-72 kB) go through open_checkpoint: the torch_zip
     # harness keeps to small archives, so that each of its executions stays cheap
