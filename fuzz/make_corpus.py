@@ -75,8 +75,8 @@ def _legacy_pickle(data: bytes) -> bytes:
     for _ in range(3):
         pickle.load(f)  # written just now, by torch: an int, an int and a dict of ints
     start = f.tell()
-    stop = next(pos for op, _, pos in pickletools.genops(f) if op.name == "STOP")
-    return data[start : stop + 1]
+    stops = [pos for op, _, pos in pickletools.genops(f) if op.name == "STOP"]
+    return data[start : (stops[0] or 0) + 1]
 
 
 def _safetensors_seeds() -> list[bytes]:
