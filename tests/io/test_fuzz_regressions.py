@@ -65,13 +65,27 @@ def _refusal(fn: Callable[[], object]) -> str:
 
 
 def test_a_huge_memo_index_is_refused_before_the_unpickler_allocates() -> None:
-    from ckptsurgery.io.torchpickle import load_refs, memo_is_bounded
+    from ckptsurgery.io.torchpickle import load_refs, pickle_hazard
 
     assert "memo" in _refusal(lambda: load_refs(b"\x80\x02]r\xff\xff\xff\xff."))
-    assert not memo_is_bounded(b"(lp99999999999\n.")
+    assert "memo" in str(pickle_hazard(b"(lp99999999999\n.", protocol=2))
     for protocol in range(6):  # what picklers write passes, whatever the protocol
         data = pickle.dumps({str(i): [i, str(i), (i,)] for i in range(300)}, protocol=protocol)
-        assert memo_is_bounded(data), protocol
+        big = pickle.dumps([b"x" * 100_000, "y" * 70_000, [1.5] * 20_000], protocol=protocol)
+        for blob in (data, big):
+            assert pickle_hazard(blob, protocol=max(protocol, 2)) is None, protocol
+
+
+@pytest.mark.parametrize("op", [b"\x96", b"\x8e"], ids=["BYTEARRAY8", "BINBYTES8"])
+def test_an_opcode_across_a_frame_end_never_reaches_the_c_unpickler(op: bytes) -> None:
+    """The C unpickler fails on it with a bogus MemoryError, freeing a bytearray that is
+    still exported (CPython 3.11); our readers refuse it first."""
+    from ckptsurgery.io.torchpickle import load_refs, pickle_hazard
+
+    data = b"\x80\x04\x95" + (5).to_bytes(8, "little") + op + (3).to_bytes(8, "little")
+    data += b"abcq\x01s(Rt."
+    assert "frame" in str(pickle_hazard(data, protocol=5))
+    assert "protocol" in _refusal(lambda: load_refs(b"\x80\x02" + data[2:]))
 
 
 class _Import:

@@ -34,7 +34,7 @@ from ckptsurgery.io.torchpickle import (
     Sealed,
     TensorRef,
     Unsupported,
-    memo_is_bounded,
+    pickle_hazard,
     ref_type_name,
 )
 from ckptsurgery.io.torchzip import ZipTensors, _tensor_from_bytes
@@ -138,10 +138,10 @@ def read_metadata(path: Path) -> _Record:
     if size > MAX_METADATA:
         raise FormatError(f"{str(path)!r}: {size} bytes of DCP metadata, over the limit")
     data = path.read_bytes()
-    if not memo_is_bounded(data):
-        raise FormatError(
-            f"{str(path)!r}: malformed DCP metadata (a pickle memo index past its end)"
-        )
+    # protocol 5 adds only out-of-band buffers, which no metadata holds
+    hazard = pickle_hazard(data, protocol=4)
+    if hazard:
+        raise FormatError(f"{str(path)!r}: malformed DCP metadata (a pickle with {hazard})")
     try:
         root = _MetadataUnpickler(io.BytesIO(data)).load()
     except Unsupported as e:

@@ -293,68 +293,88 @@ class _Unpickler(pickle.Unpickler):
         return found
 
 
-def _opcode_table() -> list[int]:
+_OPCODES: dict[int, list[int]] = {}
+_FRAME, _STOP, _LONG_BINPUT, _NOT_OPCODE, _TOO_NEW = -6, -3, -4, -99, -98
+
+
+def _opcode_table(protocol: int) -> list[int]:
     """Per opcode byte: its argument's fixed length (>= 0), -1 up to a newline, -2/-5/-9 a
-    1/4/8-byte length then that many bytes; -3 STOP, -4 LONG_BINPUT, -99 not an opcode."""
-    global _OPCODES
-    if _OPCODES is None:
+    1/4/8-byte length then that many bytes; or one of the markers above."""
+    table = _OPCODES.get(protocol)
+    if table is None:
         import pickletools
 
-        table = [-99] * 256
+        table = [_NOT_OPCODE] * 256
         prefixed = {pickletools.TAKEN_FROM_ARGUMENT1: -2, pickletools.TAKEN_FROM_ARGUMENT4: -5,
                     pickletools.TAKEN_FROM_ARGUMENT4U: -5, pickletools.TAKEN_FROM_ARGUMENT8U: -9}  # fmt: skip
         for op in pickletools.opcodes:
             n = op.arg.n if op.arg is not None else 0
             table[ord(op.code)] = n if n >= 0 else prefixed.get(n, -1)
-        table[ord(".")], table[ord("r")] = -3, -4
-        _OPCODES = table
-    return _OPCODES
+            if op.proto > protocol:
+                table[ord(op.code)] = _TOO_NEW
+        table[ord(".")], table[ord("r")] = _STOP, _LONG_BINPUT
+        if protocol >= 4:
+            table[0x95] = _FRAME
+        _OPCODES[protocol] = table
+    return table
 
 
-_OPCODES: list[int] | None = None
+def pickle_hazard(data: bytes, *, protocol: int) -> str | None:
+    """What makes ``data`` unsafe to hand to the C unpickler, or None.
 
-
-def memo_is_bounded(data: bytes) -> bool:
-    """Whether every memo index the pickle stores under (PUT, LONG_BINPUT) is below its size.
-
-    The C unpickler keeps its memo in an array as long as the largest index: one
-    ``LONG_BINPUT 4294967295`` in a 100-byte pickle makes it allocate and zero 64 GB. A
-    pickler numbers its memo from 0, so an index past the pickle's length is never
-    legitimate. Opcodes are only walked over, never run; a malformed pickle passes here
-    and fails in the unpickler.
+    Its opcodes are walked, never run: a memo index past the pickle's length (the C
+    unpickler sizes its memo array by the largest index: ``LONG_BINPUT 4294967295`` in a
+    10-byte pickle allocates and zeroes 64 GB; a pickler numbers its memo from 0), an opcode
+    of a protocol above ``protocol``, and an opcode that runs past the end of its frame
+    (the C unpickler then fails with a bogus MemoryError and a bytearray freed while still
+    exported). A merely malformed pickle passes here and fails in the unpickler.
     """
-    table, find = _opcode_table(), data.find
+    table, find = _opcode_table(protocol), data.find
     limit = end = len(data)
+    frame_end = 0  # where the current frame ends (0: not in a frame)
     i = 0
     while i < end:
+        if frame_end and i >= frame_end:
+            if i > frame_end:
+                return "an opcode that runs past the end of its frame"
+            frame_end = 0
         op = data[i]
         n = table[op]
         i += 1
         if n >= 0:
             i += n
-        elif n == -4:  # LONG_BINPUT
+        elif n == _LONG_BINPUT:
             if int.from_bytes(data[i : i + 4], "little") > limit:
-                return False
+                return "a memo index past the end of the pickle"
             i += 4
         elif n == -1:  # the argument runs up to a newline (two lines for GLOBAL and INST)
             j = find(b"\n", i)
             if op in (0x63, 0x69) and j >= 0:
                 j = find(b"\n", j + 1)
             if j < 0:
-                return True
+                return None
             if op == 0x70:  # PUT, in decimal digits
                 digits = data[i:j]
                 if len(digits) > 20 or (digits.isdigit() and int(digits) > limit):
-                    return False
+                    return "a memo index past the end of the pickle"
             i = j + 1
-        elif n == -3:
-            return True  # STOP: the unpickler reads no further
-        elif n == -99:
-            return True  # not an opcode: the unpickler refuses it before any memo grows
+        elif n == _FRAME:
+            if frame_end:
+                return "a frame that starts inside another"
+            frame_end = i + 8 + int.from_bytes(data[i : i + 8], "little")
+            i += 8
+        elif n == _STOP:
+            return None  # the unpickler reads no further
+        elif n == _TOO_NEW:
+            return f"an opcode of pickle protocol > {protocol} ({data[i - 1 : i]!r})"
+        elif n == _NOT_OPCODE:
+            return None  # the unpickler refuses it before anything else happens
         else:
             k = -n - 1  # bytes of the length field
             i += k + int.from_bytes(data[i : i + k], "little")
-    return True
+    if frame_end and i > frame_end:
+        return "an opcode that runs past the end of its frame"
+    return None
 
 
 @dataclass(frozen=True)
@@ -373,8 +393,9 @@ def load_refs(data: bytes) -> Loaded:
         # torch.save writes protocol 2; torch's weights-only unpickler refuses the opcodes of
         # later protocols, so such a file goes to it and gets its verdict.
         raise Unsupported("a pickle protocol other than 2")
-    if not memo_is_bounded(data):
-        raise Unsupported("a pickle whose memo indices exceed its size")
+    hazard = pickle_hazard(data, protocol=2)
+    if hazard:  # torch's own (pure Python) unpickler then decides
+        raise Unsupported(f"a pickle with {hazard}")
     unpickler = _Unpickler(data)
     try:
         root = unpickler.load()
