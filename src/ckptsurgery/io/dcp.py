@@ -81,9 +81,13 @@ _RECORDS: dict[str, type[_Record]] = {
 }
 
 
+class _BadSize(FormatError):
+    """A size or offset in the metadata that is not non-negative integers (source added)."""
+
+
 def _size(dims: object) -> tuple[int, ...]:
     if not isinstance(dims, tuple | list) or not all(type(d) is int and d >= 0 for d in dims):
-        raise Unsupported("torch.Size of something other than non-negative integers")
+        raise _BadSize("a size or offset that is not a list of non-negative integers")
     return tuple(dims)
 
 
@@ -144,6 +148,8 @@ def read_metadata(path: Path) -> _Record:
         raise FormatError(f"{str(path)!r}: malformed DCP metadata (a pickle with {hazard})")
     try:
         root = _MetadataUnpickler(io.BytesIO(data)).load()
+    except _BadSize as e:
+        raise FormatError(f"{str(path)!r}: malformed DCP metadata ({e})") from None
     except Unsupported as e:
         raise FormatError(
             f"{str(path)!r}: refusing to unpickle {e} in DCP metadata: only the "
@@ -202,7 +208,10 @@ class DcpCheckpoint(Checkpoint):
         source = repr(str(folder))
         meta = read_metadata(folder / ".metadata")
         try:
-            root = self._tree(meta, source)
+            try:
+                root = self._tree(meta, source)
+            except _BadSize as e:
+                raise FormatError(f"{source}: malformed DCP metadata ({e})") from None
             sd, self.key, self.other_entries = Selector(DcpTensor, _type_name).select(
                 root, key, source=str(folder)
             )
