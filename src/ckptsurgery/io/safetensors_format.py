@@ -63,8 +63,12 @@ def _reject_constant(name: str) -> Any:
     raise FormatError(f"the header holds {name}, which JSON does not allow")
 
 
+_U64 = 2**64  # shapes and offsets are u64 in the format (the library refuses larger ones)
+
+
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    # bounded: a 5000-digit number cannot even be put in an error message
+    return isinstance(x, int) and not isinstance(x, bool) and -_U64 < x < _U64
 
 
 def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
@@ -136,7 +140,7 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
         if code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r}: unknown dtype {code!r}")
         # type() is int: JSON gives exact ints, and a bool is not one (200k tensors: keep it lean)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
             raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
         if (
             not isinstance(offsets, list)
@@ -154,6 +158,8 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
             )
         dtype, itemsize = SAFETENSORS_DTYPES[code]
         nbytes = math.prod(shape) * itemsize
+        if nbytes >= _U64:
+            raise bad(f"tensor {name!r}: shape {shape} of {code} is too large for any file")
         if nbytes != end - begin:
             raise bad(
                 f"tensor {name!r}: shape {shape} of {code} needs {nbytes} bytes but "
