@@ -59,10 +59,13 @@ class _Record:
     """An inert stand-in for one DCP metadata object: its pickled state, nothing more."""
 
     kind = ""
+    # also when a pickle makes one with NEWOBJ (cls.__new__, no __init__) and never BUILDs it
+    args: tuple[object, ...] = ()
+    state: object = None
 
     def __init__(self, *args: object) -> None:  # an enum member rebuilt from its value
         self.args = args
-        self.state: object = None
+        self.state = None
 
     def __setstate__(self, state: object) -> None:
         self.state = state
@@ -86,7 +89,10 @@ class _BadSize(FormatError):
 
 
 def _size(dims: object) -> tuple[int, ...]:
-    if not isinstance(dims, tuple | list) or not all(type(d) is int and d >= 0 for d in dims):
+    # bounded: a 5000-digit number cannot even be put in an error message
+    if not isinstance(dims, tuple | list) or not all(
+        type(d) is int and 0 <= d < 2**63 for d in dims
+    ):
         raise _BadSize("a size or offset that is not a list of non-negative integers")
     return tuple(dims)
 
@@ -234,7 +240,10 @@ class DcpCheckpoint(Checkpoint):
             if not isinstance(index, _Record) or not isinstance(info, _Record):
                 raise FormatError(f"{source}: malformed DCP storage_data")
             offset = index.field("offset")
-            where[str(index.field("fqn")), None if offset is None else _size(offset)] = info
+            fqn = index.field("fqn")
+            if not isinstance(fqn, str):
+                raise FormatError(f"{source}: malformed DCP storage_data")
+            where[fqn, None if offset is None else _size(offset)] = info
         root: dict[Any, Any] = {}
         for fqn, entry in entries.items():
             if not isinstance(fqn, str) or not isinstance(entry, _Record):
@@ -275,9 +284,13 @@ class DcpCheckpoint(Checkpoint):
         if not isinstance(dtype, _DType):
             raise FormatError(f"{source}: tensor {fqn!r} has a dtype ckptsurgery does not know")
         if layout != "torch.strided":
-            raise FormatError(f"{source}: tensor {fqn!r} is a {layout} tensor; only dense ones")
+            shown = layout if isinstance(layout, str) else type(layout).__name__
+            raise FormatError(f"{source}: tensor {fqn!r} is a {shown} tensor; only dense ones")
         shape = _size(size)
-        info = TensorInfo(shape, dtype.name, math.prod(shape) * ITEMSIZE[dtype.name])
+        nbytes = math.prod(shape) * ITEMSIZE[dtype.name]
+        if nbytes >= 2**64:
+            raise FormatError(f"{source}: tensor {fqn!r}: its size {list(shape)} is too large")
+        info = TensorInfo(shape, dtype.name, nbytes)
         parts: list[_Chunk] = []
         for chunk in chunks:
             if not isinstance(chunk, _Record):
@@ -305,7 +318,8 @@ class DcpCheckpoint(Checkpoint):
                 "ckptsurgery does not read"
             )
         if not isinstance(file, str) or unsafe_file_name(file):
-            raise FormatError(f"{source}: {fqn!r} is stored in {file!r}, not a file of the folder")
+            shown = repr(file) if isinstance(file, str) else f"a {type(file).__name__}"
+            raise FormatError(f"{source}: {fqn!r} is stored in {shown}, not a file of the folder")
         if type(begin) is not int or type(length) is not int or begin < 0 or length < 0:
             raise FormatError(f"{source}: {fqn!r} has a malformed storage offset")
         return file, begin, length
