@@ -39,7 +39,8 @@ def scratch() -> Path:
     if _scratch is None:
         shm = Path("/dev/shm")
         base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-        _scratch = Path(tempfile.mkdtemp(prefix="ckptsurgery-fuzz-", dir=base))
+        prefix = f"ckptsurgery-fuzz-{os.getpid()}-"  # run.py removes it: libFuzzer _exit()s
+        _scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         atexit.register(shutil.rmtree, _scratch, True)
     return _scratch
 

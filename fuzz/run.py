@@ -20,8 +20,10 @@ import argparse
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,9 +89,13 @@ def run(name: str, flags: list[str], log: Path) -> tuple[int, int, float]:
     path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     start = time.monotonic()
     with open(log, "w") as out:
-        status = subprocess.run(
-            cmd, env={**os.environ, "PYTHONPATH": path}, stdout=out, stderr=out, check=False
-        ).returncode
+        child = subprocess.Popen(
+            cmd, env={**os.environ, "PYTHONPATH": path}, stdout=out, stderr=out
+        )
+        status = child.wait()
+    for base in ("/dev/shm", tempfile.gettempdir()):  # the child's scratch folder
+        for folder in Path(base).glob(f"ckptsurgery-fuzz-{child.pid}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
     seconds = time.monotonic() - start
     text = log.read_text(errors="replace")
     found = re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
