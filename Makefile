@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck pytest fixtures bench clean
+.PHONY: demo test check lint typecheck pytest fixtures bench clean fuzz fuzz-long
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# Coverage-guided fuzzing of every parser (fuzz/README in the README's "Fuzzing" section):
+# `make fuzz` a short burst of each harness (about a minute), `make fuzz-long` 1,000,000
+# executions each. Needs atheris (the `fuzz` extra); CI does not run these.
+FUZZ_STAMP := $(VENV)/.fuzz-installed
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	$(BIN)/python fuzz/run.py
+
+fuzz-long: $(FUZZ_STAMP)
+	$(BIN)/python fuzz/run.py --long
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py

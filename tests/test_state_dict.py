@@ -198,3 +198,22 @@ def test_empty_checkpoint_is_an_empty_state_dict(tmp_path: Path) -> None:
     assert cs.load_state_dict(empty) == {}
     with pytest.raises(StateDictSelectionError, match="no state dict found"):
         cs.load_state_dict(_save(tmp_path, {"optimizer": {"state": {}}}))
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"model/ema": _sd(), "epoch": 3},
+        {"run/1": {"teacher": _sd(), "config": "x"}, "epoch": 3},
+    ],
+    ids=["top-level", "nested"],
+)
+def test_a_key_holding_a_slash_is_found(tmp_path: Path, obj: dict[str, object]) -> None:
+    """The one candidate was fetched by splitting its path at "/": a key with a slash in it
+    ({"model/ema": ...}) raised KeyError instead of being selected (found by fuzzing)."""
+    path = _save(tmp_path, obj)
+    with cs.open_checkpoint(path) as ckpt:
+        assert sorted(ckpt.infos) == sorted(_sd())
+        assert ckpt.other_entries == {"epoch": "int"}
+    selected = select_state_dict(torch.load(path, weights_only=True), None, source="x")
+    assert sorted(selected.state_dict) == sorted(_sd())

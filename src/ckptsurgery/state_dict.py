@@ -50,17 +50,21 @@ class Selector:
         return all(isinstance(k, str) and isinstance(v, self.tensor_type) for k, v in obj.items())
 
     def candidates(self, root: object) -> list[str]:
-        found: list[str] = []
+        return ["/".join(path) for path in self._candidate_paths(root)]
+
+    def _candidate_paths(self, root: object) -> list[tuple[str, ...]]:
+        # as key tuples: a key may hold "/" itself ({"model/ema": {...}})
+        found: list[tuple[str, ...]] = []
         if not isinstance(root, Mapping):
             return found
         for k, v in root.items():
             if not isinstance(k, str):
                 continue
             if self.is_state_dict(v):
-                found.append(k)
+                found.append((k,))
             elif isinstance(v, Mapping):
                 found.extend(
-                    f"{k}/{k2}"
+                    (k, k2)
                     for k2, v2 in v.items()
                     if isinstance(k2, str) and self.is_state_dict(v2)
                 )
@@ -94,18 +98,19 @@ class Selector:
                     "(a mapping of str keys to tensors)" + self._bad_entry_hint(node)
                 )
             path = "/".join(walked)
-            return node, path, self._other_entries(root, path)
+            return node, path, self._other_entries(root, walked[0] if walked else None)
         # An empty file is the state dict of a model without parameters (as an empty
         # safetensors file is); nested empty mappings (an optimizer's fresh "state") are never
         # candidates.
         if self.is_state_dict(root) or (isinstance(root, Mapping) and not root):
             return root, None, {}
-        candidates = self.candidates(root)
+        paths = self._candidate_paths(root)
+        candidates = ["/".join(path) for path in paths]
         if len(candidates) == 1:
             node = root
-            for part in candidates[0].split("/"):
+            for part in paths[0]:
                 node = node[part]
-            return node, candidates[0], self._other_entries(root, candidates[0])
+            return node, candidates[0], self._other_entries(root, paths[0][0])
         if not candidates:
             what = (
                 "entries " + ", ".join(repr(str(k)) for k in list(root)[:20])
@@ -130,10 +135,10 @@ class Selector:
             candidates=tuple(candidates),
         )
 
-    def _other_entries(self, root: object, key: str | None) -> dict[str, str]:
-        if not isinstance(root, Mapping) or key is None:
+    def _other_entries(self, root: object, top: str | None) -> dict[str, str]:
+        """The top-level entries besides ``top``, the one that leads to the state dict."""
+        if not isinstance(root, Mapping) or top is None:
             return {}
-        top = key.split("/", 1)[0]
         return {str(k): self.type_name(v) for k, v in root.items() if str(k) != top}
 
     def _bad_entry_hint(self, node: object) -> str:

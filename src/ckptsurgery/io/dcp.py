@@ -29,7 +29,14 @@ from ckptsurgery.errors import FormatError, SourceError
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.detect import DCP, unsafe_file_name
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.torchpickle import ITEMSIZE, TensorRef, Unsupported, ref_type_name
+from ckptsurgery.io.torchpickle import (
+    ITEMSIZE,
+    Sealed,
+    TensorRef,
+    Unsupported,
+    pickle_hazard,
+    ref_type_name,
+)
 from ckptsurgery.io.torchzip import ZipTensors, _tensor_from_bytes
 from ckptsurgery.io.ziparchive import ZipArchive
 from ckptsurgery.state_dict import Selector
@@ -52,10 +59,13 @@ class _Record:
     """An inert stand-in for one DCP metadata object: its pickled state, nothing more."""
 
     kind = ""
+    # also when a pickle makes one with NEWOBJ (cls.__new__, no __init__) and never BUILDs it
+    args: tuple[object, ...] = ()
+    state: object = None
 
     def __init__(self, *args: object) -> None:  # an enum member rebuilt from its value
         self.args = args
-        self.state: object = None
+        self.state = None
 
     def __setstate__(self, state: object) -> None:
         self.state = state
@@ -74,9 +84,16 @@ _RECORDS: dict[str, type[_Record]] = {
 }
 
 
+class _BadSize(FormatError):
+    """A size or offset in the metadata that is not non-negative integers (source added)."""
+
+
 def _size(dims: object) -> tuple[int, ...]:
-    if not isinstance(dims, tuple | list) or not all(type(d) is int and d >= 0 for d in dims):
-        raise Unsupported("torch.Size of something other than non-negative integers")
+    # bounded: a 5000-digit number cannot even be put in an error message
+    if not isinstance(dims, tuple | list) or not all(
+        type(d) is int and 0 <= d < 2**63 for d in dims
+    ):
+        raise _BadSize("a size or offset that is not a list of non-negative integers")
     return tuple(dims)
 
 
@@ -88,9 +105,15 @@ def _path(*parts: object) -> str:
     return "/".join(str(p) for p in parts)
 
 
-@dataclass(frozen=True)
+_SIZE, _LAYOUT, _PATH = Sealed(_size), Sealed(_layout), Sealed(_path)  # as handed out
+
+
+@dataclass(frozen=True, slots=True)
 class _DType:
     name: str
+
+    def __setstate__(self, state: object) -> None:  # not the one slots=True would add
+        raise Unsupported("a pickle that sets the state of a dtype")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -101,14 +124,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module, name) in _DCP_CLASSES:
             return _RECORDS[name]
         if module == "torch" and name == "Size":
-            return _size
+            return _SIZE
         if module == "torch" and name in ITEMSIZE:
             return _DType(name)
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return _layout
+            return _LAYOUT
         if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath",
                                             "PureWindowsPath", "Path"):  # fmt: skip
-            return _path  # StorageMeta.checkpoint_id: kept as text, never a real path
+            return _PATH  # StorageMeta.checkpoint_id: kept as text, never a real path
         if (module, name) in (("builtins", "set"), ("builtins", "frozenset")):
             return set if name == "set" else frozenset
         if (module, name) == ("collections", "OrderedDict"):
@@ -125,8 +148,14 @@ def read_metadata(path: Path) -> _Record:
     if size > MAX_METADATA:
         raise FormatError(f"{str(path)!r}: {size} bytes of DCP metadata, over the limit")
     data = path.read_bytes()
+    # protocol 5 adds only out-of-band buffers, which no metadata holds
+    hazard = pickle_hazard(data, protocol=4)
+    if hazard:
+        raise FormatError(f"{str(path)!r}: malformed DCP metadata (a pickle with {hazard})")
     try:
         root = _MetadataUnpickler(io.BytesIO(data)).load()
+    except _BadSize as e:
+        raise FormatError(f"{str(path)!r}: malformed DCP metadata ({e})") from None
     except Unsupported as e:
         raise FormatError(
             f"{str(path)!r}: refusing to unpickle {e} in DCP metadata: only the "
@@ -185,7 +214,10 @@ class DcpCheckpoint(Checkpoint):
         source = repr(str(folder))
         meta = read_metadata(folder / ".metadata")
         try:
-            root = self._tree(meta, source)
+            try:
+                root = self._tree(meta, source)
+            except _BadSize as e:
+                raise FormatError(f"{source}: malformed DCP metadata ({e})") from None
             sd, self.key, self.other_entries = Selector(DcpTensor, _type_name).select(
                 root, key, source=str(folder)
             )
@@ -208,7 +240,10 @@ class DcpCheckpoint(Checkpoint):
             if not isinstance(index, _Record) or not isinstance(info, _Record):
                 raise FormatError(f"{source}: malformed DCP storage_data")
             offset = index.field("offset")
-            where[str(index.field("fqn")), None if offset is None else _size(offset)] = info
+            fqn = index.field("fqn")
+            if not isinstance(fqn, str):
+                raise FormatError(f"{source}: malformed DCP storage_data")
+            where[fqn, None if offset is None else _size(offset)] = info
         root: dict[Any, Any] = {}
         for fqn, entry in entries.items():
             if not isinstance(fqn, str) or not isinstance(entry, _Record):
@@ -249,9 +284,13 @@ class DcpCheckpoint(Checkpoint):
         if not isinstance(dtype, _DType):
             raise FormatError(f"{source}: tensor {fqn!r} has a dtype ckptsurgery does not know")
         if layout != "torch.strided":
-            raise FormatError(f"{source}: tensor {fqn!r} is a {layout} tensor; only dense ones")
+            shown = layout if isinstance(layout, str) else type(layout).__name__
+            raise FormatError(f"{source}: tensor {fqn!r} is a {shown} tensor; only dense ones")
         shape = _size(size)
-        info = TensorInfo(shape, dtype.name, math.prod(shape) * ITEMSIZE[dtype.name])
+        nbytes = math.prod(shape) * ITEMSIZE[dtype.name]
+        if nbytes >= 2**64:
+            raise FormatError(f"{source}: tensor {fqn!r}: its size {list(shape)} is too large")
+        info = TensorInfo(shape, dtype.name, nbytes)
         parts: list[_Chunk] = []
         for chunk in chunks:
             if not isinstance(chunk, _Record):
@@ -279,7 +318,8 @@ class DcpCheckpoint(Checkpoint):
                 "ckptsurgery does not read"
             )
         if not isinstance(file, str) or unsafe_file_name(file):
-            raise FormatError(f"{source}: {fqn!r} is stored in {file!r}, not a file of the folder")
+            shown = repr(file) if isinstance(file, str) else f"a {type(file).__name__}"
+            raise FormatError(f"{source}: {fqn!r} is stored in {shown}, not a file of the folder")
         if type(begin) is not int or type(length) is not int or begin < 0 or length < 0:
             raise FormatError(f"{source}: {fqn!r} has a malformed storage offset")
         return file, begin, length
@@ -362,9 +402,11 @@ class DcpCheckpoint(Checkpoint):
         import numpy as np
 
         item = ITEMSIZE[t.info.dtype]
+        # every chunk's archive is checked before the tensor is allocated: the shape is the
+        # metadata's claim, the chunks' records are bytes in the data files
+        parts = [(chunk, *self._chunk_bytes(name, chunk)) for chunk in t.chunks]
         full = np.zeros((*t.info.shape, item), dtype=np.uint8)
-        for chunk in t.chunks:
-            tensors, ref = self._chunk_bytes(name, chunk)
+        for chunk, tensors, ref in parts:
             data = tensors.read(ref, what=f"{self.path}: a chunk of {name!r}")
             part = np.frombuffer(data, dtype=np.uint8).reshape((*chunk.sizes, item))
             where = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))

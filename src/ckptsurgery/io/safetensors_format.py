@@ -30,7 +30,7 @@ from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+MAX_HEADER = 100_000_000  # the reference implementation's own limit (bytes, inclusive)
 ALIGN = 8  # the header is padded with spaces so that the data section starts 8-aligned
 
 
@@ -63,8 +63,12 @@ def _reject_constant(name: str) -> Any:
     raise FormatError(f"the header holds {name}, which JSON does not allow")
 
 
+_U64 = 2**64  # shapes and offsets are u64 in the format (the library refuses larger ones)
+
+
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    # bounded: a 5000-digit number cannot even be put in an error message
+    return isinstance(x, int) and not isinstance(x, bool) and -_U64 < x < _U64
 
 
 def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
@@ -110,11 +114,19 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
 
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:  # null, as absent (the reference reader agrees)
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise bad("__metadata__ must map strings to strings")
+    if "\\ud" in text or "\\uD" in text:  # a \uXXXX escape of a surrogate: one left unpaired
+        for name in (*doc, *metadata, *metadata.values()):  # is not text, nor a name to write
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"{name!r} holds an unpaired surrogate escape, not a character") from None
 
     data_start = 8 + n
     data_size = file_size - data_start
@@ -128,7 +140,7 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
         if code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r}: unknown dtype {code!r}")
         # type() is int: JSON gives exact ints, and a bool is not one (200k tensors: keep it lean)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
             raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
         if (
             not isinstance(offsets, list)
@@ -146,6 +158,8 @@ def read_header(f: BinaryIO, file_size: int, *, source: str) -> Header:
             )
         dtype, itemsize = SAFETENSORS_DTYPES[code]
         nbytes = math.prod(shape) * itemsize
+        if nbytes >= _U64:
+            raise bad(f"tensor {name!r}: shape {shape} of {code} is too large for any file")
         if nbytes != end - begin:
             raise bad(
                 f"tensor {name!r}: shape {shape} of {code} needs {nbytes} bytes but "

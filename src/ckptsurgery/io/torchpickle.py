@@ -48,22 +48,34 @@ class Unsupported(Exception):
     """The pickle needs more than the stand-ins understand; use ``torch.load`` instead."""
 
 
-@dataclass(frozen=True)
+# The objects an unpickler hands out are frozen and slotted: a pickle's BUILD opcode sets
+# attributes on whatever is on its stack, and these are shared by every load in the process
+# (or checked once, like a storage's size) -- a file must not change how the next is read.
+def _no_state(self: object, state: object) -> None:
+    # in each class itself: a frozen dataclass with slots otherwise gets a __setstate__ that
+    # sets its fields regardless of frozen
+    raise Unsupported(f"a pickle that sets the state of {type(self).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
 class _StorageType:
     dtype: str  # "uint8" for UntypedStorage
     untyped: bool = False
+    __setstate__ = _no_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _DType:
     name: str
+    __setstate__ = _no_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     key: str
     dtype: str  # the storage's element type (uint8 when untyped)
     numel: int  # in elements of ``dtype``
+    __setstate__ = _no_state
 
     @property
     def nbytes(self) -> int:
@@ -215,15 +227,35 @@ def _encode(text: object, encoding: object = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+class Sealed:
+    """A function as an unpickler hands it out: callable, with no attribute a pickle's BUILD
+    could set (a plain function's ``__dict__`` and ``__defaults__`` are writable)."""
+
+    __slots__ = ("_fn",)
+    _fn: Any
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise Unsupported(f"a pickle that sets attributes on {self._fn.__name__}")
+
+    def __repr__(self) -> str:
+        return f"Sealed({self._fn.__name__})"
+
+
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): Sealed(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): Sealed(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): Sealed(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): _StorageType("uint8", untyped=True),
     ("builtins", "set"): set,
     ("builtins", "complex"): complex,
-    ("_codecs", "encode"): _encode,
+    ("_codecs", "encode"): Sealed(_encode),
 }
 for _dtype, _cls in STORAGE_CLASS.items():
     _GLOBALS["torch", _cls] = _GLOBALS["torch.cuda", _cls] = _StorageType(_dtype)
@@ -261,6 +293,90 @@ class _Unpickler(pickle.Unpickler):
         return found
 
 
+_OPCODES: dict[int, list[int]] = {}
+_FRAME, _STOP, _LONG_BINPUT, _NOT_OPCODE, _TOO_NEW = -6, -3, -4, -99, -98
+
+
+def _opcode_table(protocol: int) -> list[int]:
+    """Per opcode byte: its argument's fixed length (>= 0), -1 up to a newline, -2/-5/-9 a
+    1/4/8-byte length then that many bytes; or one of the markers above."""
+    table = _OPCODES.get(protocol)
+    if table is None:
+        import pickletools
+
+        table = [_NOT_OPCODE] * 256
+        prefixed = {pickletools.TAKEN_FROM_ARGUMENT1: -2, pickletools.TAKEN_FROM_ARGUMENT4: -5,
+                    pickletools.TAKEN_FROM_ARGUMENT4U: -5, pickletools.TAKEN_FROM_ARGUMENT8U: -9}  # fmt: skip
+        for op in pickletools.opcodes:
+            n = op.arg.n if op.arg is not None else 0
+            table[ord(op.code)] = n if n >= 0 else prefixed.get(n, -1)
+            if op.proto > protocol:
+                table[ord(op.code)] = _TOO_NEW
+        table[ord(".")], table[ord("r")] = _STOP, _LONG_BINPUT
+        if protocol >= 4:
+            table[0x95] = _FRAME
+        _OPCODES[protocol] = table
+    return table
+
+
+def pickle_hazard(data: bytes, *, protocol: int) -> str | None:
+    """What makes ``data`` unsafe to hand to the C unpickler, or None.
+
+    Its opcodes are walked, never run: a memo index past the pickle's length (the C
+    unpickler sizes its memo array by the largest index: ``LONG_BINPUT 4294967295`` in a
+    10-byte pickle allocates and zeroes 64 GB; a pickler numbers its memo from 0), an opcode
+    of a protocol above ``protocol``, and an opcode that runs past the end of its frame
+    (the C unpickler then fails with a bogus MemoryError and a bytearray freed while still
+    exported). A merely malformed pickle passes here and fails in the unpickler.
+    """
+    table, find = _opcode_table(protocol), data.find
+    limit = end = len(data)
+    frame_end = 0  # where the current frame ends (0: not in a frame)
+    i = 0
+    while i < end:
+        if frame_end and i >= frame_end:
+            if i > frame_end:
+                return "an opcode that runs past the end of its frame"
+            frame_end = 0
+        op = data[i]
+        n = table[op]
+        i += 1
+        if n >= 0:
+            i += n
+        elif n == _LONG_BINPUT:
+            if int.from_bytes(data[i : i + 4], "little") > limit:
+                return "a memo index past the end of the pickle"
+            i += 4
+        elif n == -1:  # the argument runs up to a newline (two lines for GLOBAL and INST)
+            j = find(b"\n", i)
+            if op in (0x63, 0x69) and j >= 0:
+                j = find(b"\n", j + 1)
+            if j < 0:
+                return None
+            if op == 0x70:  # PUT, in decimal digits
+                digits = data[i:j]
+                if len(digits) > 20 or (digits.isdigit() and int(digits) > limit):
+                    return "a memo index past the end of the pickle"
+            i = j + 1
+        elif n == _FRAME:
+            if frame_end:
+                return "a frame that starts inside another"
+            frame_end = i + 8 + int.from_bytes(data[i : i + 8], "little")
+            i += 8
+        elif n == _STOP:
+            return None  # the unpickler reads no further
+        elif n == _TOO_NEW:
+            return f"an opcode of pickle protocol > {protocol} ({data[i - 1 : i]!r})"
+        elif n == _NOT_OPCODE:
+            return None  # the unpickler refuses it before anything else happens
+        else:
+            k = -n - 1  # bytes of the length field
+            i += k + int.from_bytes(data[i : i + k], "little")
+    if frame_end and i > frame_end:
+        return "an opcode that runs past the end of its frame"
+    return None
+
+
 @dataclass(frozen=True)
 class Loaded:
     root: object
@@ -277,6 +393,9 @@ def load_refs(data: bytes) -> Loaded:
         # torch.save writes protocol 2; torch's weights-only unpickler refuses the opcodes of
         # later protocols, so such a file goes to it and gets its verdict.
         raise Unsupported("a pickle protocol other than 2")
+    hazard = pickle_hazard(data, protocol=2)
+    if hazard:  # torch's own (pure Python) unpickler then decides
+        raise Unsupported(f"a pickle with {hazard}")
     unpickler = _Unpickler(data)
     try:
         root = unpickler.load()
