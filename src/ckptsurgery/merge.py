@@ -25,7 +25,7 @@ from ckptsurgery.plan.build import ON_CONFLICT, build_plan, check_on_conflict, p
 from ckptsurgery.plan.execute import materialize
 from ckptsurgery.plan.lora import LoraAdapter
 from ckptsurgery.plan.methods import METHODS, method_op
-from ckptsurgery.plan.model import Conflict, SourceSpec
+from ckptsurgery.plan.model import Conflict, Plan, SourceSpec
 from ckptsurgery.plan.run import SurgeryOptions, SurgeryResult, run_surgery
 from ckptsurgery.rules import Rules
 
@@ -87,9 +87,15 @@ def average(
         TensorDictSource(sd, source=f"state dict {i + 1}") for i, sd in enumerate(state_dicts)
     ]
     plan = build_plan(sources, [Rules()] * len(sources), mode="average", weights=w)
+    return _in_memory(plan, sources)
+
+
+def _in_memory(plan: Plan, sources: Sequence[TensorDictSource]) -> dict[str, torch.Tensor]:
+    """The output of ``plan`` over state dicts in memory; its notes are warnings, raised at
+    the caller of the public function that called this."""
     out, notes = materialize(plan, sources)
     for message in (*plan.notes, *notes):
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=3)
     return out
 
 
@@ -195,10 +201,7 @@ def method_merge(
         TensorDictSource(sd, source=f"state dict {i + 1}") for i, sd in enumerate(state_dicts)
     ]
     plan = build_plan(sources, [Rules()] * len(sources), mode="method", method=op)
-    out, notes = materialize(plan, sources)
-    for message in (*plan.notes, *notes):
-        warnings.warn(message, UserWarning, stacklevel=2)
-    return out
+    return _in_memory(plan, sources)
 
 
 def method_merge_files(

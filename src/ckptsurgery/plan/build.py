@@ -278,35 +278,18 @@ def _average_entries(
     labels: Sequence[str],
     notes: list[str],
 ) -> list[_Raw]:
-    old_of = [{new: old for old, new in r} for r in renames]
-    renamed = [
-        {new: c.infos[old] for new, old in o.items()} for c, o in zip(ckpts, old_of, strict=True)
-    ]
-    problems = average_problems(renamed, labels)
-    if problems:
-        shown = "; ".join(problems[:_SHOWN]) + ("; ..." if len(problems) > _SHOWN else "")
-        raise MergeError(
-            f"cannot average: the sources need the same keys and shapes, but {shown}; "
-            "rename or drop keys per source first (a recipe's [[source]] rules)"
-        )
-    raw: list[_Raw] = []
-    mixed: dict[tuple[str, ...], list[str]] = {}
-    for _, new in renames[0]:
-        refs = tuple(Ref(j, o[new]) for j, o in enumerate(old_of))
-        dtypes = tuple(r[new].dtype for r in renamed)
-        if kind(dtypes[0]) in ("floating", "complex"):
-            raw.append((new, mean_op(weights), refs, ()))
-            if len(set(dtypes)) > 1:
-                mixed.setdefault(dtypes, []).append(new)
-        else:
-            raw.append((new, COPY, refs[:1], refs[1:]))
-    for dtypes, keys in mixed.items():
-        held = ", ".join(f"{lab} {d}" for lab, d in zip(labels, dtypes, strict=True))
-        notes.append(
-            f"{', '.join(group_keys(keys))}: the sources hold different dtypes ({held}); "
-            f"averaged in {accumulator(dtypes)} and stored as {dtypes[0]} (the first source's)"
-        )
-    return raw
+    """An average's entries: the weighted mean of every floating or complex tensor, a copy
+    of the first source's for the others (compared with the other sources')."""
+    return _combined_entries(
+        ckpts,
+        renames,
+        mean_op(weights),
+        labels,
+        notes,
+        kinds=("floating", "complex"),
+        failure="cannot average: the sources need the same keys and shapes",
+        stored="averaged in {acc} and stored as {dtype} (the first source's)",
+    )
 
 
 def _method_entries(
@@ -318,21 +301,51 @@ def _method_entries(
 ) -> list[_Raw]:
     """A method merge's entries: the method's op over (base, models...) for every floating
     tensor, a copy of the base's for the others (compared with the models')."""
+    return _combined_entries(
+        ckpts,
+        renames,
+        method,
+        labels,
+        notes,
+        kinds=("floating",),
+        failure=(
+            f"cannot merge by {method.name}: the base and the models need the same keys and shapes"
+        ),
+        stored="merged in {acc} and stored as {dtype} (the base's)",
+        refused=("complex", f"complex tensors cannot be merged by {method.name}"),
+    )
+
+
+def _combined_entries(
+    ckpts: Sequence[Checkpoint],
+    renames: Sequence[Sequence[tuple[str, str]]],
+    op: Op,
+    labels: Sequence[str],
+    notes: list[str],
+    *,
+    kinds: Sequence[str],
+    failure: str,
+    stored: str,
+    refused: tuple[str, str] | None = None,
+) -> list[_Raw]:
+    """Entries made from every source's tensor of one name: ``op`` over them for the
+    tensors of ``kinds``, a copy of the first source's for the others. The sources need the
+    same keys and shapes (else :class:`MergeError` starting with ``failure``); tensors of the
+    kind ``refused[0]`` are refused with ``refused[1]``; a note (``stored``) names the
+    tensors whose sources hold different dtypes."""
     old_of = [{new: old for old, new in r} for r in renames]
     renamed = [
         {new: c.infos[old] for new, old in o.items()} for c, o in zip(ckpts, old_of, strict=True)
     ]
     problems = average_problems(renamed, labels)
-    complex_keys = [k for k in renamed[0] if kind(renamed[0][k].dtype) == "complex"]
-    if complex_keys:
-        problems.append(
-            f"complex tensors cannot be merged by {method.name} ({_groups(complex_keys)})"
-        )
+    if refused is not None:
+        bad = [k for k in renamed[0] if kind(renamed[0][k].dtype) == refused[0]]
+        if bad:
+            problems.append(f"{refused[1]} ({_groups(bad)})")
     if problems:
         shown = "; ".join(problems[:_SHOWN]) + ("; ..." if len(problems) > _SHOWN else "")
         raise MergeError(
-            f"cannot merge by {method.name}: the base and the models need the same keys and "
-            f"shapes, but {shown}; rename or drop keys per source first (a recipe's "
+            f"{failure}, but {shown}; rename or drop keys per source first (a recipe's "
             "[[source]] rules)"
         )
     raw: list[_Raw] = []
@@ -340,17 +353,17 @@ def _method_entries(
     for _, new in renames[0]:
         refs = tuple(Ref(j, o[new]) for j, o in enumerate(old_of))
         dtypes = tuple(r[new].dtype for r in renamed)
-        if kind(dtypes[0]) == "floating":
-            raw.append((new, method, refs, ()))
+        if kind(dtypes[0]) in kinds:
+            raw.append((new, op, refs, ()))
             if len(set(dtypes)) > 1:
                 mixed.setdefault(dtypes, []).append(new)
         else:
             raw.append((new, COPY, refs[:1], refs[1:]))
     for dtypes, keys in mixed.items():
         held = ", ".join(f"{lab} {d}" for lab, d in zip(labels, dtypes, strict=True))
+        how = stored.format(acc=accumulator(dtypes), dtype=dtypes[0])
         notes.append(
-            f"{', '.join(group_keys(keys))}: the sources hold different dtypes ({held}); "
-            f"merged in {accumulator(dtypes)} and stored as {dtypes[0]} (the base's)"
+            f"{', '.join(group_keys(keys))}: the sources hold different dtypes ({held}); {how}"
         )
     return raw
 
