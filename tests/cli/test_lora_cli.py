@@ -13,6 +13,8 @@ from conftest import assert_close_state, assert_error, assert_ok, cli_run, peft_
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ckptsurgery.keygroups import expand_group
+
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install '.[lora]')")
 pytest.importorskip("transformers", reason="transformers is not installed")
 
@@ -51,7 +53,12 @@ def test_dry_run_shows_the_fold_per_key_and_writes_nothing(case: Any, tmp_path: 
     result = cli_run("merge", base, "--lora", adapter, "-o", out, "--dry-run")
     assert_ok(result)
     assert not out.exists()
-    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("#1 ")}
+    rows = {  # each key of a grouped row (layer.{0, 1}.x) with that row
+        key: line
+        for line in result.stdout.splitlines()
+        if line.startswith("#1 ")
+        for key in expand_group(line.split("  ")[0].removeprefix("#1 ").strip())
+    }
     assert "lora-fold r=16 scale=2.0" in rows["bert.encoder.layer.0.attention.self.query.weight"]
     assert "lora-fold r=4 scale=8.0" in rows["bert.encoder.layer.1.output.dense.weight"]
     assert " copy " in rows["bert.encoder.layer.0.attention.self.key.weight"]

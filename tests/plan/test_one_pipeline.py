@@ -15,6 +15,7 @@ from conftest import cli_run, garbage_data
 from safetensors.torch import load_file, save_file
 
 import ckptsurgery as cs
+from ckptsurgery.keygroups import expand_group
 from ckptsurgery.plan.build import build_plan
 from ckptsurgery.plan.model import Plan
 
@@ -109,9 +110,13 @@ def test_apply_dry_run_plan_reads_no_data(corrupt: tuple[Path, Path], tmp_path: 
     )
     result = cli_run("apply", recipe, "--dry-run")
     assert result.exit_code == 0, result.output
-    rows = {line.split()[3]: line.split() for line in result.stdout.splitlines() if " -> " in line}
-    assert rows["fc.bias"][:5] == ["#2", "module.fc.bias", "->", "fc.bias", "cast"]
-    assert rows["bn.weight"][:5] == ["#1", "module.bn.weight", "->", "bn.weight", "copy"]
+    rows = {}  # each output key (of a grouped row too) -> that row's cells
+    for line in result.stdout.splitlines():
+        if " -> " in line:
+            cells = [c.strip() for c in line.split("  ") if c.strip()]
+            rows.update(dict.fromkeys(expand_group(cells[2]), cells))
+    assert rows["fc.bias"][:4] == ["#2 module.fc.bias", "->", "fc.bias", "cast ->bfloat16"]
+    assert rows["bn.weight"][0].startswith("#1 module.bn.") and rows["bn.weight"][3] == "copy"
     data = json.loads(cli_run("apply", recipe, "--dry-run", "--json").stdout)
     assert data["plan"]["dtype"] == "bfloat16" and data["plan"]["keep_dtype"] == ["bn.*"]
     assert [e["key"] for e in data["plan"]["entries"]][-2:] == ["fc.weight", "fc.bias"]

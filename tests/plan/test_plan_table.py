@@ -137,10 +137,20 @@ def test_keys_that_cannot_be_grouped_keep_a_row_of_their_own() -> None:
     ]
 
 
-def test_a_plan_of_several_sources_is_not_grouped() -> None:
+def test_a_plan_of_several_sources_groups_each_sources_keys() -> None:
+    """With several sources a grouped row names the source its keys come from (#1, #2; an
+    average's #1..#3), and never groups keys of different sources together."""
     a, b = TensorDictSource(encoder()), TensorDictSource(encoder(prefix="other."))
     plan = build_plan([a, b], [cs.Rules(), cs.Rules()], mode="union")
-    assert len(rows(plan_table(plan, group=True))) == 30
+    grouped = rows(plan_table(plan, group=True))
+    assert len(grouped) < 30
+    by_source: dict[str, set[str]] = {"#1": set(), "#2": set()}
+    for cells in grouped:
+        source, key = cells[0].split(" ", 1)
+        by_source[source].update(expand_group(key))
+    assert by_source["#1"] == set(a.infos) and by_source["#2"] == set(b.infos)
+    soup = build_plan([a, a, a], [cs.Rules()] * 3, mode="average", weights=(1 / 3,) * 3)
+    assert all(c[0].startswith("#1..#3 ") for c in rows(plan_table(soup, group=True)))
 
 
 def test_each_grouped_row_counts_its_own_bytes() -> None:

@@ -28,10 +28,10 @@ _MIDDLE = "@renamed@"
 def plan_table(plan: Plan, *, fmt: str = "simple", group: bool = False) -> str:
     """One row per output tensor: where it comes from, the operation, and what it will be.
 
-    ``group=True`` writes tensors renamed alike (same operation, shape and dtype) as one row of
-    grouped keys, with their bytes added up; a plan of several sources is never grouped.
+    ``group=True`` writes tensors renamed alike (same operation, shape and dtype, from the same
+    sources) as one row of grouped keys, with their bytes added up.
     """
-    if group and len(plan.sources) == 1:
+    if group:
         return table(_grouped_rows(plan), _HEADERS, fmt=fmt)
     rows = []
     for e in plan.entries:
@@ -44,8 +44,8 @@ def plan_table(plan: Plan, *, fmt: str = "simple", group: bool = False) -> str:
     return table(rows, _HEADERS, fmt=fmt)
 
 
-# (old middle, new middle, op, shape, dtype, tied to): tensors renamed and made alike
-_Class = tuple[str, str, str, tuple[int, ...], str, str | None]
+# (sources, old middle, new middle, op, shape, dtype, tied to): tensors renamed and made alike
+_Class = tuple[str, str, str, str, tuple[int, ...], str, str | None]
 
 
 def _grouped_rows(plan: Plan) -> list[tuple[str, ...]]:
@@ -53,10 +53,13 @@ def _grouped_rows(plan: Plan) -> list[tuple[str, ...]]:
     nbytes: dict[_Class, int] = {}
     for e in plan.entries:
         old, new = e.inputs[0].key, e.name
+        sources = _sources(plan, e)
         before, after, template = _split_rename(old, new)
-        if template is None:  # a key that cannot be grouped keeps a row of its own
+        if template is None or sources is None:  # a key that cannot be grouped: its own row
             before, after, template = old, new, _MIDDLE
+            sources = "" if len(plan.sources) == 1 else _from(plan, e) + "\0"
         sig: _Class = (
+            sources,
             before,
             after,
             e.op.describe(),
@@ -68,15 +71,32 @@ def _grouped_rows(plan: Plan) -> list[tuple[str, ...]]:
         nbytes[sig] = nbytes.get(sig, 0) + e.info.nbytes
     rows: list[tuple[str, ...]] = []
     for sig, templates in classes.items():
-        before, after, op, shape, dtype, tied = sig
+        sources, before, after, op, shape, dtype, tied = sig
         each = nbytes[sig] // len(templates)  # a class's tensors are alike: one size
         for pattern in group_keys(templates):
             old, new = _fill(pattern, before), _fill(pattern, after)
             arrow = "==" if old == new else "->"
+            if sources.endswith("\0"):  # a row of its own, shown as the ungrouped table does
+                old = sources[:-1]
+            elif sources:
+                old = f"{sources} {old}"
             n = len(expand_group(pattern))
             size = f"tied to {tied}" if tied is not None else human_bytes(each * n)
             rows.append((old, arrow, new, op, shape_str(shape), dtype, size))
     return rows
+
+
+def _sources(plan: Plan, e: Entry) -> str | None:
+    """The sources an entry's first input key is read from, as the table prefixes its key
+    (``#2``, ``#1..#3``; nothing with one source); None when its inputs have other keys."""
+    refs = e.inputs
+    if len(plan.sources) == 1:
+        return ""
+    if e.op.name == "lora-fold" or len(refs) == 1:  # a fold's op names the adapter's pair
+        return f"#{refs[0].source + 1}"
+    if len({r.key for r in refs}) == 1:
+        return f"#{refs[0].source + 1}..#{refs[-1].source + 1}"
+    return None
 
 
 def _split_rename(old: str, new: str) -> tuple[str, str, str | None]:
