@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -12,6 +13,26 @@ from ckptsurgery.io.streams import CrcWriter
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True, eq=False)
+class RecordCheck:
+    """A check of stored bytes against the checksums their source holds (a torch archive's
+    record CRC-32s). Until it is run or settled, the source copies those records without
+    checking them on the way.
+
+    A writer either runs it on a helper thread beside the copy (``run()`` raises
+    :class:`~ckptsurgery.errors.FormatError` for a corrupt record), or, when it verifies its
+    output against those very checksums, settles it: ``settle(True)`` once the output's bytes
+    matched them (which proves the source's bytes too), ``settle(False)`` to hand the check
+    back to the source's own checks on the way.
+    """
+
+    run: Callable[[], None]
+    settle: Callable[[bool], None]
+
+    def __call__(self) -> None:
+        self.run()
 
 
 class Checkpoint(ABC):
@@ -97,13 +118,14 @@ class Checkpoint(ABC):
         """
         return {}
 
-    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
-        """Jobs that check the stored bytes of ``names`` (a torch archive's CRC-32s), for a
-        helper thread: the source then skips those checks while copying the bytes. Each job
-        raises :class:`~ckptsurgery.errors.FormatError` for corrupt data.
+    def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
+        """Checks of the stored bytes of ``names`` (a torch archive's CRC-32s) for a helper
+        thread: the source then skips those checks while copying the bytes.
 
         A writer runs them beside its copy (:func:`~ckptsurgery.io.streams.in_background`)
-        and joins them after its fsync, before it commits the output.
+        and joins them after its fsync, before it commits the output; or it settles them
+        (:class:`RecordCheck`) when its verification compares the output with the same
+        checksums.
         """
         return []
 

@@ -7,10 +7,10 @@ asked for, so ``match`` on the result still reads headers alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
-from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.base import Checkpoint, RecordCheck
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ class RenamedCheckpoint(Checkpoint):
     def data_crc(self, name: str) -> int:
         return self.source.data_crc(self._old[name])
 
-    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
+    def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         return self.source.check_jobs(self._old[n] for n in names)
 
     def close(self) -> None:

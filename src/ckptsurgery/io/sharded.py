@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptsurgery.errors import FormatError, OutputError, SourceError, StateDictSelectionError
-from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.base import Checkpoint, RecordCheck
 from ckptsurgery.io.detect import (
     DCP,
     SHARDED_INDEX,
@@ -203,24 +203,23 @@ class ShardedCheckpoint(Checkpoint):
         return self._where[name].data_crc(name)
 
     def data_crcs(self, names: Iterable[str]) -> dict[str, int]:
-        by_shard: dict[int, tuple[Checkpoint, list[str]]] = {}
-        for name in names:
-            shard = self._where[name]
-            by_shard.setdefault(id(shard), (shard, []))[1].append(name)
         out: dict[str, int] = {}
-        for shard, part in by_shard.values():
+        for shard, part in self._by_shard(names):
             out.update(shard.data_crcs(part))
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._where[name].tensor(name)
 
-    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
+    def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
+        return [job for shard, part in self._by_shard(names) for job in shard.check_jobs(part)]
+
+    def _by_shard(self, names: Iterable[str]) -> list[tuple[Checkpoint, list[str]]]:
         by_shard: dict[int, tuple[Checkpoint, list[str]]] = {}
         for name in names:
             shard = self._where[name]
             by_shard.setdefault(id(shard), (shard, []))[1].append(name)
-        return [job for shard, part in by_shard.values() for job in shard.check_jobs(part)]
+        return list(by_shard.values())
 
     def close(self) -> None:
         self._stack.close()

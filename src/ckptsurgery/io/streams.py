@@ -10,11 +10,13 @@ is computed on the way, while the bytes are still in cache (zip records).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
@@ -292,7 +294,24 @@ class FileDigest:
         return self._digest
 
 
-def in_background(jobs: list[Callable[[], None]]) -> Callable[[], None]:
+def lower_priority() -> None:
+    """Lower the calling thread's scheduling priority by :data:`HELPER_NICE`, for helper work
+    that should leave the cores to the copy and the kernel's writeback first (the read-back
+    of a written file, the hashing of a source in place): it then runs on the time they
+    leave idle. Linux sets a nice value per thread; elsewhere this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICE)
+        )
+
+
+HELPER_NICE = 10
+
+
+def in_background(jobs: Sequence[Callable[[], None]]) -> Callable[[], None]:
     """Run ``jobs`` one after another on a helper thread; return the join, which re-raises
     the first job's exception (the remaining jobs are then skipped)."""
     if not jobs:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ckptsurgery.io.base import Checkpoint
+from ckptsurgery.io.base import Checkpoint, RecordCheck
 from ckptsurgery.io.dtypes import TensorInfo, torch_dtype
 from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range
 from ckptsurgery.io.torchpickle import (
@@ -110,10 +110,10 @@ class ZipTensors:
             copy_range(self.f, begin, t.nbytes, out, what=what)
         return t.nbytes
 
-    def check_jobs(self, refs: Iterable[TensorRef], path: Path) -> list[Callable[[], None]]:
-        """A job that checks the CRC-32 of these tensors' records through a file handle of
-        its own, meant for a helper thread: copying them then skips the check, which overlaps
-        the copy and the output's fsync instead. The job raises for a corrupt record."""
+    def check_jobs(self, refs: Iterable[TensorRef], path: Path) -> list[RecordCheck]:
+        """A check of the CRC-32 of these tensors' records through a file handle of its own,
+        meant for a helper thread: copying them then skips the check, which overlaps the
+        copy and the output's fsync instead. It raises for a corrupt record."""
         names = dict.fromkeys(
             self.record_name(t.storage.key) for t in refs if t.is_contiguous and t.whole_storage
         )
@@ -123,7 +123,7 @@ class ZipTensors:
         spans = [(n, self.zf.data_offset(n), self.zf.records[n].size) for n in todo]
         self._deferred.update(todo)
 
-        def job() -> None:
+        def run() -> None:
             try:
                 with open(path, "rb") as f:
                     for name, begin, size in spans:
@@ -133,7 +133,12 @@ class ZipTensors:
             finally:
                 self._deferred.difference_update(todo)  # unchecked ones are checked inline
 
-        return [job]
+        def settle(proven: bool) -> None:
+            if proven:
+                self._verified.update(todo)
+            self._deferred.difference_update(todo)
+
+        return [RecordCheck(run, settle)]
 
     def read(self, t: TensorRef, *, what: str) -> bytearray | bytes:
         if not t.is_contiguous:
@@ -258,7 +263,7 @@ class TorchZipCheckpoint(Checkpoint):
         ref = self._refs[self.canonical(name)]
         return self._zip.write(ref, f, what=self._what(name))
 
-    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
+    def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         refs = [self._refs[self.canonical(n)] for n in names]
         return self._zip.check_jobs(refs, self.path)
 

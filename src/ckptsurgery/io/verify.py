@@ -3,12 +3,13 @@
 What is checked, and when:
 
 - **Each tensor's bytes, as the output file holds them.** The writer keeps the CRC-32 of
-  every tensor it stores: the source archive's own record CRC (checked against the source
-  on a helper thread) when the bytes are copied whole, else computed from the bytes as they
-  pass on their way out. Right after a tensor is handed to the file, a :class:`ReadBack`
+  every tensor it stores: the source archive's own record CRC when the bytes are copied
+  whole (comparing the output with it checks the source too), else computed from the bytes
+  as they pass on their way out. Once a tensor is handed to the file, a :class:`ReadBack`
   thread reads that byte range back from the output (through the operating system, from a
-  descriptor of its own) and hashes it, trailing the copy on the second core instead of
-  re-reading the whole file once it is done.
+  descriptor of its own) and hashes it: while the copy runs it trails it by up to an eighth
+  of the memory (hashing beside the copy slows the copy), and the rest is hashed on two
+  threads during the final ``fsync``, when the cores are idle.
 - **The finished file, through the same reader every command uses** (:func:`verify_written`,
   after the final ``fsync``): its header or archive directory parses; it holds exactly the
   names, shapes, dtypes and ties meant; every tensor's data lies where the read-back hashed
@@ -26,6 +27,7 @@ Memory stays flat: each range is hashed through a bounded window.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -37,6 +39,7 @@ from pathlib import Path
 from ckptsurgery.errors import CheckpointError, FormatError, OutputError
 from ckptsurgery.io.checksums import crc32
 from ckptsurgery.io.dtypes import TensorInfo
+from ckptsurgery.io.streams import lower_priority
 
 Span = tuple[str, int, int]  # (stored name, begin, length) in the output file
 
@@ -51,59 +54,107 @@ class Expected:
 
 
 class ReadBack:
-    """Hashes tensors back from the output file on a helper thread, as they are written.
+    """Hashes tensors back from the output file on a helper thread, trailing the copy.
 
     ``fd`` must be open for reading (the writer's own descriptor will do: only ``pread`` and
     memory maps use it, never its offset). The writer calls :meth:`written` once a tensor's
-    bytes are flushed to the file; :meth:`result` waits for the thread and returns each
-    name's ``(begin, length, crc)``. Ranges are taken in batches: many small tensors share
-    one read.
+    bytes are flushed to the file, and :meth:`finish` once the last one is, before its final
+    ``fsync``; :meth:`result` waits for the hashing and returns each name's
+    ``(begin, length, crc)``.
+
+    The thread stays up to ``lag`` bytes behind the copy (:func:`read_back_lag`): hashing
+    while the copy runs slows the copy (both move page-cache bytes), while the final
+    ``fsync`` leaves both cores idle, so what is left then is hashed on two threads during
+    it. The lag is bounded so that the pages read back are still in memory. Ranges are
+    taken in batches: many small tensors share one read.
     """
 
-    def __init__(self, fd: int, *, what: str) -> None:
+    def __init__(self, fd: int, *, what: str, lag: int | None = None) -> None:
         self._fd = os.dup(fd)
         self._what = what
+        self._lag = read_back_lag() if lag is None else lag
         self._queue: queue.SimpleQueue[Span | None] = queue.SimpleQueue()
         self._hashed: dict[str, tuple[int, int, int]] = {}
         self._error: BaseException | None = None
-        self.busy = 0.0  # seconds the thread spent hashing
+        self._lock = threading.Lock()
+        self._abort = False
+        self.busy = 0.0  # seconds spent hashing
         self._thread = threading.Thread(target=self._run, name="read-back", daemon=True)
         self._thread.start()
 
     def written(self, name: str, begin: int, length: int) -> None:
         self._queue.put((name, begin, length))
 
+    def finish(self) -> None:
+        """No more ranges: hash what is left now (on two threads)."""
+        self._queue.put(None)
+
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch: list[Span] = []
+        lower_priority()  # while it trails the copy, it runs on the time the copy leaves
+        pending: collections.deque[Span] = collections.deque()
+        behind = 0  # bytes written and not yet hashed
+        while True:
             item = self._queue.get()
-            while item is not None:
-                batch.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            stop = item is None
-            if batch and self._error is None:
-                start = time.perf_counter()
-                try:
-                    crcs = read_back(self._fd, sorted(batch, key=lambda s: s[1]), self._what)
-                except BaseException as e:  # handed to the caller of result()
-                    self._error = e
-                else:
-                    for name, begin, length in batch:
-                        self._hashed[name] = (begin, length, crcs[name])
-                self.busy += time.perf_counter() - start
+            if item is None:
+                break
+            pending.append(item)
+            behind += item[2]
+            while behind > self._lag:
+                batch = [pending.popleft()]
+                size = batch[0][2]
+                while pending and size < _READ_BACK_BATCH:
+                    size += pending[0][2]
+                    batch.append(pending.popleft())
+                behind -= size
+                self._hash(batch)
+        if not self._abort:
+            self._hash_on_two(list(pending))
+
+    def _hash_on_two(self, spans: list[Span]) -> None:
+        total = sum(length for _, _, length in spans)
+        if total < _PARALLEL_BYTES or (os.cpu_count() or 1) < 2:
+            self._hash(spans)
+            return
+        spans.sort(key=lambda s: s[1])
+        half = cut = 0
+        while cut < len(spans) and half < total // 2:
+            half += spans[cut][2]
+            cut += 1
+        helper = threading.Thread(target=self._hash, args=(spans[cut:],), daemon=True)
+        helper.start()
+        self._hash(spans[:cut])
+        helper.join()
+
+    def _hash(self, batch: list[Span]) -> None:
+        if not batch or self._error is not None:
+            return
+        start = time.perf_counter()
+        try:
+            crcs = read_back(self._fd, sorted(batch, key=lambda s: s[1]), self._what)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+            return
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.busy += elapsed
+        with self._lock:
+            for name, begin, length in batch:
+                self._hashed[name] = (begin, length, crcs[name])
 
     def result(self) -> dict[str, tuple[int, int, int]]:
         """Each hashed name's ``(begin, length, crc)``; re-raises the thread's error."""
-        self.close()
+        self._stop()
         if self._error is not None:
             raise self._error
         return self._hashed
 
     def close(self) -> None:
+        """Stop, leaving what is not hashed yet (the write failed)."""
+        self._abort = True
+        self._stop()
+
+    def _stop(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -151,6 +202,18 @@ def read_back(fd: int, spans: list[Span], what: str) -> dict[str, int]:
 
 
 _READ_BACK_BUFFER = 1024 * 1024
+_READ_BACK_BATCH = 64 * 1024 * 1024  # bytes hashed in one go once the lag is exceeded
+_PARALLEL_BYTES = 64 * 1024 * 1024  # below this, a second thread costs more than it saves
+
+
+def read_back_lag() -> int:
+    """How far (bytes) the read-back may trail the copy: an eighth of the memory, at most
+    4 GiB, so that the pages it reads back are still cached."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        memory = 8 << 30
+    return max(0, min(4 << 30, memory // 8))
 
 
 def verify_written(

@@ -131,64 +131,134 @@ def write_checkpoint(
     path = Path(path)
     plan = _Plan(src, names)
     expected = Expected({new: src.infos[old] for new, old in names}, dict(plan.aliases))
-    crcs = expected.crcs if verify else None
     total = sum(src.infos[old].nbytes for _, old in plan.items)
+    work = _SourceWork(src, plan, expected if verify else None)
     try:
         if max_shard_size is not None:
             if fmt != "safetensors":
                 raise OutputError("--max-shard-size writes safetensors shards only")
-            return _write_sharded(
+            result = _write_sharded(
                 path, src, plan, metadata or {}, max_shard_size, overwrite, progress, total,
-                expected, verify,
+                work,
             )  # fmt: skip
-        timings: dict[str, float] = {}
-        read_back: ReadBack | None = None
-
-        def check(tmp: Path) -> None:
-            start = time.perf_counter()
-            hashed = read_back.result() if read_back is not None else None
-            verify_output(tmp, expected, out=path, hashed=hashed)
-            timings["verify"] = time.perf_counter() - start
-            if read_back is not None:
-                timings["read_back"] = read_back.busy
-
-        with atomic_write(path, overwrite=overwrite, check=check if verify else None) as raw:
-            start = time.perf_counter()
-            f = _tracked(raw, progress, total)
-            checks = in_background(src.check_jobs(old for _, old in plan.items))
-            written = None
-            if verify:
-                read_back = ReadBack(raw.fileno(), what=str(path))
-                written = _Announcer(f, read_back)
-            try:
-                finish: Callable[[], None] | None = None
-                if fmt == "safetensors":
-                    stored, finish = _write_safetensors(f, src, plan, metadata or {}, crcs, written)
-                else:
-                    stored = _write_torch(f, src, names, crcs, written)
-            except BaseException:
-                if read_back is not None:
-                    read_back.close()
-                raise
-            if written is not None:
-                written.done()
-            timings["copy"] = time.perf_counter() - start
-            # The data goes to disk while the helper threads finish (the source's CRC checks,
-            # a digest of it for the metadata); then the header is completed, and the
-            # atomic rename commits.
-            start = time.perf_counter()
-            raw.flush()
-            os.fsync(raw.fileno())
-            timings["fsync"] = time.perf_counter() - start
-            start = time.perf_counter()
-            checks()
-            if finish is not None:
-                finish()
-            timings["wait"] = time.perf_counter() - start
-            size = raw.seek(0, os.SEEK_END)
+        else:
+            result = _write_file(path, src, plan, names, fmt, metadata or {}, overwrite,
+                                 progress, total, work)  # fmt: skip
     except OSError as e:
+        work.close(proven=False)
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    except BaseException:
+        work.close(proven=False)
+        raise
+    work.close(proven=True)
+    return result
+
+
+def _write_file(
+    path: Path,
+    src: Checkpoint,
+    plan: _Plan,
+    names: Sequence[tuple[str, str]],
+    fmt: str,
+    metadata: Metadata,
+    overwrite: bool,
+    progress: ProgressCallback | None,
+    total: int,
+    work: _SourceWork,
+) -> WriteResult:
+    timings: dict[str, float] = {}
+    read_back: ReadBack | None = None
+    expected = work.expected
+
+    def check(tmp: Path) -> None:
+        assert expected is not None
+        start = time.perf_counter()
+        hashed = read_back.result() if read_back is not None else None
+        work.verify(tmp, path, hashed)
+        timings["verify"] = time.perf_counter() - start
+        if read_back is not None:
+            timings["read_back"] = read_back.busy
+
+    with atomic_write(path, overwrite=overwrite, check=check if expected else None) as raw:
+        start = time.perf_counter()
+        f = _tracked(raw, progress, total)
+        written = None
+        if expected is not None:
+            read_back = ReadBack(raw.fileno(), what=str(path))
+            written = _Announcer(f, read_back)
+        try:
+            finish: Callable[[], None] | None = None
+            if fmt == "safetensors":
+                stored, finish = _write_safetensors(f, src, plan, metadata, work, written)
+            else:
+                stored = _write_torch(f, src, names, work, written)
+        except BaseException:
+            if read_back is not None:
+                read_back.close()
+            raise
+        if written is not None:
+            written.finish()  # what is left is hashed back during the fsync
+        timings["copy"] = time.perf_counter() - start
+        # The data goes to disk while the helper threads finish (the source's CRC checks,
+        # a digest of it for the metadata); then the header is completed, and the
+        # atomic rename commits.
+        start = time.perf_counter()
+        raw.flush()
+        os.fsync(raw.fileno())
+        timings["fsync"] = time.perf_counter() - start
+        start = time.perf_counter()
+        work.join_checks()
+        if finish is not None:
+            finish()
+        timings["wait"] = time.perf_counter() - start
+        size = raw.seek(0, os.SEEK_END)
     return WriteResult(path, fmt, len(names), stored, size, timings=timings)
+
+
+class _SourceWork:
+    """What a write asks of its source on helper threads, beside the copy; with verification
+    on (``expected`` given), each checksum is computed once.
+
+    - The source checks what it streams against its own checksums (a torch archive's record
+      CRC-32s) on a helper thread, as the copy goes.
+    - Verifying, a record copied whole keeps its archive's CRC-32, which the output's bytes
+      are compared with once written: that proves the source's bytes as well, so the
+      source's own check of such a record is held back, and runs only when that comparison
+      fails (to tell a corrupt source from a bad write).
+    - Verifying, other bytes are hashed on their way out, while they are in the cache.
+    """
+
+    def __init__(self, src: Checkpoint, plan: _Plan, expected: Expected | None) -> None:
+        self.expected = expected
+        olds = [old for _, old in plan.items]
+        proven = []
+        if expected is not None:
+            proven = [old for old in olds if src.record_crc(old) is not None]
+        held = set(proven)
+        # the checks run now come first: a record also streamed otherwise (a cast) is checked
+        self._checks = in_background(src.check_jobs(old for old in olds if old not in held))
+        self._held = src.check_jobs(proven)
+
+    def join_checks(self) -> None:
+        self._checks()
+
+    def verify(
+        self, tmp: Path, out: Path, hashed: Mapping[str, tuple[int, int, int]] | None
+    ) -> None:
+        """Check the finished output ``tmp`` (see :mod:`ckptsurgery.io.verify`)."""
+        assert self.expected is not None
+        try:
+            verify_output(tmp, self.expected, out=out, hashed=hashed)
+        except OutputError:
+            for held in self._held:  # a corrupt source is named as such, not as a bad write
+                held.run()
+            raise
+
+    def close(self, *, proven: bool) -> None:
+        """Settle the held checks: ``proven`` once the output matched the source's checksums."""
+        for held in self._held:
+            held.settle(proven)
+        self._held = []
 
 
 class _Announcer:
@@ -215,6 +285,10 @@ class _Announcer:
             for span in self._pending:
                 self._read_back.written(*span)
             self._pending, self._bytes = [], 0
+
+    def finish(self) -> None:
+        self.done()
+        self._read_back.finish()
 
 
 _ANNOUNCE_BYTES = 1 << 20
@@ -244,12 +318,12 @@ class _Plan:
         return [(new, src.infos[old]) for new, old in self.items]
 
 
-def _copier(
-    src: Checkpoint, plan: _Plan, crcs: dict[str, int] | None
-) -> Callable[[str, BinaryIO], int]:
+def _copier(src: Checkpoint, plan: _Plan, work: _SourceWork) -> Callable[[str, BinaryIO], int]:
     """``write_data(new, f)`` for :func:`stf.write_file`: copies the tensor stored as ``new``;
-    with ``crcs``, records the CRC-32 of its bytes there (the source's own, verified record
-    CRC when it has one, else computed on the way while the bytes are in cache)."""
+    verifying, records the CRC-32 of its bytes in ``work.expected``: the source's own record
+    CRC when it has one, else computed on the way while the bytes are in cache (unless the
+    source hashes them in place, see :class:`_SourceWork`)."""
+    crcs = work.expected.crcs if work.expected is not None else None
 
     def write_data(new: str, f: BinaryIO) -> int:
         old = plan.old_of[new]
@@ -283,7 +357,7 @@ def _write_safetensors(
     src: Checkpoint,
     plan: _Plan,
     metadata: Metadata,
-    crcs: dict[str, int] | None,
+    work: _SourceWork,
     announce: Callable[[str, int, int], None] | None = None,
 ) -> tuple[int, Callable[[], None]]:
     """Header (late metadata as placeholders) and data; returns the count of stored tensors
@@ -292,7 +366,7 @@ def _write_safetensors(
     start = f.tell()
     src.will_read([plan.old_of[new] for new, _ in stf.data_layout(items)])
     first = _shard_metadata(_placeholders(metadata), plan.aliases)
-    written = stf.write_file(f, items, _copier(src, plan, crcs), first, written=announce)
+    written = stf.write_file(f, items, _copier(src, plan, work), first, written=announce)
 
     def finish() -> None:
         final = _shard_metadata(_resolved(metadata), plan.aliases)  # may wait for a digest
@@ -312,8 +386,7 @@ def _write_sharded(
     overwrite: bool,
     progress: ProgressCallback | None,
     total: int,
-    expected: Expected,
-    verify: bool,
+    work: _SourceWork,
 ) -> WriteResult:
     from ckptsurgery.io.sharded import index_json, index_layout, plan_shards, shard_names
 
@@ -324,7 +397,6 @@ def _write_sharded(
     shard_aliases: list[dict[str, str]] = []
     counter: ProgressWriter | None = None
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        checks = in_background(src.check_jobs(old for _, old in plan.items))
         for items, name in zip(shards, files, strict=True):
             stored = {new for new, _ in items}
             aliases = {a: c for a, c in plan.aliases.items() if c in stored}
@@ -339,14 +411,14 @@ def _write_sharded(
                 stf.write_file(
                     f,
                     items,
-                    _copier(src, plan, expected.crcs if verify else None),
+                    _copier(src, plan, work),
                     _shard_metadata(_placeholders(metadata), aliases),
                 )
             weight_map.update((new, name) for new, _ in items)
         for name in files:  # to disk while the helper threads finish
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        checks()
+        work.join_checks()
         first, final = _placeholders(metadata), _resolved(metadata)  # may wait for a digest
         size = 0
         for items, name, aliases in zip(shards, files, shard_aliases, strict=True):
@@ -364,8 +436,8 @@ def _write_sharded(
             f.flush()
             os.fsync(f.fileno())
         size += len(index)
-        if verify:
-            verify_output(tmp / index_name, expected, out=folder)
+        if work.expected is not None:
+            work.verify(tmp / index_name, folder, None)
     stored_count = sum(len(items) for items in shards)
     return WriteResult(folder, "safetensors", len(plan.items) + len(plan.aliases), stored_count,
                        size, shards=len(shards))  # fmt: skip
@@ -375,11 +447,12 @@ def _write_torch(
     f: BinaryIO,
     src: Checkpoint,
     names: Sequence[tuple[str, str]],
-    crcs: dict[str, int] | None,
+    work: _SourceWork,
     announce: Callable[[str, int, int], None] | None = None,
 ) -> int:
     from ckptsurgery.io.torchzip import can_write_torch_zip, write_torch_zip
 
+    crcs = work.expected.crcs if work.expected is not None else None
     if can_write_torch_zip([src.infos[old] for _, old in names]):
         return write_torch_zip(f, src, names, crcs=crcs, written=announce)
     return _torch_save(f, src, names, crcs)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar, cast
 
 from ckptsurgery.io import Checkpoint, WriteResult, write_checkpoint
+from ckptsurgery.io.base import RecordCheck
 from ckptsurgery.keygroups import group_keys
 from ckptsurgery.plan import numeric, ops
 from ckptsurgery.plan.model import Entry, Plan
@@ -157,7 +158,7 @@ class PlanSource(Checkpoint):
             return self.sources[e.inputs[0].source].record_crc(e.inputs[0].key)
         return None
 
-    def check_jobs(self, names: Iterable[str]) -> list[Callable[[], None]]:
+    def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         # The sources check the records that are streamed (copies and casts) on a helper
         # thread, beside the copy; what is read as tensors is checked as it is read.
         per_source: dict[int, list[str]] = {}
