@@ -57,3 +57,28 @@ def test_without_isal_and_xxhash_zlib_and_sha256(monkeypatch: pytest.MonkeyPatch
     finally:
         monkeypatch.undo()
         importlib.reload(checksums)
+
+
+def test_hashing_helpers_take_turns(tmp_path: Any) -> None:
+    """The source's digest, its record checks and the read-back hash one at a time beside a
+    copy: a digest started while another helper hashes waits for its turn, then completes."""
+    import threading
+    import time
+
+    from ckptsurgery.io.streams import FileDigest, helper_turn, in_background
+
+    data = os.urandom(1 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    ran: list[str] = []
+    with helper_turn():
+        digest = FileDigest(path)
+        join = in_background([lambda: ran.append("check")])
+        time.sleep(0.2)
+        assert digest._thread.is_alive() and ran == []  # both wait for the turn
+        assert threading.active_count() >= 3
+    join()
+    assert ran == ["check"]
+    expected = checksums.new_digest()
+    expected.update(data)
+    assert digest.hexdigest() == expected.hexdigest()

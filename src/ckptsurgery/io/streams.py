@@ -16,7 +16,7 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
@@ -281,7 +281,8 @@ class FileDigest:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size:
-                    scan_mapped(f, 0, size, h.update, what=str(self.path))
+                    with helper_turn():
+                        scan_mapped(f, 0, size, h.update, what=str(self.path))
             self._digest = h.hexdigest()
         except (OSError, ValueError, FormatError) as e:
             self._error = OSError(f"cannot read {self.path}: {e}")
@@ -292,6 +293,18 @@ class FileDigest:
             raise self._error
         assert self._digest is not None
         return self._digest
+
+
+_HELPER_LANE = threading.Lock()
+
+
+@contextlib.contextmanager
+def helper_turn() -> Iterator[None]:
+    """Hashing beside a copy, one helper thread at a time: the digest of a source, the check
+    of its records and the read-back of the output take turns, so that at most one of them
+    competes with the copy for the second core (two at once slowed the copy itself)."""
+    with _HELPER_LANE:
+        yield
 
 
 def lower_priority() -> None:
@@ -321,7 +334,8 @@ def in_background(jobs: Sequence[Callable[[], None]]) -> Callable[[], None]:
     def run() -> None:
         try:
             for job in jobs:
-                job()
+                with helper_turn():
+                    job()
         except BaseException as e:  # handed to the joining thread
             failure.append(e)
 

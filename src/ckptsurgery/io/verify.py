@@ -8,8 +8,9 @@ What is checked, and when:
   as they pass on their way out. Once a tensor is handed to the file, a :class:`ReadBack`
   thread reads that byte range back from the output (through the operating system, from a
   descriptor of its own) and hashes it: while the copy runs it trails it by up to an eighth
-  of the memory (hashing beside the copy slows the copy), and the rest is hashed on two
-  threads during the final ``fsync``, when the cores are idle.
+  of the memory (hashing beside the copy slows the copy), taking turns with the other
+  hashing helpers, and the rest is hashed on two threads during the final ``fsync``, when
+  the cores are idle.
 - **The finished file, through the same reader every command uses** (:func:`verify_written`,
   after the final ``fsync``): its header or archive directory parses; it holds exactly the
   names, shapes, dtypes and ties meant; every tensor's data lies where the read-back hashed
@@ -39,7 +40,7 @@ from pathlib import Path
 from ckptsurgery.errors import CheckpointError, FormatError, OutputError
 from ckptsurgery.io.checksums import crc32
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.streams import lower_priority
+from ckptsurgery.io.streams import helper_turn, lower_priority
 
 Span = tuple[str, int, int]  # (stored name, begin, length) in the output file
 
@@ -106,7 +107,8 @@ class ReadBack:
                     size += pending[0][2]
                     batch.append(pending.popleft())
                 behind -= size
-                self._hash(batch)
+                with helper_turn():  # after the source's digest, if one is being made
+                    self._hash(batch)
         if not self._abort:
             self._hash_on_two(list(pending))
 
