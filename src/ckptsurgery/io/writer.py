@@ -200,8 +200,8 @@ def _write_file(
             written.finish()  # what is left is hashed back during the fsync
         timings["copy"] = time.perf_counter() - start
         # The data goes to disk while the helper threads finish (the source's CRC checks,
-        # a digest of it for the metadata); then the header is completed, and the
-        # atomic rename commits.
+        # a digest of it for the metadata, the rest of the read-back); then the header is
+        # completed, and the atomic rename commits.
         start = time.perf_counter()
         raw.flush()
         os.fsync(raw.fileno())
@@ -321,8 +321,8 @@ class _Plan:
 def _copier(src: Checkpoint, plan: _Plan, work: _SourceWork) -> Callable[[str, BinaryIO], int]:
     """``write_data(new, f)`` for :func:`stf.write_file`: copies the tensor stored as ``new``;
     verifying, records the CRC-32 of its bytes in ``work.expected``: the source's own record
-    CRC when it has one, else computed on the way while the bytes are in cache (unless the
-    source hashes them in place, see :class:`_SourceWork`)."""
+    CRC when it has one (see :class:`_SourceWork`), else computed on the way while the bytes
+    are in cache."""
     crcs = work.expected.crcs if work.expected is not None else None
 
     def write_data(new: str, f: BinaryIO) -> int:
