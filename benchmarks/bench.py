@@ -613,6 +613,21 @@ def _breakdown(a: Approach) -> dict[str, float]:
     return timings
 
 
+def disk_warning(work: Path, approaches: list[Approach], size: float) -> str | None:
+    """A warning when ``work`` has less free space than the task's outputs may take (each
+    approach keeps its last output, up to 2 GB at ``--size 1``, until its next run) plus a
+    margin: on a nearly full disk, writes slowed two- to threefold and skewed the ratios."""
+    outputs = sum(1 for a in approaches if a.output is not None)
+    need = int((outputs + 1) * 2e9 * size)
+    free = shutil.disk_usage(work).free
+    if free >= need:
+        return None
+    return (
+        f"only {free / 1e9:.1f} GB free in {work}; this task's outputs may take "
+        f"{need / 1e9:.1f} GB with a margin: writes slow down on a nearly full disk"
+    )
+
+
 def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach]]:
     """Every approach once per run, the order alternating, so none always follows another."""
     for i in range(runs):
@@ -674,6 +689,9 @@ def main() -> None:
             approaches = task.approaches(work, args.size)
             if args.base_src is not None:
                 approaches = _with_base(approaches, args.base_src)
+            warning = disk_warning(work, approaches, args.size)
+            if warning is not None:
+                print(f"  warning: {warning}", file=sys.stderr)
             samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in approaches}
             for _, a in _runs(approaches, args.runs):
                 if a.name not in samples:

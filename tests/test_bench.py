@@ -97,6 +97,23 @@ def test_goal_rows_compare_with_the_baseline_and_no_verify() -> None:
     ]
 
 
+def test_a_nearly_full_disk_is_warned_of(tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench
+    spec.loader.exec_module(bench)
+    approaches = bench.TASKS["strip-st"].approaches(tmp_path, 1.0)
+    free = shutil.disk_usage(tmp_path).free
+    fits = free / 2e9 / (len(approaches) + 1) / 2  # a size whose outputs fit twice over
+    assert bench.disk_warning(tmp_path, approaches, fits) is None
+    warning = bench.disk_warning(tmp_path, approaches, fits * 4)
+    assert warning is not None and "GB free" in warning
+
+
 def test_bench_values_task(tmp_path: Path) -> None:
     """diff --values against the naive load-both loop; at this size its memory is the import
     of torch and a fixed cost: the issue's bound with a negligible largest tensor."""
