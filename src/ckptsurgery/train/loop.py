@@ -17,6 +17,7 @@ them; rank 0 prints and writes (see :mod:`ckptsurgery.train.distributed`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -313,26 +314,17 @@ def _run(
         distributed.sync_replicas(model, dist, frozen_bn=s.frozen_bn)
         if ema is not None:  # the EMA's BatchNorm statistics follow each rank's own batches
             distributed.sync_replicas(ema.module, dist)
-        metrics = evaluate_model(
-            model,
-            val_loader,
+        evaluate = functools.partial(
+            evaluate_model,
+            loader=val_loader,
             device=device,
             num_classes=len(classes),
             amp=config.amp,
             dist=dist,
             channels_last=config.channels_last,
         )
-        ema_metrics = None
-        if ema is not None:
-            ema_metrics = evaluate_model(
-                ema.module,
-                val_loader,
-                device=device,
-                num_classes=len(classes),
-                amp=config.amp,
-                dist=dist,
-                channels_last=config.channels_last,
-            )
+        metrics = evaluate(model)
+        ema_metrics = evaluate(ema.module) if ema is not None else None
 
         # Best: highest top-1, then lowest loss.
         key = (metrics.top1, -metrics.loss)
