@@ -82,3 +82,101 @@ def test_hashing_helpers_take_turns(tmp_path: Any) -> None:
     expected = checksums.new_digest()
     expected.update(data)
     assert digest.hexdigest() == expected.hexdigest()
+
+
+def _digest_held_after_first_window(monkeypatch: Any) -> Any:
+    """A FileDigest pass that stops after its first window until the returned event is set."""
+    import threading
+
+    from ckptsurgery.io import streams
+
+    go = threading.Event()
+    original = streams.FileDigest._update
+    seen = [0]
+
+    def update(self: Any, h: Any, view: memoryview) -> None:
+        if seen[0] == 1:
+            assert go.wait(10)
+        seen[0] += 1
+        original(self, h, view)
+
+    monkeypatch.setattr(streams.FileDigest, "_update", update)
+    return go
+
+
+def test_a_digest_pass_hashes_the_ranges_a_writer_taps(tmp_path: Any, monkeypatch: Any) -> None:
+    """A writer taps the digest pass over its source for the CRC-32s of tensor ranges: it
+    gets those the pass has not reached yet (across windows, empty ones too), none it has
+    passed, and none once the pass is over; the digest itself is unchanged."""
+    from ckptsurgery.io import streams
+
+    monkeypatch.setattr(streams, "_WINDOW", 64 * 1024)
+    data = os.urandom(5 * 64 * 1024 + 123)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    go = _digest_held_after_first_window(monkeypatch)
+    spans = [
+        ("passed", 10, 1000),  # inside the first window, hashed before the tap
+        ("cut", 60_000, 10_000),  # begun in the first window
+        ("across", 70_000, 200_000),
+        ("empty", 270_000, 0),
+        ("next", 270_000, 50_000),
+        ("tail", len(data) - 5, 5),
+    ]
+    digest = streams.FileDigest(path)
+    import time
+
+    deadline = time.monotonic() + 10
+    while digest._pos < 64 * 1024 and time.monotonic() < deadline:  # the first window taken
+        time.sleep(0.01)
+    with open(path, "rb") as f:
+        tapped = streams.tap_digest(f, spans)
+    assert sorted(tapped) == ["across", "empty", "next", "tail"]
+    go.set()
+    got = {name: crc() for name, crc in tapped.items()}
+    assert got == {n: zlib.crc32(data[b : b + k]) for n, b, k in spans if n in tapped}
+    expected = checksums.new_digest()
+    expected.update(data)
+    assert digest.hexdigest() == expected.hexdigest()
+    assert digest.tap(spans) == {}  # the pass is over
+    with open(tmp_path / "other", "wb+") as f:  # no pass over this file
+        assert streams.tap_digest(f, spans) == {}
+
+
+def test_a_tapped_range_past_the_end_is_cut_short(tmp_path: Any) -> None:
+    from ckptsurgery.errors import FormatError
+    from ckptsurgery.io.streams import FileDigest, helper_turn
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1000))
+    with helper_turn():  # the pass waits for its turn: nothing is passed yet
+        digest = FileDigest(path)
+        tapped = digest.tap([("whole", 0, 1000), ("beyond", 900, 200)])
+    assert tapped["whole"]() == zlib.crc32(path.read_bytes())
+    with pytest.raises(FormatError, match="'beyond' is cut short"):
+        tapped["beyond"]()
+
+
+def test_crcs_mapped(tmp_path: Any, monkeypatch: Any) -> None:
+    """Ranges hashed in place: near ones share a mapping, far ones map their own, empty and
+    adjacent ones are right, and a range past the end of the file is refused."""
+    from ckptsurgery.errors import FormatError
+    from ckptsurgery.io import streams
+
+    monkeypatch.setattr(streams, "_WINDOW", 64 * 1024)
+    data = os.urandom(1_000_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    spans = [
+        ("far", 900_000, 100_000),
+        ("a", 5, 100),
+        ("b", 105, 70_000),
+        ("empty", 70_105, 0),
+        ("gap", 100_000, 3),
+        ("big", 300_000, 200_000),
+    ]
+    with open(path, "rb") as f:
+        got = streams.crcs_mapped(f.fileno(), spans, what="f")
+        assert got == {n: zlib.crc32(data[b : b + k]) for n, b, k in spans}
+        with pytest.raises(FormatError, match="cut short"):
+            streams.crcs_mapped(f.fileno(), [("beyond", 999_000, 2000)], what="f")

@@ -77,13 +77,15 @@ def _damaging_read_back(calls: list[list[verify.Span]]) -> Callable[..., dict[st
     after the tensor was written, before it was read back."""
     original = verify.read_back
 
-    def damage_then_read(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
+    def damage_then_read(
+        fd: int, spans: list[verify.Span], what: str, **how: bool
+    ) -> dict[str, int]:
         with_bytes = [s for s in spans if s[2]]
         if with_bytes and not any(s[2] for batch in calls for s in batch):
             _, begin, _ = with_bytes[0]
             os.pwrite(fd, bytes([os.pread(fd, 1, begin)[0] ^ 0x01]), begin)
         calls.append(spans)
-        return original(fd, spans, what)
+        return original(fd, spans, what, **how)
 
     return damage_then_read
 
@@ -201,9 +203,9 @@ def test_the_final_check_does_not_hash_again_what_was_read_back(
     read: list[list[verify.Span]] = []
     original_read_back = verify.read_back
 
-    def counting(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
+    def counting(fd: int, spans: list[verify.Span], what: str, **how: bool) -> dict[str, int]:
         read.append(spans)
-        return original_read_back(fd, spans, what)
+        return original_read_back(fd, spans, what, **how)
 
     monkeypatch.setattr(verify, "read_back", counting)
     out = tmp_path / OUTPUTS[out_kind][0]
@@ -483,9 +485,9 @@ def test_read_back_trails_the_copy_or_hashes_at_the_end(
     hashed_early = threading.Event()
     original = verify.read_back
 
-    def noting(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
+    def noting(fd: int, spans: list[verify.Span], what: str, **how: bool) -> dict[str, int]:
         hashed_early.set()
-        return original(fd, spans, what)
+        return original(fd, spans, what, **how)
 
     monkeypatch.setattr(verify, "read_back", noting)
     data = os.urandom(300_000)
@@ -515,3 +517,79 @@ def test_a_trailing_read_back_finds_damage(tmp_path: Path, monkeypatch: pytest.M
         lambda: _inject_flip(monkeypatch, "safetensors"),
     )  # fmt: skip
     assert "CRC-32" in error
+
+
+def _digest_waits_for_the_tap(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Start each source digest's pass only once the writer has tapped it (in a real write
+    it starts at once, and may be past a few tensors by then, or done with a small file):
+    every tensor copied is then hashed by that pass. Returns how many names each tap got."""
+    import threading
+
+    from ckptsurgery.io import safetensors_format, streams
+
+    tapped = threading.Event()
+    counts: list[int] = []
+    original_tap = safetensors_format.tap_digest
+    original_run = streams.FileDigest._run
+
+    def tap(f: object, spans: object) -> dict[str, Callable[[], int]]:
+        got = original_tap(f, spans)  # type: ignore[arg-type]
+        counts.append(len(got))
+        tapped.set()
+        return got
+
+    def run(self: streams.FileDigest) -> None:
+        tapped.wait(10)
+        tapped.clear()
+        original_run(self)
+
+    monkeypatch.setattr(safetensors_format, "tap_digest", tap)
+    monkeypatch.setattr(streams.FileDigest, "_run", run)
+    return counts
+
+
+@pytest.mark.parametrize("out_kind", ["safetensors", "sharded"])
+def test_a_safetensors_copy_is_hashed_by_the_source_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_kind: str
+) -> None:
+    """Verifying a copy from a safetensors file, the CRC-32s the output is compared with come
+    from the pass that makes the source's digest for the provenance: the copy itself hashes
+    nothing on its way, and the output is verified and bit-exact."""
+    from ckptsurgery.io import streams
+
+    counts = _digest_waits_for_the_tap(monkeypatch)
+    made: list[object] = []
+
+    class Counting(streams.CrcWriter):
+        def __init__(self, f: object) -> None:
+            made.append(f)
+            super().__init__(f)  # type: ignore[arg-type]
+
+    src = _source(tmp_path, "safetensors")
+    monkeypatch.setattr(writer, "CrcWriter", Counting)
+    out = tmp_path / OUTPUTS[out_kind][0]
+    result = cli_run("remap", src, "-o", out, *OUTPUTS[out_kind][1:], "--strip-prefix", "module.")
+    assert result.exit_code == 0, result.stderr
+    with cs.open_checkpoint(src) as ckpt:
+        stored = len({ckpt.canonical(name) for name in ckpt.infos})
+    assert counts == [stored] and made == []
+    got = cs.load_state_dict(out)
+    want = {k.removeprefix("module."): v for k, v in cs.load_state_dict(src).items()}
+    assert_bit_exact(got, want, ordered=False)
+
+
+def test_damage_is_found_against_the_tapped_checksums(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte flipped in the output between its write and its read-back is refused when the
+    expected CRC-32s came from the source's digest pass."""
+
+    taps: list[list[int]] = []
+
+    def inject() -> list[object]:
+        taps.append(_digest_waits_for_the_tap(monkeypatch))
+        return _inject_flip(monkeypatch, "safetensors")
+
+    error = _rewrite_refused(tmp_path, monkeypatch, "safetensors", "safetensors", inject)
+    assert "CRC-32" in error
+    assert taps[0] and all(taps[0])  # the checksums compared came from the source's digest

@@ -101,6 +101,14 @@ class Checkpoint(ABC):
         tensors in one pass over the file instead of one read each."""
         return {name: self.data_crc(name) for name in names}
 
+    def tapped_crcs(self, names: Iterable[str]) -> dict[str, Callable[[], int]]:
+        """The CRC-32s of the bytes :meth:`write_data` writes for ``names`` that a pass over
+        the source made anyway computes on its way (the digest of a safetensors file for the
+        provenance, :func:`~ckptsurgery.io.streams.tap_digest`): name -> a call returning it,
+        once that pass is done. A writer that verifies its output need not hash those bytes
+        on their way out. Names no such pass covers are left out (the default: all)."""
+        return {}
+
     def will_read(self, names: Sequence[str]) -> None:
         """A hint from a writer: it will now ask for the data of ``names``, in this order.
 

@@ -7,7 +7,7 @@ asked for, so ``match`` on the result still reads headers alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
 from ckptsurgery.io.base import Checkpoint, RecordCheck
@@ -61,6 +61,13 @@ class RenamedCheckpoint(Checkpoint):
 
     def data_crc(self, name: str) -> int:
         return self.source.data_crc(self._old[name])
+
+    def tapped_crcs(self, names: Iterable[str]) -> dict[str, Callable[[], int]]:
+        new_of: dict[str, list[str]] = {}
+        for new in names:
+            new_of.setdefault(self._old[new], []).append(new)
+        tapped = self.source.tapped_crcs(new_of)
+        return {new: crc for old, crc in tapped.items() for new in new_of[old]}
 
     def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         return self.source.check_jobs(self._old[n] for n in names)

@@ -25,7 +25,7 @@ from ckptsurgery.errors import FormatError, OutputError
 from ckptsurgery.io.base import Checkpoint
 from ckptsurgery.io.detect import SAFETENSORS
 from ckptsurgery.io.dtypes import SAFETENSORS_DTYPES, TensorInfo, safetensors_code, torch_dtype
-from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range
+from ckptsurgery.io.streams import copy_range, crc_of_range, crcs_of_spans, read_range, tap_digest
 
 if TYPE_CHECKING:
     import torch
@@ -234,6 +234,13 @@ class SafetensorsCheckpoint(Checkpoint):
             entry = self._entries[self.canonical(name)]
             spans.append((name, entry.begin, entry.end - entry.begin))
         return crcs_of_spans(self._f, spans, what=str(self.path))
+
+    def tapped_crcs(self, names: Iterable[str]) -> dict[str, Callable[[], int]]:
+        spans = []
+        for name in names:
+            entry = self._entries[self.canonical(name)]
+            spans.append((name, entry.begin, entry.end - entry.begin))
+        return tap_digest(self._f, spans)
 
     def data_spans(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         out = {}

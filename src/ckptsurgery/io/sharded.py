@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -213,6 +213,12 @@ class ShardedCheckpoint(Checkpoint):
 
     def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         return [job for shard, part in self._by_shard(names) for job in shard.check_jobs(part)]
+
+    def tapped_crcs(self, names: Iterable[str]) -> dict[str, Callable[[], int]]:
+        out: dict[str, Callable[[], int]] = {}
+        for shard, part in self._by_shard(names):
+            out.update(shard.tapped_crcs(part))
+        return out
 
     def _by_shard(self, names: Iterable[str]) -> list[tuple[Checkpoint, list[str]]]:
         by_shard: dict[int, tuple[Checkpoint, list[str]]] = {}

@@ -16,11 +16,13 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import BinaryIO
 
 from ckptsurgery.errors import FormatError
-from ckptsurgery.io.checksums import DIGEST, crc32, new_digest
+from ckptsurgery.io.checksums import DIGEST, Digest, crc32, new_digest
 
 COPY_BUFFER = 128 * 1024  # bytes moved per read/write when copying tensor data
 
@@ -265,6 +267,10 @@ class FileDigest:
 
     Done beside the copy of the tensors (the hashers release the GIL), it costs no wall time
     while a core is free; xxh3 keeps it far ahead of the copy (10 GB/s here, sha256 1.2).
+
+    Its pass over the file also hashes byte ranges for a writer that asks
+    (:func:`tap_digest`): the CRC-32 of a range comes then from bytes already mapped, and the
+    copy itself hashes nothing.
     """
 
     def __init__(self, path: str | os.PathLike[str], algorithm: str = DIGEST) -> None:
@@ -272,20 +278,65 @@ class FileDigest:
         self.algorithm = algorithm
         self._digest: str | None = None
         self._error: OSError | None = None
+        self._lock = threading.Lock()
+        self._pos = 0  # bytes of the file taken by the pass so far
+        self._taps: list[_SpanCrcs] = []
+        self._file: BinaryIO | None = None
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - the thread closes it
+            st = os.fstat(self._file.fileno())
+        except OSError as e:
+            self._error = OSError(f"cannot read {path}: {e}")
+            self._pos = -1  # nothing to tap
+        else:
+            _DIGESTS_RUNNING[(st.st_dev, st.st_ino)] = self
         self._thread = threading.Thread(target=self._run, name="digest", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self._file is None:
+            return
         try:
             h = new_digest(self.algorithm)
-            with open(self.path, "rb") as f:
+            with self._file as f:
                 size = os.fstat(f.fileno()).st_size
                 if size:
                     with helper_turn():
-                        scan_mapped(f, 0, size, h.update, what=str(self.path))
+                        scan_mapped(f, 0, size, partial(self._update, h), what=str(self.path))
             self._digest = h.hexdigest()
         except (OSError, ValueError, FormatError) as e:
             self._error = OSError(f"cannot read {self.path}: {e}")
+        finally:
+            with self._lock:
+                self._pos = -1  # the pass is over: no more taps
+
+    def _update(self, h: Digest, view: memoryview) -> None:
+        with self._lock:
+            begin = self._pos
+            self._pos += len(view)
+            taps = list(self._taps)
+        h.update(view)
+        for tap in taps:
+            tap.feed(begin, view)
+
+    def tap(self, spans: Iterable[tuple[str, int, int]]) -> dict[str, Callable[[], int]]:
+        """The CRC-32 of each ``(name, begin, length)`` byte range that the pass has not
+        reached yet, computed on its way: name -> a call returning it (waiting for the pass).
+        Ranges it has passed, or all when it is over, are left out."""
+        with self._lock:
+            if self._pos < 0:
+                return {}
+            ahead = _SpanCrcs([s for s in spans if s[1] >= self._pos])
+            if not ahead.spans:
+                return {}
+            self._taps.append(ahead)
+        return {name: partial(self._tapped, ahead, name) for name, _, _ in ahead.spans}
+
+    def _tapped(self, tap: _SpanCrcs, name: str) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return tap.crc(name, what=str(self.path))
 
     def hexdigest(self) -> str:
         self._thread.join()
@@ -293,6 +344,80 @@ class FileDigest:
             raise self._error
         assert self._digest is not None
         return self._digest
+
+
+class _SpanCrcs:
+    """CRC-32s of byte ranges of a file, fed its windows in order."""
+
+    def __init__(self, spans: list[tuple[str, int, int]]) -> None:
+        self.spans = sorted(spans, key=lambda s: s[1])
+        self.crcs: dict[str, int] = {}
+        self.fed: dict[str, int] = {}  # bytes hashed of each range
+        self._next = 0  # the ranges before it are complete
+        self._lengths = {name: length for name, _, length in self.spans}
+
+    def feed(self, begin: int, view: memoryview) -> None:
+        end = begin + len(view)
+        i = self._next
+        while i < len(self.spans) and self.spans[i][1] < end:
+            name, start, length = self.spans[i]
+            lo, hi = max(start, begin), min(start + length, end)
+            if hi > lo:
+                self.crcs[name] = crc32(view[lo - begin : hi - begin], self.crcs.get(name, 0))
+                self.fed[name] = self.fed.get(name, 0) + hi - lo
+            if start + length <= end and i == self._next:
+                self._next += 1
+            i += 1
+
+    def crc(self, name: str, *, what: str) -> int:
+        if self.fed.get(name, 0) != self._lengths[name]:
+            raise FormatError(f"{what}: the data of {name!r} is cut short (truncated file?)")
+        return self.crcs.get(name, 0)
+
+
+def crcs_mapped(fd: int, spans: Sequence[tuple[str, int, int]], *, what: str) -> dict[str, int]:
+    """The CRC-32 of each ``(name, begin, length)`` byte range of ``fd``, hashed in place
+    through memory maps of the stretches they cover (ranges less than a window apart share
+    one): half the cost of reading them into a buffer first. Only for a file no one is
+    writing to (mapping pages being written makes the kernel write-protect them again and
+    again). FormatError when the file is shorter than a range's end."""
+    ordered = sorted(spans, key=lambda s: s[1])
+    out: dict[str, int] = {}
+    i = 0
+    while i < len(ordered):
+        j, end = i + 1, ordered[i][1] + ordered[i][2]
+        while j < len(ordered) and ordered[j][1] - end < _WINDOW:
+            end = max(end, ordered[j][1] + ordered[j][2])
+            j += 1
+        run = _SpanCrcs(ordered[i:j])
+        begin = ordered[i][1]
+        if end > begin:
+            pos = [begin]
+
+            def feed(view: memoryview, run: _SpanCrcs = run, pos: list[int] = pos) -> None:
+                run.feed(pos[0], view)
+                pos[0] += len(view)
+
+            scan_mapped(fd, begin, end - begin, feed, what=what)
+        out.update((name, run.crc(name, what=what)) for name, _, _ in run.spans)
+        i = j
+    return out
+
+
+_DIGESTS_RUNNING: weakref.WeakValueDictionary[tuple[int, int], FileDigest] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def tap_digest(f: BinaryIO, spans: Iterable[tuple[str, int, int]]) -> dict[str, Callable[[], int]]:
+    """CRC-32s of byte ranges of the open file ``f`` from a :class:`FileDigest` pass over
+    the same file, when one is under way (see :meth:`FileDigest.tap`); else empty."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, AttributeError, ValueError):
+        return {}
+    digest = _DIGESTS_RUNNING.get((st.st_dev, st.st_ino))
+    return {} if digest is None else digest.tap(spans)
 
 
 _HELPER_LANE = threading.Lock()

@@ -132,7 +132,8 @@ def write_checkpoint(
     plan = _Plan(src, names)
     expected = Expected({new: src.infos[old] for new, old in names}, dict(plan.aliases))
     total = sum(src.infos[old].nbytes for _, old in plan.items)
-    work = _SourceWork(src, plan, expected if verify else None)
+    # a torch archive's records need their CRC-32 as written: nothing to tap there
+    work = _SourceWork(src, plan, expected if verify else None, tap=fmt == "safetensors")
     try:
         if max_shard_size is not None:
             if fmt != "safetensors":
@@ -225,16 +226,25 @@ class _SourceWork:
       are compared with once written: that proves the source's bytes as well, so the
       source's own check of such a record is held back, and runs only when that comparison
       fails (to tell a corrupt source from a bad write).
+    - Verifying, the bytes of a tensor copied whole from a file that is hashed anyway (a
+      safetensors source's digest, for the provenance) are hashed by that pass, on its
+      helper thread (:meth:`Checkpoint.tapped_crcs`).
     - Verifying, other bytes are hashed on their way out, while they are in the cache.
     """
 
-    def __init__(self, src: Checkpoint, plan: _Plan, expected: Expected | None) -> None:
+    def __init__(
+        self, src: Checkpoint, plan: _Plan, expected: Expected | None, *, tap: bool = True
+    ) -> None:
         self.expected = expected
         olds = [old for _, old in plan.items]
         proven = []
+        self.tapped: dict[str, Callable[[], int]] = {}  # old name -> its CRC-32, once hashed
         if expected is not None:
             proven = [old for old in olds if src.record_crc(old) is not None]
         held = set(proven)
+        if expected is not None and tap:
+            self.tapped = src.tapped_crcs(old for old in olds if old not in held)
+            self._new_of = {old: new for new, old in plan.items if old in self.tapped}
         # the checks run now come first: a record also streamed otherwise (a cast) is checked
         self._checks = in_background(src.check_jobs(old for old in olds if old not in held))
         self._held = src.check_jobs(proven)
@@ -247,6 +257,8 @@ class _SourceWork:
     ) -> None:
         """Check the finished output ``tmp`` (see :mod:`ckptsurgery.io.verify`)."""
         assert self.expected is not None
+        for old, crc in self.tapped.items():  # the pass over the source is done by now
+            self.expected.crcs[self._new_of[old]] = crc()
         try:
             verify_output(tmp, self.expected, out=out, hashed=hashed)
         except OutputError:
@@ -322,12 +334,12 @@ def _copier(src: Checkpoint, plan: _Plan, work: _SourceWork) -> Callable[[str, B
     """``write_data(new, f)`` for :func:`stf.write_file`: copies the tensor stored as ``new``;
     verifying, records the CRC-32 of its bytes in ``work.expected``: the source's own record
     CRC when it has one (see :class:`_SourceWork`), else computed on the way while the bytes
-    are in cache."""
+    are in cache, unless a pass over the source hashes them (``work.tapped``)."""
     crcs = work.expected.crcs if work.expected is not None else None
 
     def write_data(new: str, f: BinaryIO) -> int:
         old = plan.old_of[new]
-        if crcs is None:
+        if crcs is None or old in work.tapped:
             return src.write_data(old, f)
         known = src.record_crc(old)
         if known is not None:

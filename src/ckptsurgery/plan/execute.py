@@ -158,6 +158,19 @@ class PlanSource(Checkpoint):
             return self.sources[e.inputs[0].source].record_crc(e.inputs[0].key)
         return None
 
+    def tapped_crcs(self, names: Iterable[str]) -> dict[str, Callable[[], int]]:
+        per_source: dict[int, dict[str, list[str]]] = {}  # source -> key -> output names
+        for name in names:
+            e = self._entries[name]
+            if e.op.is_copy:
+                ref = e.inputs[0]
+                per_source.setdefault(ref.source, {}).setdefault(ref.key, []).append(name)
+        out: dict[str, Callable[[], int]] = {}
+        for i, keys in per_source.items():
+            for key, crc in self.sources[i].tapped_crcs(keys).items():
+                out.update((name, crc) for name in keys[key])
+        return out
+
     def check_jobs(self, names: Iterable[str]) -> list[RecordCheck]:
         # The sources check the records that are streamed (copies and casts) on a helper
         # thread, beside the copy; what is read as tensors is checked as it is read.
