@@ -155,28 +155,3 @@ def test_a_tapped_range_past_the_end_is_cut_short(tmp_path: Any) -> None:
     assert tapped["whole"]() == zlib.crc32(path.read_bytes())
     with pytest.raises(FormatError, match="'beyond' is cut short"):
         tapped["beyond"]()
-
-
-def test_crcs_mapped(tmp_path: Any, monkeypatch: Any) -> None:
-    """Ranges hashed in place: near ones share a mapping, far ones map their own, empty and
-    adjacent ones are right, and a range past the end of the file is refused."""
-    from ckptsurgery.errors import FormatError
-    from ckptsurgery.io import streams
-
-    monkeypatch.setattr(streams, "_WINDOW", 64 * 1024)
-    data = os.urandom(1_000_000)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    spans = [
-        ("far", 900_000, 100_000),
-        ("a", 5, 100),
-        ("b", 105, 70_000),
-        ("empty", 70_105, 0),
-        ("gap", 100_000, 3),
-        ("big", 300_000, 200_000),
-    ]
-    with open(path, "rb") as f:
-        got = streams.crcs_mapped(f.fileno(), spans, what="f")
-        assert got == {n: zlib.crc32(data[b : b + k]) for n, b, k in spans}
-        with pytest.raises(FormatError, match="cut short"):
-            streams.crcs_mapped(f.fileno(), [("beyond", 999_000, 2000)], what="f")

@@ -77,15 +77,13 @@ def _damaging_read_back(calls: list[list[verify.Span]]) -> Callable[..., dict[st
     after the tensor was written, before it was read back."""
     original = verify.read_back
 
-    def damage_then_read(
-        fd: int, spans: list[verify.Span], what: str, **how: bool
-    ) -> dict[str, int]:
+    def damage_then_read(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
         with_bytes = [s for s in spans if s[2]]
         if with_bytes and not any(s[2] for batch in calls for s in batch):
             _, begin, _ = with_bytes[0]
             os.pwrite(fd, bytes([os.pread(fd, 1, begin)[0] ^ 0x01]), begin)
         calls.append(spans)
-        return original(fd, spans, what, **how)
+        return original(fd, spans, what)
 
     return damage_then_read
 
@@ -203,9 +201,9 @@ def test_the_final_check_does_not_hash_again_what_was_read_back(
     read: list[list[verify.Span]] = []
     original_read_back = verify.read_back
 
-    def counting(fd: int, spans: list[verify.Span], what: str, **how: bool) -> dict[str, int]:
+    def counting(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
         read.append(spans)
-        return original_read_back(fd, spans, what, **how)
+        return original_read_back(fd, spans, what)
 
     monkeypatch.setattr(verify, "read_back", counting)
     out = tmp_path / OUTPUTS[out_kind][0]
@@ -485,9 +483,9 @@ def test_read_back_trails_the_copy_or_hashes_at_the_end(
     hashed_early = threading.Event()
     original = verify.read_back
 
-    def noting(fd: int, spans: list[verify.Span], what: str, **how: bool) -> dict[str, int]:
+    def noting(fd: int, spans: list[verify.Span], what: str) -> dict[str, int]:
         hashed_early.set()
-        return original(fd, spans, what, **how)
+        return original(fd, spans, what)
 
     monkeypatch.setattr(verify, "read_back", noting)
     data = os.urandom(300_000)

@@ -375,35 +375,6 @@ class _SpanCrcs:
         return self.crcs.get(name, 0)
 
 
-def crcs_mapped(fd: int, spans: Sequence[tuple[str, int, int]], *, what: str) -> dict[str, int]:
-    """The CRC-32 of each ``(name, begin, length)`` byte range of ``fd``, hashed in place
-    through memory maps of the stretches they cover (ranges less than a window apart share
-    one): half the cost of reading them into a buffer first. Only for a file no one is
-    writing to (mapping pages being written makes the kernel write-protect them again and
-    again). FormatError when the file is shorter than a range's end."""
-    ordered = sorted(spans, key=lambda s: s[1])
-    out: dict[str, int] = {}
-    i = 0
-    while i < len(ordered):
-        j, end = i + 1, ordered[i][1] + ordered[i][2]
-        while j < len(ordered) and ordered[j][1] - end < _WINDOW:
-            end = max(end, ordered[j][1] + ordered[j][2])
-            j += 1
-        run = _SpanCrcs(ordered[i:j])
-        begin = ordered[i][1]
-        if end > begin:
-            pos = [begin]
-
-            def feed(view: memoryview, run: _SpanCrcs = run, pos: list[int] = pos) -> None:
-                run.feed(pos[0], view)
-                pos[0] += len(view)
-
-            scan_mapped(fd, begin, end - begin, feed, what=what)
-        out.update((name, run.crc(name, what=what)) for name, _, _ in run.spans)
-        i = j
-    return out
-
-
 _DIGESTS_RUNNING: weakref.WeakValueDictionary[tuple[int, int], FileDigest] = (
     weakref.WeakValueDictionary()
 )

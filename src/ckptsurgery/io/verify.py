@@ -29,7 +29,6 @@ Memory stays flat: each range is hashed through a bounded window.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import queue
 import threading
@@ -41,7 +40,7 @@ from pathlib import Path
 from ckptsurgery.errors import CheckpointError, FormatError, OutputError
 from ckptsurgery.io.checksums import crc32
 from ckptsurgery.io.dtypes import TensorInfo
-from ckptsurgery.io.streams import crcs_mapped, helper_turn, lower_priority
+from ckptsurgery.io.streams import helper_turn, lower_priority
 
 Span = tuple[str, int, int]  # (stored name, begin, length) in the output file
 
@@ -110,32 +109,30 @@ class ReadBack:
                 behind -= size
                 with helper_turn():  # after the source's digest, if one is being made
                     self._hash(batch)
-        if not self._abort:  # the copy is over: no page is written any more
-            self._hash_on_two(list(pending), mapped=True)
+        if not self._abort:
+            self._hash_on_two(list(pending))
 
-    def _hash_on_two(self, spans: list[Span], *, mapped: bool) -> None:
+    def _hash_on_two(self, spans: list[Span]) -> None:
         total = sum(length for _, _, length in spans)
         if total < _PARALLEL_BYTES or (os.cpu_count() or 1) < 2:
-            self._hash(spans, mapped=mapped)
+            self._hash(spans)
             return
         spans.sort(key=lambda s: s[1])
         half = cut = 0
         while cut < len(spans) and half < total // 2:
             half += spans[cut][2]
             cut += 1
-        helper = threading.Thread(
-            target=self._hash, args=(spans[cut:],), kwargs={"mapped": mapped}, daemon=True
-        )
+        helper = threading.Thread(target=self._hash, args=(spans[cut:],), daemon=True)
         helper.start()
-        self._hash(spans[:cut], mapped=mapped)
+        self._hash(spans[:cut])
         helper.join()
 
-    def _hash(self, batch: list[Span], *, mapped: bool = False) -> None:
+    def _hash(self, batch: list[Span]) -> None:
         if not batch or self._error is not None:
             return
         start = time.perf_counter()
         try:
-            crcs = read_back(self._fd, sorted(batch, key=lambda s: s[1]), self._what, mapped=mapped)
+            crcs = read_back(self._fd, sorted(batch, key=lambda s: s[1]), self._what)
         except BaseException as e:  # handed to the caller of result()
             self._error = e
             return
@@ -168,20 +165,14 @@ class ReadBack:
             self._fd = -1
 
 
-def read_back(fd: int, spans: list[Span], what: str, *, mapped: bool = False) -> dict[str, int]:
+def read_back(fd: int, spans: list[Span], what: str) -> dict[str, int]:
     """The CRC-32 of each span of the output, read back through the operating system (a seam
     for tests that damage the file between its write and this read).
 
-    While the copy runs, ``pread`` into one small buffer, not a memory map: mapping pages
-    that the writer is still writing and flushing made the kernel write-protect and unmap
-    them again and again, which slowed the copy itself by half. Once the copy is over
-    (``mapped``), the spans are hashed in place through memory maps, which costs half as
-    much as reading them; a span past the end of the file is left to the reading path,
-    which names it.
+    ``pread`` into one small buffer, not a memory map: mapping pages that the writer is still
+    writing and flushing made the kernel write-protect and unmap them again and again, which
+    slowed the copy itself by half.
     """
-    if mapped:
-        with contextlib.suppress(FormatError):
-            return crcs_mapped(fd, spans, what=what)
     buf = bytearray(_READ_BACK_BUFFER)
     view = memoryview(buf)
     out: dict[str, int] = {}
