@@ -698,6 +698,9 @@ def main() -> None:
                     continue
                 if a.output is not None:
                     a.output.unlink(missing_ok=True)  # a fresh write every time
+                # untimed: the file system settles what earlier runs left (freeing a removed
+                # output's blocks, the journal), which otherwise landed in this run's fsync
+                os.sync()
                 try:
                     samples[a.name].append(run_child(a.argv, a.env))
                 except RuntimeError:
