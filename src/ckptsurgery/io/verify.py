@@ -4,8 +4,9 @@ What is checked, and when:
 
 - **Each tensor's bytes, as the output file holds them.** The writer keeps the CRC-32 of
   every tensor it stores: the source archive's own record CRC when the bytes are copied
-  whole (comparing the output with it checks the source too), else computed from the bytes
-  as they pass on their way out. Once a tensor is handed to the file, a :class:`ReadBack`
+  whole (comparing the output with it checks the source too); for a tensor copied whole
+  from a safetensors file, the CRC its digest pass takes on the way (the provenance hashes
+  the file anyway); else computed from the bytes as they pass on their way out. Once a tensor is handed to the file, a :class:`ReadBack`
   thread reads that byte range back from the output (through the operating system, from a
   descriptor of its own) and hashes it: while the copy runs it trails it by up to an eighth
   of the memory (hashing beside the copy slows the copy), taking turns with the other
