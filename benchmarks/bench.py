@@ -25,13 +25,15 @@ measured around it and peak RSS is that child's ru_maxrss, so the numbers includ
 and import costs exactly as a user pays them (ckptsurgery's bytecode is compiled first, as an
 install would have it). Every approach that writes fsyncs its output (`cp` is followed by
 `sync FILE`), as ckptsurgery does before it renames. The approaches of one task run
-interleaved (paired runs), the table shows medians, and the ratio columns compare each row
-with the task's baseline. Run it on an otherwise idle machine: it compares ratios.
+interleaved (paired runs), in orders where each follows every other equally often (a run
+slows the next one: use a multiple of the number of approaches as --runs); the table shows
+medians, and the ratio columns compare each row with the task's baseline. Run it on an
+otherwise idle machine: it compares ratios.
 
 tasks (and what ckptsurgery should reach at 2 GB):
   strip-st    strip `module.`: safetensors -> safetensors      <= 1.15x cp, <= 64 MB
   strip-pt    strip `module.`: torch zip -> torch zip          <= 1.25x cp, <= 64 MB
-  pt-to-st    strip `module.`: torch zip -> safetensors        <= 1.5x cp, <= 128 MB
+  pt-to-st    strip `module.`: torch zip -> safetensors        <= 1.3x cp, <= 128 MB
   keep-half   keep the even-numbered blocks (half the keys), safetensors -> safetensors
   cast-bf16   strip `module.` and cast float32 to bfloat16 (--dtype), safetensors
               -> safetensors: a streamed cast, against the naive load + .to() + save
@@ -629,11 +631,30 @@ def disk_warning(work: Path, approaches: list[Approach], size: float) -> str | N
 
 
 def _runs(approaches: list[Approach], runs: int) -> Iterator[tuple[int, Approach]]:
-    """Every approach once per run, the order alternating, so none always follows another."""
+    """Every approach once per run, in a balanced order (:func:`balanced_orders`): a run
+    slows the one after it (the naive approaches' gigabytes of memory are handed back to the
+    host, and their writes still occupy the disk), so each approach must follow every other
+    equally often, not always the same neighbour."""
+    orders = balanced_orders(len(approaches))
     for i in range(runs):
-        order = approaches if i % 2 == 0 else approaches[::-1]
-        for a in order:
-            yield i, a
+        for k in orders[i % len(orders)]:
+            yield i, approaches[k]
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which each item directly follows every other item equally
+    often (a Williams design): ``n`` orders for an even ``n``, ``2n`` for an odd one."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(k + i) % n for k in first] for i in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
 
 
 def main() -> None:

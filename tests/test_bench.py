@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -130,3 +131,24 @@ def test_bench_values_task(tmp_path: Path) -> None:
         "model.safetensors",
         "model_b.safetensors",
     ]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_each_approach_follows_every_other_equally_often(n: int) -> None:
+    """A run slows the next one: over the balanced orders, every approach runs once per
+    order and directly follows each other approach the same number of times."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench import balanced_orders
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows: dict[tuple[int, int], int] = {}
+    for order in orders:
+        for before, after in itertools.pairwise(order):
+            follows[before, after] = follows.get((before, after), 0) + 1
+    pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
+    assert sorted(follows) == pairs
+    assert len(set(follows.values())) <= 1
