@@ -17,18 +17,19 @@ one task at a time) and 6 GB of memory (the naive approaches, and making the tor
 Each default-path ckptsurgery row is run once more with --json to show where its time goes
 (copy: reading, converting, writing and the checksums on the way; fsync; wait: for the helper
 threads' digests and source checks; verify: the final check of the finished output;
-read_back: the seconds the read-back thread spent hashing each tensor back from the output
-while the copy went on, beside the copy rather than after it).
+read_back: the seconds the read-back threads spent hashing the output back, trailing the
+copy and then during the final fsync).
 
-Every approach runs as its own child process, started from a small launcher: wall time is
+Every approach runs as its own child process (after an untimed `sync` of the whole system,
+so that no run writes the previous one's pages), started from a small launcher: wall time is
 measured around it and peak RSS is that child's ru_maxrss, so the numbers include interpreter
 and import costs exactly as a user pays them (ckptsurgery's bytecode is compiled first, as an
 install would have it). Every approach that writes fsyncs its output (`cp` is followed by
 `sync FILE`), as ckptsurgery does before it renames. The approaches of one task run
 interleaved (paired runs), in orders where each follows every other equally often (a run
-slows the next one: use a multiple of the number of approaches as --runs); the table shows
-medians, and the ratio columns compare each row with the task's baseline. Run it on an
-otherwise idle machine: it compares ratios.
+slows the next one: use a multiple of the number of approaches as --runs, of twice that
+number when it is odd); the table shows medians, and the ratio columns compare each row
+with the task's baseline. Run it on an otherwise idle machine: it compares ratios.
 
 tasks (and what ckptsurgery should reach at 2 GB):
   strip-st    strip `module.`: safetensors -> safetensors      <= 1.15x cp, <= 64 MB
